@@ -1,0 +1,1 @@
+"""Shared building blocks of privrec: data, encoder, training, privacy and metrics."""

@@ -1,0 +1,56 @@
+"""Tokenise texts and cache the frozen bottom-layer features the adapted layers start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.encoder import TextEncoder
+from common.progress import progress_bar
+
+
+@dataclass
+class FeatureSet:
+    """Cached frozen features for a list of texts, padded to one length."""
+
+    features: torch.Tensor  # float32 [N, L, d]
+    mask: torch.Tensor  # int64 [N, L]
+    truncated: int  # how many texts were cut at max_length
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx``, trimmed to the longest text among them (padding beyond it is inert)."""
+        mask = self.mask[idx]
+        length = max(1, int(mask.sum(1).max())) if len(idx) else 1
+        return self.features[idx, :length], mask[:, :length]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids and masks padded to ``max_length``; also counts texts that were truncated."""
+    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = sum(1 for ids in full if len(ids) > max_length)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], truncated
+
+
+def compute_features(encoder: TextEncoder, tokenizer, texts: list[str], max_length: int,
+                     chunk: int = 256, label: str | None = None) -> FeatureSet:
+    """Frozen features for every text, in chunks, with a progress bar when ``label`` is given."""
+    ids, mask, truncated = tokenize(tokenizer, texts, max_length)
+    # Sort by length so each chunk pads only to its own longest text.
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, descending=True)
+    out = torch.zeros(len(texts), max_length, encoder.dim)
+    was_training = encoder.training
+    encoder.eval()
+    with progress_bar(label, total=len(texts)) as advance:
+        for start in range(0, len(texts), chunk):
+            rows = order[start: start + chunk]
+            length = max(1, int(lengths[rows].max()))
+            out[rows, :length] = encoder.frozen_features(ids[rows, :length], mask[rows, :length])
+            advance(len(rows))
+    encoder.train(was_training)
+    return FeatureSet(features=out, mask=mask, truncated=truncated)

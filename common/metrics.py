@@ -1,0 +1,36 @@
+"""Full-ranking metrics exactly as PROTOCOL.md section 3 defines them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CUTOFFS = {"HR@10": 10, "NDCG@10": 10, "MRR@10": 10, "HR@20": 20}
+
+
+def target_rank(scores: np.ndarray, target: int, excluded: np.ndarray) -> int:
+    """0-based rank of ``target`` among the candidates (all items not ``excluded``).
+
+    rank = #candidates scoring strictly higher + #candidates scoring equal with a
+    smaller item index. ``excluded`` is a boolean mask; the target itself always
+    stays a candidate.
+    """
+    candidate = ~excluded
+    candidate[target] = True
+    s = scores[target]
+    higher = np.count_nonzero((scores > s) & candidate)
+    tied_before = np.count_nonzero((scores[:target] == s) & candidate[:target])
+    return int(higher + tied_before)
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """Mean HR@10, NDCG@10, MRR@10 and HR@20 over the given 0-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.size == 0:
+        raise ValueError("no ranks to average (no users evaluated)")
+    hit10 = ranks < 10
+    return {
+        "HR@10": float(hit10.mean()),
+        "NDCG@10": float(np.where(hit10, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
+        "MRR@10": float(np.where(hit10, 1.0 / (ranks + 1.0), 0.0).mean()),
+        "HR@20": float((ranks < 20).mean()),
+    }

@@ -1,0 +1,160 @@
+"""The one training loop every stage uses (central baselines now, Flower clients later).
+
+Each example's loss is a softmax cross-entropy over the public catalogue, so it
+depends only on that example and public data: DP-SGD's per-example clipping is
+valid. Under DP, batches are Poisson-sampled and the noise multiplier is either
+given or solved for a target epsilon over the planned number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.features import FeatureSet
+from common.model import Recommender
+from common.privacy import make_private, noise_for_epsilon
+from common.progress import progress_bar
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    item_learning_rate: float = 1e-2
+    seed: int = 0
+    refresh_every: int = 50  # steps between catalogue re-encodings
+    dp: bool = False
+    target_epsilon: float | None = 8.0
+    noise_multiplier: float | None = None  # overrides target_epsilon when set
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    empty_batches: int = 0
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+class AdapterCorruptionError(RuntimeError):
+    """A DP step left the LoRA weights unchanged or non-finite (see opacus issue 820)."""
+
+
+@torch.no_grad()
+def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 512) -> None:
+    """Re-encode the catalogue with the current adapters into the head's cached item embeddings."""
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(item_features), chunk):
+        idx = torch.arange(start, min(start + chunk, len(item_features)))
+        feats, mask = item_features.batch(idx)
+        model.head.item_emb[idx] = model.encoder.forward_features(feats, mask)
+    model.train(was_training)
+
+
+def _adapter_params(model: Recommender) -> list[torch.Tensor]:
+    params = dict(model.encoder.named_parameters())
+    return [params[n] for n in model.encoder.adapter_names()]
+
+
+def _param_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
+    item_side = [p for n, p in model.head.named_parameters() if p.requires_grad]
+    groups = [{"params": _adapter_params(model), "lr": cfg.learning_rate}]
+    if item_side:
+        groups.append({"params": item_side, "lr": cfg.item_learning_rate})
+    return groups
+
+
+def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
+    """Steps the loop will take: epochs x ceil(N / batch) (Poisson batches have that expected size)."""
+    return max(1, int(math.ceil(cfg.epochs * num_examples / cfg.batch_size)))
+
+
+def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet,
+          cfg: TrainConfig, label: str | None = None) -> TrainReport:
+    """Train ``model`` in place on cached user features and their target items."""
+    torch.manual_seed(cfg.seed)
+    n = len(features)
+    if n == 0:
+        raise ValueError("no training examples")
+    targets_t = torch.as_tensor(targets, dtype=torch.long)
+    steps = planned_steps(n, cfg)
+    index_ds = torch.utils.data.TensorDataset(torch.arange(n))
+    loader = torch.utils.data.DataLoader(index_ds, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = torch.optim.Adam(_param_groups(model, cfg))
+    model.train()
+    report = TrainReport()
+    module: nn.Module = model
+    engine = None
+    if cfg.dp:
+        sample_rate = cfg.batch_size / n
+        sigma = cfg.noise_multiplier
+        if sigma is None:
+            if cfg.target_epsilon is None:
+                raise ValueError("DP training needs target_epsilon or noise_multiplier")
+            sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
+        engine, module, optimizer, loader = make_private(
+            model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
+        report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta
+    adapters = _adapter_params(model)
+    refresh_items(model, item_features)
+    start = time.perf_counter()
+    with progress_bar(label, total=steps) as advance:
+        while report.steps < steps:
+            for (idx,) in loader:
+                if report.steps >= steps:
+                    break
+                if report.steps and report.steps % cfg.refresh_every == 0:
+                    refresh_items(model, item_features)
+                before = [p.detach().clone() for p in adapters]
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx) == 0:
+                    report.empty_batches += 1
+                feats, mask = features.batch(idx)
+                logits = module(feats, mask)
+                loss = nn.functional.cross_entropy(logits, targets_t[idx]) if len(idx) else logits.sum()
+                loss.backward()
+                optimizer.step()
+                _check_adapters(adapters, before, must_change=cfg.dp)
+                report.steps += 1
+                report.examples += len(idx)
+                if len(idx):
+                    report.losses.append(float(loss.detach()))
+                advance(1)
+    report.seconds = time.perf_counter() - start
+    if engine is not None:
+        report.epsilon = float(engine.get_epsilon(cfg.delta))
+        # Detach Opacus hooks so the plain model can be evaluated and reused.
+        module._close()
+    refresh_items(model, item_features)
+    model.eval()
+    return report
+
+
+def _check_adapters(adapters: list[torch.Tensor], before: list[torch.Tensor], must_change: bool) -> None:
+    changed = any(not torch.equal(a, b) for a, b in zip(adapters, before))
+    finite = all(bool(torch.isfinite(a).all()) for a in adapters)
+    if not finite:
+        raise AdapterCorruptionError("LoRA weights became non-finite after an optimiser step")
+    if must_change and not changed:
+        raise AdapterCorruptionError("a DP step left every LoRA weight unchanged (opacus issue 820?)")

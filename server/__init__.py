@@ -1,0 +1,1 @@
+"""The Flower ServerApp side of privrec: aggregation, central DP, evaluation, checkpoints."""

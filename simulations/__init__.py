@@ -1,0 +1,1 @@
+"""Runnable experiments and benchmarks (baselines, throughput, simulations)."""

@@ -1,0 +1,169 @@
+"""Central baselines on the PROTOCOL split: popularity, zero-shot, LoRA fine-tune, DP LoRA fine-tune.
+
+Each run writes one PROTOCOL result file per split (validation, test and the
+cold-start test subset) and returns the records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.dataset import Dataset
+from common.encoder import LoraSettings, TextEncoder, load_tokenizer
+from common.evaluation import eval_texts, evaluate_scores, user_scores
+from common.examples import training_examples
+from common.features import FeatureSet, compute_features
+from common.model import Recommender
+from common.results import NO_PRIVACY, result_record, write_json_atomic
+from common.split import Split, cold_start_items, leave_one_out, without_items
+from common.training import TrainConfig, refresh_items, train
+
+METHODS = ("popularity", "zeroshot", "central", "central-dp")
+
+
+@dataclass
+class BaselineConfig:
+    """Every knob of the central baselines (recorded in each result file)."""
+
+    history_len: int = 5
+    max_length: int = 64
+    item_max_length: int = 32
+    examples_per_user: int = 20
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    scale: float = 20.0
+    item_bias: bool = True
+    id_residual: bool = True
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0))
+    dp_id_residual: bool = False  # the residual adds 646k noisy parameters under DP
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+
+
+class FeatureCache:
+    """Frozen bottom-layer features, computed once per text set and shared across seeds."""
+
+    def __init__(self, cfg: BaselineConfig, verbose: bool) -> None:
+        self.cfg, self.verbose = cfg, verbose
+        self.tokenizer = load_tokenizer()
+        self.encoder = TextEncoder(cfg.lora)  # frozen bottom layers are identical for every seed
+        self._store: dict[str, object] = {}
+
+    def get(self, key: str, texts_fn, max_length: int) -> FeatureSet:
+        if key not in self._store:
+            texts = texts_fn()
+            self._store[key] = compute_features(self.encoder, self.tokenizer, texts, max_length,
+                                                label=f"features: {key}" if self.verbose else None)
+        return self._store[key]
+
+
+def _cold_users(split: Split, held_out: np.ndarray) -> np.ndarray:
+    held = np.zeros(split.data.num_items, dtype=bool)
+    held[held_out] = True
+    users = split.eval_users()
+    return users[held[split.data.item[split.test[users]]]]
+
+
+def popularity_scores(split: Split, users: np.ndarray) -> np.ndarray:
+    counts = split.train_item_counts().astype(np.float64)
+    return np.broadcast_to(counts, (len(users), counts.size))
+
+
+class BaselineRunner:
+    """Runs baselines on one dataset, reusing the split and cached features across runs."""
+
+    def __init__(self, data: Dataset, cfg: BaselineConfig | None = None, verbose: bool = True) -> None:
+        self.data, self.cfg, self.verbose = data, cfg or BaselineConfig(), verbose
+        self.split = leave_one_out(data)
+        self.held_out = cold_start_items(data.num_items)
+        self.cold_split = without_items(self.split, self.held_out)
+        self.cold_users = _cold_users(self.split, self.held_out)
+        self._features: FeatureCache | None = None
+
+    @property
+    def features(self) -> FeatureCache:
+        if self._features is None:
+            self._features = FeatureCache(self.cfg, self.verbose)
+        return self._features
+
+    def run(self, method: str, seed: int, out_dir: Path | None, cold_start: bool = True) -> list[dict]:
+        """Evaluate ``method`` (training it if needed) and write its result files."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        t0 = time.perf_counter()
+        results: list[dict] = []
+        main = self._fit_and_score(method, seed, self.split)
+        for which in ("validation", "test"):
+            metrics = evaluate_scores(main["scores"][which], self.split, which, self.split.eval_users())
+            results.append(result_record(method, which, metrics, len(self.split.eval_users()), seed,
+                                         main["privacy"], time.perf_counter() - t0, main["config"]))
+        if cold_start:
+            t1 = time.perf_counter()
+            cold = self._fit_and_score(method, seed, self.cold_split, users=self.cold_users, splits=("test",))
+            metrics = evaluate_scores(cold["scores"]["test"], self.split, "test", self.cold_users)
+            metrics = {k: metrics[k] for k in ("HR@10", "NDCG@10")}
+            cfg = dict(cold["config"], cold_start_items=len(self.held_out), cold_start_seed=0)
+            results.append(result_record(method, "test-cold-start", metrics, len(self.cold_users), seed,
+                                         cold["privacy"], time.perf_counter() - t1, cfg))
+        if out_dir is not None:
+            for r in results:
+                write_json_atomic(Path(out_dir) / f"{method}-seed{seed}-{r['split']}.json", r)
+        return results
+
+    def _fit_and_score(self, method: str, seed: int, train_split: Split,
+                       users: np.ndarray | None = None, splits: tuple[str, ...] = ("validation", "test")) -> dict:
+        users = self.split.eval_users() if users is None else users
+        cfg = self.cfg
+        if method == "popularity":
+            return {"scores": {w: popularity_scores(train_split, users) for w in splits},
+                    "privacy": NO_PRIVACY, "config": {"statistic": "train interaction count"}}
+        torch.manual_seed(seed)
+        dp = method == "central-dp"
+        residual = cfg.dp_id_residual if dp else cfg.id_residual
+        trained = method in ("central", "central-dp")
+        encoder = TextEncoder(cfg.lora)
+        model = Recommender(encoder, self.data.num_items, scale=cfg.scale,
+                            item_bias=cfg.item_bias and trained, id_residual=residual and trained)
+        model.head.known[:] = torch.as_tensor(train_split.train_item_counts() > 0)
+        tag = "cold" if train_split is self.cold_split else "main"
+        item_feats = self.features.get("items", self.data.item_texts, cfg.item_max_length)
+        privacy = NO_PRIVACY
+        train_info: dict = {}
+        if trained:
+            ex_key = f"train-{tag}"
+            examples = training_examples(train_split, cfg.history_len, cfg.examples_per_user)
+            feats = self.features.get(ex_key, lambda: examples.texts, cfg.max_length)
+            tcfg = replace(cfg.train, seed=seed, dp=dp, target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta)
+            label = f"{method} seed {seed} ({tag})" if self.verbose else None
+            report = train(model, feats, examples.targets, item_feats, tcfg, label=label)
+            train_info = {"train_examples": len(examples.targets), "train_steps": report.steps,
+                          "train_seconds": round(report.seconds, 2),
+                          "examples_per_second": round(report.examples_per_second, 1),
+                          "final_loss": float(np.mean(report.losses[-20:])),
+                          "truncated_train_texts": feats.truncated}
+            if dp:
+                privacy = {"unit": "example", "epsilon": round(report.epsilon, 4), "delta": cfg.dp_delta,
+                           "accountant": tcfg.accountant,
+                           "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
+                           "steps": report.steps, "max_grad_norm": tcfg.max_grad_norm,
+                           "note": (f"example-level only: one rating is the target of one example and appears in "
+                                    f"the histories of up to {cfg.history_len} more, so interaction-level DP "
+                                    f"follows by group privacy with group size {cfg.history_len + 1}")}
+        else:
+            refresh_items(model, item_feats)
+        scores = {}
+        for which in splits:
+            key = f"eval-{which}-{tag}-{len(users)}"
+            feats = self.features.get(key, lambda w=which: eval_texts(self.split, w, cfg.history_len, users),
+                                      cfg.max_length)
+            scores[which] = user_scores(model, feats)
+        config = {"history_len": cfg.history_len, "max_length": cfg.max_length,
+                  "item_max_length": cfg.item_max_length, "lora": asdict(cfg.lora), "scale": cfg.scale,
+                  "item_bias": model.head.bias is not None, "id_residual": model.head.residual is not None}
+        if trained:
+            config.update(examples_per_user=cfg.examples_per_user, train=asdict(tcfg), **train_info)
+        return {"scores": scores, "privacy": privacy, "config": config}

@@ -1,0 +1,44 @@
+"""Aggregate PROTOCOL result records into table rows (mean ± std over seeds)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _privacy(p: dict) -> str:
+    if p.get("unit") == "none":
+        return "none"
+    return f"{p['unit']} ε={p['epsilon']:.2f} δ={p['delta']:g}"
+
+
+def summarise(results: list[dict]) -> list[tuple[str, ...]]:
+    """One row per method: seeds, test metrics, validation NDCG@10, cold-start metrics."""
+    by: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by[r["method"]][r["split"]].append(r)
+    rows = []
+    for method, splits in by.items():
+        test = splits.get("test", [])
+        val = splits.get("validation", [])
+        cold = splits.get("test-cold-start", [])
+        priv = _privacy(test[0]["privacy"]) if test else "-"
+        rows.append((method, priv, str(len(test)),
+                     *(_fmt([r["metrics"][k] for r in test]) for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")),
+                     _fmt([r["metrics"]["NDCG@10"] for r in val]),
+                     _fmt([r["metrics"]["HR@10"] for r in cold]), _fmt([r["metrics"]["NDCG@10"] for r in cold])))
+    return rows
+
+
+def mean_metric(results: list[dict], method: str, split: str, key: str) -> float:
+    vals = [r["metrics"][key] for r in results if r["method"] == method and r["split"] == split]
+    return float(np.mean(vals)) if vals else float("nan")

@@ -1,0 +1,43 @@
+"""The CLI writes PROTOCOL result files (section 5) and rejects bad arguments clearly."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from common.cli import app
+
+KEYS = {"method", "split", "protocol", "metrics", "users", "seed", "privacy", "wall_seconds", "config"}
+
+
+def test_popularity_baseline_writes_protocol_files(tmp_path):
+    result = CliRunner().invoke(app, ["baseline", "popularity", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == ["popularity-seed0-test-cold-start.json", "popularity-seed0-test.json",
+                     "popularity-seed0-validation.json"]
+    test = json.loads((tmp_path / "popularity-seed0-test.json").read_text())
+    assert set(test) == KEYS
+    assert test["protocol"] == "ml-100k-loo-full-v1" and test["users"] == 943
+    assert set(test["metrics"]) == {"HR@10", "NDCG@10", "MRR@10", "HR@20"}
+    assert test["privacy"] == {"unit": "none"}
+    assert 0.0 < test["metrics"]["NDCG@10"] < test["metrics"]["HR@10"] <= test["metrics"]["HR@20"]
+    cold = json.loads((tmp_path / "popularity-seed0-test-cold-start.json").read_text())
+    assert cold["users"] == 95
+    # held-out items have no train interactions, so popularity ranks them last
+    assert cold["metrics"]["HR@10"] == 0.0
+    assert "popularity" in result.output
+
+
+def test_unknown_method_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["baseline", "bpr", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "METHOD must be one of" in result.output
+
+
+def test_bad_data_path_gives_clear_error(tmp_path):
+    (tmp_path / "u.data").write_text("1\t1\n")
+    result = CliRunner().invoke(app, ["baseline", "popularity", "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "u.item" in result.output and "file not found" in result.output

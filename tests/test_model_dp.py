@@ -1,0 +1,147 @@
+"""Encoder, adapters and DP-SGD: cached path, round-trip, per-example independence, DP steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.encoder import LoraSettings, TextEncoder, get_adapters, load_adapters, save_adapters, set_adapters
+from common.features import compute_features
+from common.model import Recommender
+from common.training import AdapterCorruptionError, TrainConfig, _check_adapters, train
+
+TEXTS = ["loved Star Wars (1977); liked Fargo (1996)", "hated Heat (1995)", "liked Toy Story (1995)",
+         "loved Alien (1979); disliked Babe (1995); liked Casino (1995)", "was lukewarm on Jaws (1975)",
+         "loved Clueless (1995)", "liked Twister (1996); loved Fargo (1996)", "hated Species (1995)"]
+ITEMS = ["Toy Story (1995). Comedy", "Heat (1995). Action", "Fargo (1996). Crime", "Alien (1979). Sci-Fi",
+         "Babe (1995). Children's", "Jaws (1975). Thriller"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    enc = TextEncoder(LoraSettings(rank=4, alpha=8))
+    # LoRA B starts at zero; give every adapter random values so the tests see real adapters.
+    set_adapters(enc, [torch.randn_like(t) * 0.05 for t in get_adapters(enc)])
+    return enc
+
+
+@pytest.fixture(scope="module")
+def feats(encoder, tokenizer):
+    return compute_features(encoder, tokenizer, TEXTS, 24), compute_features(encoder, tokenizer, ITEMS, 16)
+
+
+def test_cached_path_equals_stock_forward(encoder, tokenizer):
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    encoder.eval()
+    with torch.no_grad():
+        ours = encoder(enc["input_ids"], enc["attention_mask"])
+        ref = encoder.reference_embedding(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+
+
+def test_adapters_are_only_lora_in_fixed_order(encoder):
+    names = encoder.adapter_names()
+    assert names == sorted(names) and all("lora_" in n for n in names)
+    trainable = sorted(n for n, p in encoder.named_parameters() if p.requires_grad)
+    assert trainable == names
+    # LoRA only on the top (non-frozen) layers
+    assert all(f"layer.{encoder.lora.frozen_layers}" in n or f"layer.{encoder.lora.frozen_layers + 1}" in n
+               for n in names)
+
+
+def test_adapters_round_trip_bit_exact(encoder, tmp_path):
+    path = save_adapters(encoder, tmp_path / "adapters.safetensors", extra={"item_bias": torch.arange(3.0)})
+    original = get_adapters(encoder)
+    other = TextEncoder(LoraSettings(rank=4, alpha=8))
+    extra = load_adapters(other, path)
+    for a, b in zip(original, get_adapters(other)):
+        assert torch.equal(a, b)
+    assert torch.equal(extra["item_bias"], torch.arange(3.0))
+    with pytest.raises(ValueError, match="expected 8 adapter tensors"):
+        set_adapters(other, original[:-1])
+    with pytest.raises(ValueError, match="expected shape"):
+        set_adapters(other, [torch.zeros(1)] + original[1:])
+
+
+def _per_sample_grads(model, feats, targets, rows):
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm.train()
+    f, m = feats.batch(torch.as_tensor(rows))
+    logits = gsm(f, m)
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets)[rows], reduction="sum")
+    loss.backward()
+    grads = {n: p.grad_sample.detach().clone() for n, p in gsm.named_parameters() if p.requires_grad}
+    gsm.zero_grad()
+    gsm._close()
+    return grads
+
+
+def test_per_example_gradient_is_independent_of_the_batch(encoder, feats):
+    user_feats, item_feats = feats
+    from common.training import refresh_items
+
+    model = Recommender(encoder, len(ITEMS), item_bias=True, id_residual=True)
+    refresh_items(model, item_feats)
+    targets = np.array([0, 1, 2, 3, 4, 5, 0, 1])
+    a = _per_sample_grads(model, user_feats, targets, [0, 1, 2, 3])
+    b = _per_sample_grads(model, user_feats, targets, [0, 5, 6, 7])
+    alone = _per_sample_grads(model, user_feats, targets, [0])
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.allclose(a[name][0], b[name][0], atol=1e-6), name
+        assert torch.allclose(a[name][0], alone[name][0], atol=1e-6), name
+        # and the other rows really are different examples
+    assert any(not torch.allclose(a[n][1], b[n][1]) for n in a)
+
+
+def test_dp_step_changes_lora_and_stays_finite(encoder, feats):
+    user_feats, item_feats = feats
+    model = Recommender(encoder, len(ITEMS), item_bias=True)
+    before = get_adapters(encoder)
+    cfg = TrainConfig(epochs=1.0, batch_size=4, dp=True, noise_multiplier=1.0, max_grad_norm=1.0, seed=1)
+    report = train(model, user_feats, np.array([0, 1, 2, 3, 4, 5, 0, 1]), item_feats, cfg)
+    after = get_adapters(encoder)
+    assert report.steps == 2 and report.epsilon is not None and report.epsilon > 0
+    assert all(torch.isfinite(t).all() for t in after)
+    assert all(not torch.equal(x, y) for x, y in zip(before, after))  # every adapter tensor moved
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_epsilon_target_is_met(encoder, feats):
+    user_feats, item_feats = feats
+    model = Recommender(encoder, len(ITEMS), item_bias=True)
+    cfg = TrainConfig(epochs=2.0, batch_size=4, dp=True, target_epsilon=8.0, delta=1e-5, seed=2)
+    report = train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
+    assert report.epsilon <= 8.0 + 1e-6
+    assert report.epsilon > 7.0  # the noise was solved for the target, not set far above it
+
+
+def test_unchanged_weights_are_caught():
+    w = [torch.ones(3)]
+    with pytest.raises(AdapterCorruptionError, match="unchanged"):
+        _check_adapters(w, [torch.ones(3)], must_change=True)
+    with pytest.raises(AdapterCorruptionError, match="non-finite"):
+        _check_adapters([torch.tensor([float("nan")])], [torch.ones(1)], must_change=False)
+
+
+def test_unknown_items_are_scored_by_text_alone(encoder, feats):
+    _, item_feats = feats
+    from common.training import refresh_items
+
+    model = Recommender(encoder, len(ITEMS), item_bias=True, id_residual=True)
+    refresh_items(model, item_feats)
+    with torch.no_grad():
+        model.head.bias.bias.copy_(torch.tensor([5.0, -5.0, 1.0, 0.0, 9.0, 7.0]))
+        model.head.residual.weight.normal_()
+    model.head.known[:] = torch.tensor([True, True, True, True, False, False])
+    u = torch.nn.functional.normalize(torch.randn(2, encoder.dim), dim=-1)
+    scores = model.head.score(u)
+    text_only = (u @ model.head.item_emb.T) * model.head.scale + 0.25  # mean of the known biases
+    assert torch.allclose(scores[:, 4:], text_only[:, 4:], atol=1e-5)
+    logits = model.head(u)
+    assert torch.isinf(logits[:, 4:]).all()  # unknown items never enter the training softmax
