@@ -40,6 +40,13 @@ def _table(results: list[dict]) -> Table:
     return table
 
 
+def _print_targets(results: list[dict]) -> None:
+    from simulations.summary import target_lines
+
+    for line in target_lines(results):
+        console.print(line)
+
+
 @app.command()
 def baseline(
     method: str = typer.Argument(..., help="popularity | zeroshot | central | central-dp | all"),
@@ -69,7 +76,7 @@ def baseline(
         raise typer.Exit(2)
     cfg = BaselineConfig()
     if epochs is not None:
-        cfg.train.epochs = epochs
+        cfg.train.epochs = cfg.dp_train.epochs = epochs
     if examples_per_user is not None:
         cfg.examples_per_user = examples_per_user
     runner = BaselineRunner(dataset, cfg)
@@ -81,6 +88,7 @@ def baseline(
         console.print(f"[bold]running[/bold] {m} seed {s}")
         results += runner.run(m, s, out, cold_start=cold_start)
         console.print(_table(results))
+    _print_targets(results)
     console.print(f"result files in {out}/")
 
 
@@ -93,7 +101,9 @@ def summary(folder: Path = typer.Argument(Path("results/baselines"))) -> None:
     if not files:
         console.print(f"[red]error:[/red] {folder}: no result files")
         raise typer.Exit(2)
-    console.print(_table([json.loads(f.read_text()) for f in files]))
+    results = [json.loads(f.read_text()) for f in files]
+    console.print(_table(results))
+    _print_targets(results)
 
 
 if __name__ == "__main__":

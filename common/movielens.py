@@ -75,8 +75,16 @@ def _float(path: Path, no: int, value: str, field: str) -> float:
 
 def _build(
     items: dict[str, Item], rows: list[tuple[str, str, float, float]], inter_path: Path,
-    user_ids: list[str] | None,
+    user_ids: list[str] | None, first_line: int, user_file: str,
 ) -> Dataset:
+    """Index users and items; ``first_line`` is the file line of ``rows[0]`` (for errors)."""
+    if not rows:
+        raise DataFormatError(inter_path, "no interactions")
+    if user_ids is not None:
+        known = set(user_ids)
+        for no, (u, *_rest) in enumerate(rows, start=first_line):
+            if u not in known:
+                raise DataFormatError(inter_path, f"unknown user id {u} (not in {user_file})", no)
     ordered = [items[i] for i in sort_ids(list(items))]
     index = {it.item_id: k for k, it in enumerate(ordered)}
     users = sort_ids(user_ids if user_ids is not None else [r[0] for r in rows])
@@ -87,8 +95,6 @@ def _build(
     rating = np.empty(n, dtype=np.float64)
     ts = np.empty(n, dtype=np.float64)
     for k, (u, i, r, t) in enumerate(rows):
-        if u not in uindex:
-            raise DataFormatError(inter_path, f"unknown user id {u!r} (not in the user file)", k + 2)
         user[k], item[k], rating[k], ts[k] = uindex[u], index[i], r, t
     return Dataset(items=ordered, user_ids=users, user=user, item=item, rating=rating, timestamp=ts)
 
@@ -146,14 +152,7 @@ def load_grouplens(folder: str | Path) -> Dataset:
         if i not in items:
             raise DataFormatError(data_path, f"unknown item id {i} (not in {item_path.name})", no)
         rows.append((u, i, _float(data_path, no, parts[2], "rating"), _float(data_path, no, parts[3], "timestamp")))
-    if not rows:
-        raise DataFormatError(data_path, "no interactions")
-    if user_ids is not None:
-        known = set(user_ids)
-        for no, (u, *_rest) in enumerate(rows, start=1):
-            if u not in known:
-                raise DataFormatError(data_path, f"unknown user id {u} (not in u.user)", no)
-    return _build(items, rows, data_path, user_ids)
+    return _build(items, rows, data_path, user_ids, first_line=1, user_file="u.user")
 
 
 def _header(path: Path, line: str, required: tuple[str, ...]) -> dict[str, int]:
@@ -221,14 +220,7 @@ def load_recbole(folder: str | Path | None = None, name: str = "ml-100k") -> Dat
             raise DataFormatError(inter_path, f"unknown item id {i} (not in {item_path.name})", no)
         rows.append((u, i, _float(inter_path, no, parts[col["rating"]], "rating"),
                      _float(inter_path, no, parts[col["timestamp"]], "timestamp")))
-    if not rows:
-        raise DataFormatError(inter_path, "no interactions")
-    if user_ids is not None:
-        known = set(user_ids)
-        for no, (u, *_rest) in enumerate(rows, start=2):
-            if u not in known:
-                raise DataFormatError(inter_path, f"unknown user id {u} (not in {user_path.name})", no)
-    return _build(items, rows, inter_path, user_ids)
+    return _build(items, rows, inter_path, user_ids, first_line=2, user_file=user_path.name)
 
 
 def write_grouplens(data: Dataset, folder: str | Path) -> Path:

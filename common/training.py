@@ -117,6 +117,7 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
             model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
         report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta
     adapters = _adapter_params(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     refresh_items(model, item_features)
     start = time.perf_counter()
     with progress_bar(label, total=steps) as advance:
@@ -128,17 +129,22 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
                     refresh_items(model, item_features)
                 before = [p.detach().clone() for p in adapters]
                 optimizer.zero_grad(set_to_none=True)
+                loss = None
                 if len(idx) == 0:
+                    # Poisson sampling drew no example: the step must still add noise, or
+                    # whether a batch was empty would leak; give Opacus empty per-sample grads.
                     report.empty_batches += 1
-                feats, mask = features.batch(idx)
-                logits = module(feats, mask)
-                loss = nn.functional.cross_entropy(logits, targets_t[idx]) if len(idx) else logits.sum()
-                loss.backward()
+                    for p in trainable:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:
+                    feats, mask = features.batch(idx)
+                    loss = nn.functional.cross_entropy(module(feats, mask), targets_t[idx])
+                    loss.backward()
                 optimizer.step()
                 _check_adapters(adapters, before, must_change=cfg.dp)
                 report.steps += 1
                 report.examples += len(idx)
-                if len(idx):
+                if loss is not None:
                     report.losses.append(float(loss.detach()))
                 advance(1)
     report.seconds = time.perf_counter() - start

@@ -42,3 +42,21 @@ def summarise(results: list[dict]) -> list[tuple[str, ...]]:
 def mean_metric(results: list[dict], method: str, split: str, key: str) -> float:
     vals = [r["metrics"][key] for r in results if r["method"] == method and r["split"] == split]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+# BPR measured with RecBole 1.2.1 on exactly this split (issue 2).
+BPR_TEST = {"NDCG@10": 0.0622, "HR@10": 0.1251}
+
+
+def target_lines(results: list[dict]) -> list[str]:
+    """Plain statements comparing the central methods with the BPR reference."""
+    lines = []
+    for method in ("central", "central-dp"):
+        seeds = sum(1 for r in results if r["method"] == method and r["split"] == "test")
+        if not seeds:
+            continue
+        for key, ref in BPR_TEST.items():
+            value = mean_metric(results, method, "test", key)
+            verdict = "meets" if value >= ref else f"misses by {ref - value:.4f}"
+            lines.append(f"{method}: test {key} {value:.4f} (mean of {seeds} seed(s)) vs BPR {ref:.4f}: {verdict}")
+    return lines

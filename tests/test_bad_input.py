@@ -177,3 +177,11 @@ def test_jsonl_bad_catalogue_and_encoding(tmp_path):
     with pytest.raises(DataFormatError) as info:
         load_jsonl(tmp_path / "missing.jsonl", cat)
     _expect("missing.jsonl", None, "file not found")(info.value)
+
+
+def test_unknown_user_id(tmp_path):
+    folder = _grouplens(tmp_path)
+    (folder / "u.user").write_text("1|24|M|technician|85711\n", encoding="latin-1")
+    with pytest.raises(DataFormatError) as info:
+        load_grouplens(folder)
+    _expect("u.data", 3, "unknown user id 2 (not in u.user)")(info.value)

@@ -145,3 +145,13 @@ def test_unknown_items_are_scored_by_text_alone(encoder, feats):
     assert torch.allclose(scores[:, 4:], text_only[:, 4:], atol=1e-5)
     logits = model.head(u)
     assert torch.isinf(logits[:, 4:]).all()  # unknown items never enter the training softmax
+
+
+def test_empty_poisson_batches_still_add_noise(encoder, feats):
+    user_feats, item_feats = feats
+    model = Recommender(encoder, len(ITEMS), item_bias=True)
+    # expected batch 1 of 8 examples: P(empty batch) = (7/8)^8, about 0.34 per step
+    cfg = TrainConfig(epochs=3.0, batch_size=1, dp=True, noise_multiplier=1.0, seed=3)
+    report = train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
+    assert report.steps == 24
+    assert report.empty_batches > 0  # seed 3 draws empty batches; each still moved the weights (checked per step)
