@@ -32,6 +32,7 @@ class Session:
     delta: float
     run_id: str = ""
     round: int | None = None
+    node_id: int | None = None  # the Flower node that trained (matches the server's round records)
     recorded_at: float = 0.0
 
 

@@ -36,6 +36,10 @@ class TrainConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: a client's update is then its noisy gradient sum)
+    max_steps: int | None = None  # cap below the planned steps (a client's remaining budget)
+    refresh_at_start: bool = True  # False when the head already holds these adapters' item embeddings
+    refresh_at_end: bool = True
 
 
 @dataclass
@@ -64,8 +68,10 @@ def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 51
     """Re-encode the catalogue with the current adapters into the head's cached item embeddings."""
     was_training = model.training
     model.eval()
+    # Chunks of similar length pad less (batch() trims each chunk to its longest text).
+    order = torch.argsort(item_features.mask.sum(1))
     for start in range(0, len(item_features), chunk):
-        idx = torch.arange(start, min(start + chunk, len(item_features)))
+        idx = order[start: start + chunk]
         feats, mask = item_features.batch(idx)
         model.head.item_emb[idx] = model.encoder.forward_features(feats, mask)
     model.train(was_training)
@@ -89,6 +95,11 @@ def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
     return max(1, int(math.ceil(cfg.epochs * num_examples / cfg.batch_size)))
 
 
+def dp_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The Poisson rate Opacus' DPDataLoader uses: 1 / (number of batches of the plain loader)."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
 def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet,
           cfg: TrainConfig, label: str | None = None) -> TrainReport:
     """Train ``model`` in place on cached user features and their target items."""
@@ -98,16 +109,21 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         raise ValueError("no training examples")
     targets_t = torch.as_tensor(targets, dtype=torch.long)
     steps = planned_steps(n, cfg)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
     index_ds = torch.utils.data.TensorDataset(torch.arange(n))
     loader = torch.utils.data.DataLoader(index_ds, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    optimizer = torch.optim.Adam(_param_groups(model, cfg))
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+    optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
+        _param_groups(model, cfg), lr=cfg.learning_rate)
     model.train()
     report = TrainReport()
     module: nn.Module = model
     engine = None
     if cfg.dp:
-        sample_rate = cfg.batch_size / n
+        sample_rate = dp_sample_rate(n, cfg.batch_size)
         sigma = cfg.noise_multiplier
         if sigma is None:
             if cfg.target_epsilon is None:
@@ -118,7 +134,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta
     adapters = _adapter_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    refresh_items(model, item_features)
+    if cfg.refresh_at_start:
+        refresh_items(model, item_features)
     start = time.perf_counter()
     with progress_bar(label, total=steps) as advance:
         while report.steps < steps:
@@ -152,7 +169,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         report.epsilon = float(engine.get_epsilon(cfg.delta))
         # Detach Opacus hooks so the plain model can be evaluated and reused.
         module._close()
-    refresh_items(model, item_features)
+    if cfg.refresh_at_end:
+        refresh_items(model, item_features)
     model.eval()
     return report
 

@@ -27,3 +27,33 @@ def tokenizer():
     from common.encoder import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def small_ml100k(ml100k, tmp_path_factory):
+    """A GroupLens folder with the first 6 users of MovieLens-100K and the full catalogue."""
+    import numpy as np
+
+    from common.dataset import Dataset
+    from common.movielens import write_grouplens
+
+    keep = ml100k.user < 6
+    sub = Dataset(items=ml100k.items, user_ids=ml100k.user_ids[:6], user=ml100k.user[keep],
+                  item=ml100k.item[keep], rating=ml100k.rating[keep], timestamp=ml100k.timestamp[keep])
+    assert np.unique(sub.user).size == 6
+    return write_grouplens(sub, tmp_path_factory.mktemp("ml-small"))
+
+
+@pytest.fixture
+def small_run_config(small_ml100k, tmp_path):
+    """A fast federated run: 6 clients, short texts, few examples."""
+    return {"dataset": str(small_ml100k), "num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 2,
+            "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
+            "noise-multiplier": 1.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path / "runs"), "run-name": "t"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Client code pins torch to one thread (one simulated client per core); undo it between tests."""
+    yield
+    torch.set_num_threads(2)

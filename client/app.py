@@ -1,0 +1,93 @@
+"""privrec ClientApp (Flower Message API): DP training and evaluation on one user's own data.
+
+What a reply may hold is fixed here: the model-state tensors (adapters and item
+bias, in the exchange order), numeric metrics, and on refusal a reason the client
+wrote itself. No text, no item ids, no per-example values leave the client.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.session import run_session
+from common.metrics import metrics_from_ranks, target_rank
+from common.model_state import ModelRuntime, ModelSettings
+from common.partition import ClientData, client_data, dataset_from_source, device_client_data, split_for
+from common.run_config import resolve
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=1)
+def _runtime(source: str, settings_key: tuple) -> ModelRuntime:
+    torch.set_num_threads(1)  # one simulated client per core
+    return ModelRuntime(dataset_from_source(source), ModelSettings(*settings_key))
+
+
+def _settings_key(cfg: dict) -> tuple:
+    s = ModelSettings.from_run_config(cfg)
+    return (s.lora_rank, s.lora_alpha, s.item_bias, s.history_len, s.max_length, s.item_max_length, s.scale)
+
+
+def _identity(context: Context, cfg: dict, server_config: ConfigRecord) -> tuple[str, ClientData, Path]:
+    """Client id, its data, and where its persistent state lives (simulation or deployment)."""
+    node = context.node_config
+    if "data-path" in node:
+        data = device_client_data(str(node["data-path"]), cfg["history-len"], cfg["examples-per-user"])
+        state_dir = Path(str(node.get("state-dir", Path(str(node["data-path"])) / "state")))
+        return str(node.get("client-id", "device")), data, state_dir
+    if "partition-id" not in node:
+        raise ValueError("node config needs partition-id (simulation) or data-path (deployment)")
+    user = int(node["partition-id"])
+    data = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
+    state_dir = Path(str(server_config["run-dir"])) / "clients"
+    return f"user-{user}", data, state_dir
+
+
+def _global_state(msg: Message) -> tuple[list[str], list[np.ndarray]]:
+    record = msg.content["arrays"]
+    names = list(record.keys())
+    return names, [record[k].numpy() for k in names]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local DP-SGD on the global state; reply with the new state or a refusal."""
+    cfg = resolve(context.run_config)
+    server_config = msg.content["config"]
+    runtime = _runtime(cfg["dataset"], _settings_key(cfg))
+    client_id, data, state_dir = _identity(context, cfg, server_config)
+    runtime.load_state(*_global_state(msg))
+    result = run_session(runtime, data, cfg, state_dir, client_id, run_id=str(server_config["run-id"]),
+                         server_round=int(server_config["server-round"]), node_id=int(context.node_id))
+    content = RecordDict({"metrics": MetricRecord(result.metrics)})
+    if result.refused:
+        content["status"] = ConfigRecord({"refused": True, "reason": result.reason})
+    else:
+        content["arrays"] = ArrayRecord({n: Array(a) for n, a in zip(result.names, result.arrays)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """HR@10 / NDCG@10 of the global state on this client's own held-out item."""
+    cfg = resolve(context.run_config)
+    runtime = _runtime(cfg["dataset"], _settings_key(cfg))
+    _, data, _ = _identity(context, cfg, msg.content["config"])
+    if data.eval_target is None:
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0})}), reply_to=msg)
+    runtime.load_state(*_global_state(msg))
+    feats = runtime.features([data.eval_text])
+    with torch.no_grad():
+        scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()
+    excluded = np.zeros(len(scores), dtype=bool)
+    excluded[data.eval_excluded] = True
+    m = metrics_from_ranks(np.array([target_rank(scores, data.eval_target, excluded)]))
+    return Message(content=RecordDict({"metrics": MetricRecord(
+        {"num-examples": 1.0, "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"]})}), reply_to=msg)

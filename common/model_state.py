@@ -1,0 +1,124 @@
+"""The federated model state: exactly the tensors clients train and exchange, in a fixed order.
+
+That is the LoRA adapters (sorted names) followed by the optional item bias. The
+frozen encoder never moves; only these tensors travel, as float32 numpy arrays.
+A process keeps one :class:`ModelRuntime` (tokenizer, encoder, recommender and the
+catalogue's frozen features), because building it costs seconds and every client
+or server round in that process reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.dataset import Dataset
+from common.encoder import LoraSettings, TextEncoder, get_adapters, load_tokenizer, set_adapters
+from common.features import FeatureSet, compute_features
+from common.model import Recommender
+from common.training import refresh_items
+
+ITEM_BIAS_KEY = "item_bias"
+
+
+def state_names(model: Recommender) -> list[str]:
+    """Exchange order: LoRA tensors (sorted), then the item bias if the model has one."""
+    names = list(model.encoder.adapter_names())
+    if model.head.bias is not None:
+        names.append(ITEM_BIAS_KEY)
+    return names
+
+
+def get_state(model: Recommender) -> tuple[list[str], list[np.ndarray]]:
+    """Names and float32 copies of the exchanged tensors."""
+    arrays = [t.numpy().astype(np.float32) for t in get_adapters(model.encoder)]
+    if model.head.bias is not None:
+        arrays.append(model.head.bias.bias.detach().numpy().astype(np.float32).copy())
+    return state_names(model), arrays
+
+
+def set_state(model: Recommender, names: list[str], arrays: list[np.ndarray]) -> None:
+    """Load exchanged tensors; names must be exactly :func:`state_names` in order."""
+    expected = state_names(model)
+    if list(names) != expected:
+        raise ValueError(f"model state keys differ from the expected {len(expected)} keys "
+                         f"(first expected {expected[:2]}, got {list(names)[:2]})")
+    n_lora = len(model.encoder.adapter_names())
+    set_adapters(model.encoder, [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays[:n_lora]])
+    if model.head.bias is not None:
+        bias = np.asarray(arrays[n_lora], dtype=np.float32)
+        if bias.shape != tuple(model.head.bias.bias.shape):
+            raise ValueError(f"{ITEM_BIAS_KEY}: shape {bias.shape}, expected {tuple(model.head.bias.bias.shape)}")
+        with torch.no_grad():
+            model.head.bias.bias.copy_(torch.from_numpy(bias))
+
+
+def state_digest(arrays: list[np.ndarray]) -> str:
+    """Content hash of a state (identifies which adapters a cached item embedding belongs to)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def state_bytes(arrays: list[np.ndarray]) -> int:
+    return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+@dataclass
+class ModelSettings:
+    """What fixes the model's shape and inputs (taken from the resolved run config)."""
+
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    item_bias: bool = True
+    history_len: int = 5
+    max_length: int = 64
+    item_max_length: int = 32
+    scale: float = 20.0
+
+    @classmethod
+    def from_run_config(cls, cfg: dict[str, Any]) -> "ModelSettings":
+        return cls(lora_rank=cfg["lora-rank"], lora_alpha=cfg["lora-alpha"], item_bias=cfg["item-bias"],
+                   history_len=cfg["history-len"], max_length=cfg["max-length"],
+                   item_max_length=cfg["item-max-length"])
+
+
+_CATALOGUE_CACHE: dict[tuple[str, int], FeatureSet] = {}
+
+
+def _catalogue_features(encoder: TextEncoder, tokenizer, texts: list[str], max_length: int) -> FeatureSet:
+    """Frozen-layer features of the catalogue; identical for every LoRA state, so cached per process."""
+    key = (hashlib.sha256("\n".join(texts).encode()).hexdigest(), max_length)
+    if key not in _CATALOGUE_CACHE:
+        _CATALOGUE_CACHE[key] = compute_features(encoder, tokenizer, texts, max_length)
+    return _CATALOGUE_CACHE[key]
+
+
+class ModelRuntime:
+    """One process's encoder, recommender and cached catalogue features for a dataset."""
+
+    def __init__(self, data: Dataset, settings: ModelSettings, seed: int = 0) -> None:
+        torch.manual_seed(seed)  # LoRA A matrices are random; B is zero, so the start equals zero-shot
+        self.data, self.settings = data, settings
+        self.tokenizer = load_tokenizer()
+        self.encoder = TextEncoder(LoraSettings(rank=settings.lora_rank, alpha=settings.lora_alpha))
+        self.model = Recommender(self.encoder, data.num_items, scale=settings.scale, item_bias=settings.item_bias)
+        self.item_features = _catalogue_features(self.encoder, self.tokenizer, data.item_texts(),
+                                                 settings.item_max_length)
+        self._items_for: str | None = None
+
+    def features(self, texts: list[str]) -> FeatureSet:
+        return compute_features(self.encoder, self.tokenizer, texts, self.settings.max_length)
+
+    def load_state(self, names: list[str], arrays: list[np.ndarray]) -> None:
+        """Set the global state and make sure the catalogue embeddings match it (cached by digest)."""
+        set_state(self.model, names, arrays)
+        digest = state_digest(arrays)
+        if digest != self._items_for:
+            refresh_items(self.model, self.item_features)
+            self._items_for = digest

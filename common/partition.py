@@ -1,0 +1,89 @@
+"""One client's own data: its training examples and its held-out item, and nothing of anyone else's.
+
+Simulation: client ``partition-id`` is MovieLens user index ``partition-id`` of the
+PROTOCOL split (the dataset is loaded once per process; each client reads only its
+own rows). Deployment: the node's ``data-path`` folder holds ``events.jsonl`` (this
+device's user) and ``catalogue.jsonl`` (the public catalogue, same order as the
+server's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from common.dataset import Dataset
+from common.errors import DataFormatError
+from common.split import Split, leave_one_out
+from common.text import user_text
+
+
+@dataclass
+class ClientData:
+    """Texts and targets built from one user's history (stays on the client)."""
+
+    user_key: str
+    train_texts: list[str]
+    train_targets: np.ndarray
+    eval_text: str | None  # input for the held-out (test) item, if the user has one
+    eval_target: int | None
+    eval_excluded: np.ndarray  # item indices the user already has (not rankable)
+
+
+def dataset_from_source(source: str) -> Dataset:
+    """``recbole`` (the wheel's copy) or a path to a GroupLens ``ml-100k`` folder."""
+    return _cached_dataset(source)
+
+
+@lru_cache(maxsize=2)
+def _cached_dataset(source: str) -> Dataset:
+    from common.movielens import load_grouplens, load_recbole
+
+    if source == "recbole":
+        return load_recbole()
+    path = Path(source)
+    if not (path / "u.data").exists():
+        raise DataFormatError(path, "expected a GroupLens ml-100k folder holding u.data, u.item and u.user")
+    return load_grouplens(path)
+
+
+@lru_cache(maxsize=2)
+def split_for(source: str) -> Split:
+    return leave_one_out(dataset_from_source(source))
+
+
+def client_data(split: Split, user: int, history_len: int, examples_per_user: int) -> ClientData:
+    """Training examples from the user's train rows (the most recent ``examples_per_user``); test item held out."""
+    if not 0 <= user < split.data.num_users:
+        raise ValueError(f"partition-id {user} is outside 0..{split.data.num_users - 1}")
+    data, rows = split.data, split.train[user]
+    first = max(1, len(rows) - examples_per_user) if examples_per_user > 0 else 1
+    texts = [user_text(data, rows[:t], history_len) for t in range(first, len(rows))]
+    targets = np.array([int(data.item[rows[t]]) for t in range(first, len(rows))], dtype=np.int64)
+    eval_text = eval_target = None
+    excluded = np.unique(data.item[rows])
+    if split.test[user] >= 0:
+        hist = split.history_rows(user, "test")
+        eval_text = user_text(data, hist, history_len)
+        eval_target = int(data.item[split.target_row(user, "test")])
+        excluded = np.unique(data.item[hist])
+    return ClientData(user_key=data.user_ids[user], train_texts=texts, train_targets=targets,
+                      eval_text=eval_text, eval_target=eval_target, eval_excluded=excluded)
+
+
+def device_client_data(data_path: str | Path, history_len: int, examples_per_user: int) -> ClientData:
+    """A device's data folder (``events.jsonl`` + ``catalogue.jsonl``) holding exactly one user."""
+    from common.jsonl_format import load_jsonl
+
+    folder = Path(data_path)
+    events, catalogue = folder / "events.jsonl", folder / "catalogue.jsonl"
+    for f in (events, catalogue):
+        if not f.exists():
+            raise DataFormatError(f, "missing: a device data folder needs events.jsonl and catalogue.jsonl")
+    data = load_jsonl(events, catalogue)
+    if data.num_users != 1:
+        raise DataFormatError(events, f"expected the events of exactly one user, found {data.num_users}")
+    return client_data(leave_one_out(data), 0, history_len, examples_per_user)

@@ -1,0 +1,108 @@
+"""The run folder ``<output-dir>/<run-id>/``: config, per-round metrics, final state, result, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.results import write_json_atomic
+
+
+class RunFolder:
+    """Paths and writers for one run's artefacts (every file written atomically)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    config = property(lambda self: self.root / "config.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoint")
+    clients = property(lambda self: self.root / "clients")
+    adapters = property(lambda self: self.root / "adapters.safetensors")
+    result = property(lambda self: self.root / "result.json")
+    rounds = property(lambda self: self.root / "rounds.jsonl")
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        write_json_atomic(self.config, cfg)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def keep_rounds_up_to(self, last_round: int) -> None:
+        """On resume, drop records of rounds after the checkpoint (they will be re-run)."""
+        for path in (self.metrics, self.rounds):
+            if path.exists():
+                rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+                self._write_lines(path, [r for r in rows if r["round"] <= last_round])
+
+    def append(self, path: Path, row: dict) -> None:
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] \
+            if path.exists() else []
+        self._write_lines(path, [*rows, row])
+
+    @staticmethod
+    def _write_lines(path: Path, rows: list[dict]) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write_final_state(self, names: list[str], arrays: list[np.ndarray], metadata: dict[str, str]) -> None:
+        from safetensors.numpy import save_file
+
+        tmp = self.adapters.with_name(self.adapters.name + ".tmp")
+        save_file({n: np.ascontiguousarray(a) for n, a in zip(names, arrays)}, str(tmp), metadata=metadata)
+        tmp.replace(self.adapters)
+
+    def write_plots(self) -> list[Path]:
+        """quality.png (NDCG@10 / HR@10 against rounds) and epsilon.png (privacy spent against rounds)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        quality = (("test_NDCG@10", "server test NDCG@10"), ("test_HR@10", "server test HR@10"),
+                   ("federated_NDCG@10", "federated NDCG@10"))
+        privacy = (("epsilon_max", "example-level ε, max over clients"),
+                   ("epsilon_median", "example-level ε, median over clients"),
+                   ("user_epsilon", "user-level ε (central DP)"))
+        out = [self._plot(rows, quality, "metric", "Quality of the global model", "quality.png", ""),
+               self._plot(rows, privacy, "epsilon", "Privacy spent", "epsilon.png", "no DP in this run")]
+        plt.close("all")
+        return out
+
+    def _plot(self, rows: list[dict], series, ylabel: str, title: str, name: str, empty_note: str) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in series:
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        elif empty_note:
+            ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)
+        return self._save(fig, name)
+
+    def _save(self, fig, name: str) -> Path:
+        path = self.root / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        tmp.replace(path)
+        return path

@@ -1,0 +1,89 @@
+"""User-level central DP on client updates (DP-FedAvg, McMahan et al., ICLR 2018).
+
+Mechanism, exactly as the accountant models it:
+- each client is included in a round independently with probability q
+  (Poisson sampling; q = clients-per-round / number of clients);
+- each included client's update (its state minus the global state) is clipped to
+  L2 norm C; a client that is not included, refuses, fails or is rejected adds zero;
+- the clipped updates are summed, Gaussian noise N(0, (z C)^2) is added to every
+  coordinate, and the sum is divided by the *expected* number of clients qN
+  (a fixed denominator, so the count itself is not released).
+Each round is one sampled Gaussian mechanism with sensitivity C under add/remove
+of one user; the rounds compose in Opacus' RDP accountant (steps = rounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from opacus.accountants import RDPAccountant
+
+
+def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray], float]:
+    """Scale ``delta`` to L2 norm at most ``clip``; returns the clipped update and the original norm."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return [d * np.float32(factor) for d in delta], norm
+
+
+@dataclass
+class CentralDP:
+    """Noise, clipping and user-level accounting for the server's aggregate."""
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    population: int
+    delta: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (z, q, rounds)
+
+    def noisy_mean(self, deltas: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
+        """Sum of clipped updates plus Gaussian noise, over the expected number of clients."""
+        if not deltas:
+            raise ValueError("noisy_mean needs the shapes of at least one update")
+        total = [np.zeros_like(d, dtype=np.float64) for d in deltas[0]]
+        for d in deltas:
+            clipped, _ = clip_update(d, self.clip)
+            for t, c in zip(total, clipped):
+                t += c
+        expected = self.sample_rate * self.population
+        sigma = self.noise_multiplier * self.clip
+        return [((t + rng.normal(0.0, sigma, size=t.shape)) / expected).astype(np.float32) for t in total]
+
+    def noise_only(self, shapes: list[tuple[int, ...]], rng: np.random.Generator) -> list[np.ndarray]:
+        """The release of a round in which no sampled client contributed: noise alone."""
+        expected = self.sample_rate * self.population
+        sigma = self.noise_multiplier * self.clip
+        return [(rng.normal(0.0, sigma, size=s) / expected).astype(np.float32) for s in shapes]
+
+    def record_round(self) -> None:
+        """Compose one more round (called for every released aggregate)."""
+        if self.history and self.history[-1][:2] == (self.noise_multiplier, self.sample_rate):
+            z, q, n = self.history[-1]
+            self.history[-1] = (z, q, n + 1)
+        else:
+            self.history.append((self.noise_multiplier, self.sample_rate, 1))
+
+    @property
+    def rounds(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self) -> float:
+        """User-level epsilon at ``delta`` after the recorded rounds (0 before any)."""
+        if not self.history:
+            return 0.0
+        acc = RDPAccountant()
+        acc.history = list(self.history)
+        return float(acc.get_epsilon(self.delta))
+
+    def to_json(self) -> dict:
+        return {"noise_multiplier": self.noise_multiplier, "clip": self.clip, "sample_rate": self.sample_rate,
+                "population": self.population, "delta": self.delta, "accountant": "rdp",
+                "sampling": "poisson", "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "CentralDP":
+        return cls(noise_multiplier=raw["noise_multiplier"], clip=raw["clip"], sample_rate=raw["sample_rate"],
+                   population=raw["population"], delta=raw["delta"],
+                   history=[tuple(h) for h in raw["history"]])

@@ -1,0 +1,300 @@
+"""The server's round loop: sample, send, validate, aggregate (optionally with central DP), evaluate,
+checkpoint, record.
+
+Flower's ``Strategy.start`` runs a fixed loop; privrec needs reply validation,
+refusal accounting, central DP with Poisson sampling, checkpoints and resume
+inside each round, so it drives the Grid itself and uses Flower's strategies for
+the aggregation arithmetic (:mod:`server.aggregation`).
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import version
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
+from common.partition import dataset_from_source, split_for
+from common.results import result_record, write_json_atomic
+from common.run_config import ConfigError, resolve
+from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
+                                weighted_mean)
+from server.artefacts import RunFolder
+from server.central_dp import CentralDP
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.evaluation import ServerEvaluator
+from server.validation import adapter_specs, validate_reply
+
+# Keys whose change would make a resumed run a different experiment.
+_RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients"}
+
+
+def sample_clients(node_ids: list[int], cfg: dict[str, Any], rng: np.random.Generator) -> list[int]:
+    """Poisson sampling (rate clients-per-round / N) under central DP, else a uniform fixed-size sample."""
+    n = len(node_ids)
+    k = min(cfg["clients-per-round"], n)
+    if cfg["central-dp"]:
+        return [nid for nid in node_ids if rng.random() < k / n]
+    # Choose positions, not ids: node ids are uint64 and numpy would round them through float64.
+    return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
+
+
+def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if nodes or time.time() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+class Federation:
+    """One federated run, resumable from its run folder."""
+
+    def __init__(self, grid: Grid, run_config: dict[str, Any]) -> None:
+        self.grid = grid
+        self.cfg = resolve(run_config)
+        cfg = self.cfg
+        self.run_id = cfg["run-name"] or f"run-{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg['seed']}"
+        self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
+        self._check_resume()
+        self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
+            p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
+        data = dataset_from_source(cfg["dataset"])
+        self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
+        self.names, self.arrays = get_state(self.runtime.model)
+        self.specs = adapter_specs(self.names, self.arrays)
+        self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
+        self.evaluator = ServerEvaluator(self.runtime, split_for(cfg["dataset"]))
+        self.client_epsilon: dict[str, float] = {}
+        self.central: CentralDP | None = None
+        self.start_round = 1
+        self.nodes: list[int] = []
+
+    def _check_resume(self) -> None:
+        exists = self.folder.config.exists()
+        if exists and not self.cfg["resume"]:
+            raise ConfigError(f"run folder {self.folder.root} exists: set resume=true to continue it, "
+                              f"or choose another run-name")
+        if self.cfg["resume"]:
+            if not exists:
+                raise ConfigError(f"resume=true but {self.folder.config} does not exist (run-name "
+                                  f"{self.cfg['run-name']!r})")
+            import json
+
+            old = json.loads(self.folder.config.read_text(encoding="utf-8"))
+            changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
+            if changed:
+                raise ConfigError(f"resume: run config differs from the stored run in {changed}")
+
+    def _restore(self) -> None:
+        meta, arrays, optimizer = load_checkpoint(self.folder.checkpoints)
+        if meta["names"] != self.names:
+            raise ConfigError(f"{self.folder.checkpoints}: checkpoint tensors do not match this model")
+        self.arrays = arrays
+        load_optimizer_state(self.step, optimizer)
+        self.client_epsilon = dict(meta["client_epsilon"])
+        if self.central is not None and meta.get("central_dp"):
+            self.central = CentralDP.from_json(meta["central_dp"])
+        self.start_round = int(meta["round"]) + 1
+        self.folder.keep_rounds_up_to(int(meta["round"]))
+        log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.nodes = _wait_for_nodes(self.grid, cfg["round-timeout"])
+        if not self.nodes:
+            raise RuntimeError("no SuperNodes connected within round-timeout")
+        if cfg["central-dp"]:
+            q = min(1.0, cfg["clients-per-round"] / len(self.nodes))
+            self.central = CentralDP(cfg["central-noise-multiplier"], cfg["central-clip"], q, len(self.nodes),
+                                     cfg["central-delta"])
+        if cfg["resume"] and (self.folder.checkpoints / "latest.json").exists():
+            self._restore()
+        log(INFO, "privrec run %s: %d clients, rounds %d..%d, strategy %s, local DP %s, central DP %s",
+            self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"], cfg["strategy"],
+            cfg["local-dp"], cfg["central-dp"])
+        if self.start_round == 1:
+            self._record(0, {"clients_sampled": 0}, self._evaluate(0))
+        for rnd in range(self.start_round, cfg["num-server-rounds"] + 1):
+            t0 = time.perf_counter()
+            row = self._train_round(rnd)
+            evaluate = rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]
+            metrics = self._evaluate(rnd) if evaluate else {}
+            row["round_seconds"] = round(time.perf_counter() - t0, 2)
+            self._record(rnd, row, metrics)
+            self._checkpoint(rnd)
+        return self._finish()
+
+    def _train_round(self, rnd: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg["seed"], rnd])
+        sampled = sample_clients(self.nodes, cfg, rng)
+        config = ConfigRecord({"server-round": rnd, "run-id": self.run_id,
+                               "run-dir": str(self.folder.root.resolve())})
+        record = to_record(self.names, self.arrays)
+        messages = [Message(content=RecordDict({"arrays": record, "config": config}), dst_node_id=nid,
+                            message_type=MessageType.TRAIN) for nid in sampled]
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg["round-timeout"])) if messages else []
+        accepted, weights, losses = [], [], []
+        counts = {"failed": 0, "refused": 0, "rejected": 0}
+        participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
+        bytes_received = 0
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                counts["failed"] += 1
+                participation["failed"].append(node)
+                log(WARNING, "round %d: node %d failed: %s", rnd, node, reply.error.reason[:200])
+                continue
+            content = reply.content
+            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+            if "epsilon" in metrics:
+                self.client_epsilon[str(node)] = float(metrics["epsilon"])
+            if "status" in content.config_records:
+                counts["refused"] += 1
+                participation["refused"].append(node)
+                log(INFO, "round %d: node %d refused: %s", rnd, node, content["status"].get("reason", ""))
+                continue
+            names = list(content["arrays"].keys()) if "arrays" in content.array_records else []
+            arrays = [content["arrays"][k].numpy() for k in names]
+            bytes_received += state_bytes(arrays)
+            verdict = validate_reply(names, arrays, self.specs, self.arrays, cfg["max-update-norm"])
+            if not verdict.accepted:
+                counts["rejected"] += 1
+                participation["rejected"].append(node)
+                log(WARNING, "round %d: reply of node %d rejected: %s", rnd, node, verdict.reason)
+                continue
+            participation["trained"].append(node)
+            accepted.append(arrays)
+            weights.append(float(metrics.get("num-examples", 1.0)))
+            losses.append(float(metrics.get("train-loss", np.nan)))
+        self._aggregate(rnd, accepted, weights, rng)
+        self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
+        eps = list(self.client_epsilon.values())
+        return {
+            "clients_sampled": len(sampled), "clients_replied": len(replies) - counts["failed"],
+            "clients_accepted": len(accepted), "clients_rejected": counts["rejected"],
+            "clients_refused": counts["refused"], "clients_failed": counts["failed"],
+            "train_loss": float(np.average(losses, weights=weights)) if accepted else None,
+            "epsilon_max": max(eps) if eps else None,
+            "epsilon_median": float(np.median(eps)) if eps else None,
+            "clients_with_spend": len(eps),
+            "user_epsilon": self.central.epsilon() if self.central else None,
+            "bytes_sent": len(sampled) * state_bytes(self.arrays), "bytes_received": bytes_received,
+        }
+
+    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float],
+                   rng: np.random.Generator) -> None:
+        if self.central is not None:
+            deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
+            noisy = self.central.noisy_mean(deltas, rng) if deltas else \
+                self.central.noise_only([a.shape for a in self.arrays], rng)
+            self.central.record_round()
+            mean = [g + d for g, d in zip(self.arrays, noisy)]
+        elif accepted:
+            mean = weighted_mean(self.names, accepted, weights)
+        else:
+            return
+        self.arrays = server_step(self.step, rnd, self.names, self.arrays, mean)
+
+    def _evaluate(self, rnd: int) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        for split, m in self.evaluator.evaluate(self.names, self.arrays).items():
+            prefix = "val" if split == "validation" else "test"
+            out.update({f"{prefix}_{k}": v for k, v in m.items()})
+        k = min(cfg["evaluate-clients"], len(self.nodes))
+        if k and rnd > 0:
+            rng = np.random.default_rng([cfg["seed"], rnd, 1])
+            chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
+            record = to_record(self.names, self.arrays)
+            config = ConfigRecord({"server-round": rnd, "run-id": self.run_id,
+                                   "run-dir": str(self.folder.root.resolve())})
+            msgs = [Message(content=RecordDict({"arrays": record, "config": config}), dst_node_id=n,
+                            message_type=MessageType.EVALUATE) for n in chosen]
+            rows = [dict(r.content["metrics"]) for r in self.grid.send_and_receive(msgs, timeout=cfg["round-timeout"])
+                    if not r.has_error()]
+            rows = [r for r in rows if r.get("num-examples", 0) > 0]
+            if rows:
+                out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
+                out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
+                out["federated_clients"] = len(rows)
+        return out
+
+    def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
+        full = {"round": rnd, **row, **metrics, "time": time.time()}
+        self.folder.append(self.folder.metrics, full)
+        parts = [f"round {rnd}"]
+        if row.get("clients_sampled"):
+            parts.append(f"clients {row['clients_accepted']}/{row['clients_sampled']} accepted "
+                         f"({row['clients_refused']} refused, {row['clients_rejected']} rejected, "
+                         f"{row['clients_failed']} failed)")
+        if row.get("train_loss") is not None:
+            parts.append(f"loss {row['train_loss']:.3f}")
+        if "test_NDCG@10" in metrics:
+            parts.append(f"test NDCG@10 {metrics['test_NDCG@10']:.4f} HR@10 {metrics['test_HR@10']:.4f}")
+        if row.get("epsilon_max") is not None:
+            parts.append(f"example eps max {row['epsilon_max']:.2f}")
+        if row.get("user_epsilon") is not None:
+            parts.append(f"user eps {row['user_epsilon']:.2f}")
+        log(INFO, "[privrec] " + " | ".join(parts))
+
+    def _checkpoint(self, rnd: int) -> None:
+        state = {"run_id": self.run_id, "client_epsilon": self.client_epsilon,
+                 "central_dp": self.central.to_json() if self.central else None}
+        save_checkpoint(self.folder.checkpoints, rnd, self.names, self.arrays, optimizer_state(self.step), state)
+
+    def _finish(self) -> Path:
+        cfg = self.cfg
+        rows = self.folder.read_metrics()
+        last = [r for r in rows if "test_NDCG@10" in r][-1]
+        self.folder.write_final_state(self.names, self.arrays, {"run-id": self.run_id, "round": str(last["round"]),
+                                                                "lora-rank": str(cfg["lora-rank"])})
+        metrics = {k: last[f"test_{k}"] for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")}
+        privacy = self.privacy_statement()
+        started = rows[0]["time"] if rows else time.time()
+        method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
+        result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
+                               time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"]})
+        write_json_atomic(self.folder.result, result)
+        self.folder.write_plots()
+        log(INFO, "[privrec] run %s done: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
+            metrics["NDCG@10"], metrics["HR@10"], self.folder.root)
+        return self.folder.root
+
+    def privacy_statement(self) -> dict[str, Any]:
+        """PROTOCOL.md section 6: the unit(s) protected, with delta and accountant."""
+        cfg = self.cfg
+        eps = list(self.client_epsilon.values())
+        out: dict[str, Any] = {"unit": "none"}
+        if cfg["local-dp"]:
+            out = {"unit": "example", "epsilon": max(eps) if eps else 0.0, "delta": cfg["delta"],
+                   "accountant": cfg["accountant"], "epsilon_is": "max over clients of the composed per-client epsilon",
+                   "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
+                   "max_grad_norm": cfg["max-grad-norm"], "sampling": "poisson (per client, Opacus)",
+                   "note": (f"example-level per client; one rating is the target of one example and appears in "
+                            f"the histories of up to {cfg['history-len']} more, so interaction-level DP follows "
+                            f"by group privacy with group size {cfg['history-len'] + 1}")}
+        if self.central is not None:
+            if out["unit"] == "none":
+                out = {"unit": "user", "epsilon": self.central.epsilon(), "delta": self.central.delta,
+                       "accountant": "rdp"}
+            out.update({"user_epsilon": self.central.epsilon(), "user_delta": self.central.delta,
+                        "user_accountant": "rdp", "user_sampling": f"poisson, q={self.central.sample_rate:.4g}",
+                        "user_noise_multiplier": self.central.noise_multiplier, "user_clip": self.central.clip})
+        return out
+
+
+def run_federation(grid: Grid, run_config: dict[str, Any]) -> Path:
+    """Entry point used by the ServerApp (and tests): runs or resumes, returns the run folder."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return Federation(grid, run_config).run()

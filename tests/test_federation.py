@@ -1,0 +1,145 @@
+"""The federated round loop with the real ClientApp and ServerApp code, in process.
+
+(The same apps through Flower's simulation engine are covered by test_flower_simulation.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from common.ledger import composed_epsilon, Session
+from common.run_config import ConfigError
+from server.federation import Federation
+from fedharness import InProcessGrid, state_of
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def completed_run(small_ml100k, tmp_path_factory):
+    """One finished 2-round run, shared by the tests that only inspect it."""
+    cfg = {"dataset": str(small_ml100k), "num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 2,
+           "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
+           "noise-multiplier": 1.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path_factory.mktemp("runs")), "run-name": "t"}
+    grid = InProcessGrid(6, cfg)
+    fed = Federation(grid, cfg)
+    start = [a.copy() for a in fed.arrays]
+    return grid, fed, start, fed.run()
+
+
+def test_round_loop_trains_and_writes_artefacts(completed_run):
+    grid, fed, start, run_dir = completed_run
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients_accepted"] == 3 and r["clients_rejected"] == 0 for r in rows[1:])
+    assert all(0 < r["epsilon_max"] <= 8.0 for r in rows[1:])
+    assert not all(np.array_equal(a, b) for a, b in zip(start, fed.arrays)), "global state did not change"
+    for name in ("config.json", "metrics.jsonl", "adapters.safetensors", "result.json", "quality.png",
+                 "epsilon.png", "rounds.jsonl"):
+        assert (run_dir / name).stat().st_size > 0, name
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["protocol"] == "ml-100k-loo-full-v1" and result["split"] == "test"
+    assert result["privacy"]["unit"] == "example" and result["privacy"]["delta"] == 1e-5
+    assert set(result["metrics"]) == {"HR@10", "NDCG@10", "MRR@10", "HR@20"}
+    # Every client that trained has a ledger whose epsilon recomputes from its history.
+    ledgers = sorted((run_dir / "clients").glob("ledger-*.json"))
+    assert ledgers
+    for path in ledgers:
+        raw = json.loads(path.read_text())
+        sessions = [Session(**s) for s in raw["sessions"]]
+        assert raw["epsilon"] == pytest.approx(composed_epsilon(sessions, raw["delta"]))
+
+
+def _reply_content_is_only_tensors_and_numbers(content, expected_names):
+    assert list(content.array_records) in ([], ["arrays"])
+    if "arrays" in content.array_records:
+        assert list(content["arrays"].keys()) == expected_names
+    for record in content.metric_records.values():
+        assert all(isinstance(v, (int, float)) for v in record.values())
+    for name, record in content.config_records.items():
+        assert name == "status" and set(record.keys()) <= {"refused", "reason"}
+
+
+def test_replies_hold_only_adapter_tensors_and_numbers(completed_run, ml100k):
+    grid, fed, _, _ = completed_run
+    assert grid.replies
+    titles = [it.title for it in ml100k.items]
+    for reply in grid.replies:
+        _reply_content_is_only_tensors_and_numbers(reply.content, fed.names)
+        text = repr([dict(r) for r in reply.content.config_records.values()])
+        assert not any(t in text for t in titles if len(t) > 6)
+
+
+def _tamper(node, content):
+    if "arrays" not in content.array_records:
+        return
+    arrays = state_of(content)
+    first = next(iter(arrays))
+    if node == 101:
+        arrays[first] = arrays[first].copy()
+        arrays[first][0, 0] = np.nan
+    elif node == 102:
+        arrays[first] = np.zeros((3, 3), dtype=np.float32)
+    elif node == 103:
+        arrays[first] = arrays[first] + 1e3
+    else:
+        return
+    content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def test_bad_replies_are_rejected_and_the_round_completes(small_run_config):
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1})
+    grid = InProcessGrid(6, cfg, tamper=_tamper, drop={106})
+    fed = Federation(grid, cfg)
+    fed.run()
+    row = _rows(fed.folder.root)[1]
+    assert row["clients_sampled"] == 6
+    assert row["clients_rejected"] == 3 and row["clients_accepted"] == 2
+    assert row["clients_replied"] == 5  # node 106 never answered
+    assert all(np.isfinite(a).all() for a in fed.arrays)
+    rounds = [json.loads(x) for x in (fed.folder.root / "rounds.jsonl").read_text().splitlines()]
+    assert sorted(rounds[0]["rejected"]) == [101, 102, 103]
+
+
+def test_client_at_its_budget_refuses_and_the_server_counts_it(small_run_config):
+    # One session at noise 1.0 costs more than this budget: every client refuses.
+    cfg = dict(small_run_config, **{"client-epsilon-budget": 0.05, "num-server-rounds": 1})
+    grid = InProcessGrid(6, cfg)
+    fed = Federation(grid, cfg)
+    start = [a.copy() for a in fed.arrays]
+    fed.run()
+    row = _rows(fed.folder.root)[1]
+    assert row["clients_refused"] == 3 and row["clients_accepted"] == 0
+    assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))
+    reasons = [r.content["status"]["reason"] for r in grid.replies if "status" in r.content.config_records]
+    assert reasons and all("budget" in r for r in reasons)
+
+
+def test_resume_continues_rounds_and_accounting(small_run_config):
+    cfg = dict(small_run_config, **{"central-dp": True, "clients-per-round": 3})
+    Federation(InProcessGrid(6, cfg), cfg).run()
+    cfg_dir = Path(cfg["output-dir"]) / cfg["run-name"]
+    first = _rows(cfg_dir)
+    ledgers_before = {p.name: json.loads(p.read_text())["epsilon"] for p in (cfg_dir / "clients").glob("*.json")}
+    with pytest.raises(ConfigError, match="resume"):
+        Federation(InProcessGrid(6, cfg), cfg)  # same run-name without resume=true
+    more = dict(cfg, **{"num-server-rounds": 3, "resume": True})
+    fed = Federation(InProcessGrid(6, more), more)
+    fed.run()
+    rows = _rows(cfg_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[:3] == first
+    assert fed.central is not None and fed.central.rounds == 3
+    assert rows[3]["user_epsilon"] > rows[2]["user_epsilon"] > 0
+    for name, eps in ledgers_before.items():
+        assert json.loads((cfg_dir / "clients" / name).read_text())["epsilon"] >= eps
+    changed = dict(more, **{"learning-rate": 0.5})
+    with pytest.raises(ConfigError, match="learning-rate"):
+        Federation(InProcessGrid(6, changed), changed)

@@ -1,0 +1,42 @@
+"""Run-config defaults, types and errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.run_config import DEFAULTS, ConfigError, resolve
+
+
+def test_pyproject_defaults_are_the_code_defaults():
+    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert raw["tool"]["flwr"]["app"]["config"] == DEFAULTS
+    components = raw["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+
+
+def test_overrides_are_coerced():
+    cfg = resolve({"num-server-rounds": 3.0, "central-dp": "true", "learning-rate": 1})
+    assert cfg["num-server-rounds"] == 3 and cfg["central-dp"] is True and cfg["learning-rate"] == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"strategy": "fedprox"}, r"'strategy': 'fedprox' is not one of \['fedavg', 'fedadam'\]"),
+    ({"num-server-rounds": 0}, r"'num-server-rounds': 0 is out of range"),
+    ({"noise-multiplier": -1.0}, r"'noise-multiplier'.*out of range"),
+    ({"batch-size": 2.5}, r"'batch-size': expected an integer"),
+    ({"central-dp": "maybe"}, r"'central-dp': expected true or false"),
+    ({"budget-policy": "ignore"}, r"'budget-policy'"),
+    ({"num-rounds": 3}, r"unknown key\(s\) \['num-rounds'\]"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(override)
+
+
+def test_every_key_is_documented():
+    from common.run_config import HELP
+
+    assert set(HELP) == set(DEFAULTS)
