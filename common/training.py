@@ -9,6 +9,7 @@ given or solved for a target epsilon over the planned number of steps.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class TrainConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # Seed of DP sampling and noise. None (the default) draws it from OS entropy: a seed anyone
+    # can derive from the run config would let them replay and subtract the noise.
+    noise_seed: int | None = None
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: a client's update is then its noisy gradient sum)
     max_steps: int | None = None  # cap below the planned steps (a client's remaining budget)
     refresh_at_start: bool = True  # False when the head already holds these adapters' item embeddings
@@ -129,6 +133,7 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
             if cfg.target_epsilon is None:
                 raise ValueError("DP training needs target_epsilon or noise_multiplier")
             sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
+        torch.manual_seed(cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63))
         engine, module, optimizer, loader = make_private(
             model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
         report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta

@@ -75,6 +75,7 @@ class Federation:
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
         self.evaluator = ServerEvaluator(self.runtime, split_for(cfg["dataset"]))
         self.client_epsilon: dict[str, float] = {}
+        self._secret_rng = np.random.default_rng()  # OS entropy: central-DP sampling and noise
         self.central: CentralDP | None = None
         self.start_round = 1
         self.nodes: list[int] = []
@@ -119,6 +120,8 @@ class Federation:
                                      cfg["central-delta"])
         if cfg["resume"] and (self.folder.checkpoints / "latest.json").exists():
             self._restore()
+        elif cfg["resume"]:
+            self.folder.keep_rounds_up_to(-1)  # stopped before its first checkpoint: start over
         log(INFO, "privrec run %s: %d clients, rounds %d..%d, strategy %s, local DP %s, central DP %s",
             self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"], cfg["strategy"],
             cfg["local-dp"], cfg["central-dp"])
@@ -136,7 +139,9 @@ class Federation:
 
     def _train_round(self, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg["seed"], rnd])
+        # Under central DP, who is sampled and the noise must be secret: an rng derived from the
+        # (public) seed would let anyone replay them. Otherwise sampling is reproducible.
+        rng = self._secret_rng if cfg["central-dp"] else np.random.default_rng([cfg["seed"], rnd])
         sampled = sample_clients(self.nodes, cfg, rng)
         config = ConfigRecord({"server-round": rnd, "run-id": self.run_id,
                                "run-dir": str(self.folder.root.resolve())})
@@ -177,7 +182,7 @@ class Federation:
             accepted.append(arrays)
             weights.append(float(metrics.get("num-examples", 1.0)))
             losses.append(float(metrics.get("train-loss", np.nan)))
-        self._aggregate(rnd, accepted, weights, rng)
+        self._aggregate(rnd, accepted, weights)
         self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
         eps = list(self.client_epsilon.values())
         return {
@@ -192,12 +197,11 @@ class Federation:
             "bytes_sent": len(sampled) * state_bytes(self.arrays), "bytes_received": bytes_received,
         }
 
-    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float],
-                   rng: np.random.Generator) -> None:
+    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float]) -> None:
         if self.central is not None:
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
-            noisy = self.central.noisy_mean(deltas, rng) if deltas else \
-                self.central.noise_only([a.shape for a in self.arrays], rng)
+            noisy = self.central.noisy_mean(deltas, self._secret_rng) if deltas else \
+                self.central.noise_only([a.shape for a in self.arrays], self._secret_rng)
             self.central.record_round()
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         elif accepted:

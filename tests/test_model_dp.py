@@ -151,7 +151,26 @@ def test_empty_poisson_batches_still_add_noise(encoder, feats):
     user_feats, item_feats = feats
     model = Recommender(encoder, len(ITEMS), item_bias=True)
     # expected batch 1 of 8 examples: P(empty batch) = (7/8)^8, about 0.34 per step
-    cfg = TrainConfig(epochs=3.0, batch_size=1, dp=True, noise_multiplier=1.0, seed=3)
+    cfg = TrainConfig(epochs=3.0, batch_size=1, dp=True, noise_multiplier=1.0, seed=3, noise_seed=3)
     report = train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
     assert report.steps == 24
     assert report.empty_batches > 0  # seed 3 draws empty batches; each still moved the weights (checked per step)
+
+
+def test_dp_noise_is_not_replayable_from_the_config(encoder, feats):
+    """The same TrainConfig (same public seed) must not reproduce the DP noise unless pinned."""
+    from common.encoder import get_adapters, set_adapters
+
+    user_feats, item_feats = feats
+    start = get_adapters(encoder)
+    outcomes = []
+    for noise_seed in (None, None, 7, 7):
+        set_adapters(encoder, start)
+        model = Recommender(encoder, len(ITEMS), item_bias=False)
+        cfg = TrainConfig(epochs=1.0, batch_size=4, dp=True, noise_multiplier=1.0, seed=5, noise_seed=noise_seed)
+        train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
+        outcomes.append(get_adapters(encoder))
+    set_adapters(encoder, start)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert not same(outcomes[0], outcomes[1])
+    assert same(outcomes[2], outcomes[3])
