@@ -8,12 +8,14 @@ wrote itself. No text, no item ids, no per-example values leave the client.
 from __future__ import annotations
 
 from functools import lru_cache
+from logging import ERROR
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client.session import run_session
 from common.metrics import metrics_from_ranks, target_rank
@@ -25,14 +27,9 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=1)
-def _runtime(source: str, settings_key: tuple) -> ModelRuntime:
+def _runtime(source: str, settings: ModelSettings) -> ModelRuntime:
     torch.set_num_threads(1)  # one simulated client per core
-    return ModelRuntime(dataset_from_source(source), ModelSettings(*settings_key))
-
-
-def _settings_key(cfg: dict) -> tuple:
-    s = ModelSettings.from_run_config(cfg)
-    return (s.lora_rank, s.lora_alpha, s.item_bias, s.history_len, s.max_length, s.item_max_length, s.scale)
+    return ModelRuntime(dataset_from_source(source), settings)
 
 
 def _identity(context: Context, cfg: dict, server_config: ConfigRecord) -> tuple[str, ClientData, Path]:
@@ -56,12 +53,41 @@ def _global_state(msg: Message) -> tuple[list[str], list[np.ndarray]]:
     return names, [record[k].numpy() for k in names]
 
 
+def _refusal(msg: Message, exc: Exception) -> Message:
+    """Reply to a failure on the device without its message, which may quote local data.
+
+    The full error (file, line, field) is logged on the device only; the server learns
+    the error class and counts the reply as a refusal.
+    """
+    log(ERROR, "privrec client: %s: %s", type(exc).__name__, exc)
+    reason = f"client error {type(exc).__name__}; the details are in the device's log"
+    return Message(content=RecordDict({"metrics": MetricRecord({"refused": 1.0, "num-examples": 0.0}),
+                                       "status": ConfigRecord({"refused": True, "reason": reason})}),
+                   reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD on the global state; reply with the new state or a refusal."""
+    try:
+        return _train(msg, context)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a refusal, never a crash loop
+        return _refusal(msg, exc)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """HR@10 / NDCG@10 of the global state on this client's own held-out item."""
+    try:
+        return _evaluate(msg, context)
+    except Exception as exc:  # noqa: BLE001
+        return _refusal(msg, exc)
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
     server_config = msg.content["config"]
-    runtime = _runtime(cfg["dataset"], _settings_key(cfg))
+    runtime = _runtime(cfg["dataset"], ModelSettings.from_run_config(cfg))
     client_id, data, state_dir = _identity(context, cfg, server_config)
     runtime.load_state(*_global_state(msg))
     result = run_session(runtime, data, cfg, state_dir, client_id, run_id=str(server_config["run-id"]),
@@ -74,11 +100,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """HR@10 / NDCG@10 of the global state on this client's own held-out item."""
+def _evaluate(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
-    runtime = _runtime(cfg["dataset"], _settings_key(cfg))
+    runtime = _runtime(cfg["dataset"], ModelSettings.from_run_config(cfg))
     _, data, _ = _identity(context, cfg, msg.content["config"])
     if data.eval_target is None:
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0})}), reply_to=msg)

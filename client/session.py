@@ -74,9 +74,7 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], st
         # Record the spend before any training: a crash from here on can only over-report.
         ledger.record(Session(tcfg.noise_multiplier, q, steps, tcfg.max_grad_norm, ledger.delta,
                               run_id=run_id, round=server_round, node_id=node_id))
-        tcfg.max_steps = steps
-    else:
-        tcfg.max_steps = steps
+    tcfg.max_steps = steps
     features = runtime.features(data.train_texts)
     # Item embeddings stay those of the global state (no refresh inside a session), so the
     # runtime's catalogue cache remains valid for the next client of this round.

@@ -17,20 +17,27 @@ class Examples:
     users: np.ndarray  # user index per example (never leaves a client in federated use)
 
 
-def training_examples(split: Split, history_len: int, examples_per_user: int = 0,
-                      min_history: int = 1) -> Examples:
-    """One example per train interaction at position t >= ``min_history`` of a user's sequence.
+def user_examples(split: Split, user: int, history_len: int, examples_per_user: int = 0,
+                  min_history: int = 1) -> tuple[list[str], list[int]]:
+    """One user's (texts, targets): each train interaction at position t >= ``min_history``.
 
     The input text uses only the interactions before t (newest first). With
-    ``examples_per_user`` > 0 only each user's most recent that many targets are
+    ``examples_per_user`` > 0 only the user's most recent that many targets are
     used (recent behaviour predicts the held-out items best); 0 keeps them all.
     """
-    data = split.data
+    data, rows = split.data, split.train[user]
+    first = max(min_history, len(rows) - examples_per_user) if examples_per_user > 0 else min_history
+    steps = range(first, len(rows))
+    return [user_text(data, rows[:t], history_len) for t in steps], [int(data.item[rows[t]]) for t in steps]
+
+
+def training_examples(split: Split, history_len: int, examples_per_user: int = 0,
+                      min_history: int = 1) -> Examples:
+    """:func:`user_examples` of every user, concatenated (central training)."""
     texts, targets, users = [], [], []
-    for u, rows in enumerate(split.train):
-        first = max(min_history, len(rows) - examples_per_user) if examples_per_user > 0 else min_history
-        for t in range(first, len(rows)):
-            texts.append(user_text(data, rows[:t], history_len))
-            targets.append(int(data.item[rows[t]]))
-            users.append(u)
+    for u in range(len(split.train)):
+        t, y = user_examples(split, u, history_len, examples_per_user, min_history)
+        texts += t
+        targets += y
+        users += [u] * len(y)
     return Examples(texts=texts, targets=np.array(targets, dtype=np.int64), users=np.array(users, dtype=np.int64))

@@ -69,7 +69,7 @@ def state_bytes(arrays: list[np.ndarray]) -> int:
     return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSettings:
     """What fixes the model's shape and inputs (taken from the resolved run config)."""
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from common.dataset import Dataset
 from common.errors import DataFormatError
+from common.examples import user_examples
 from common.split import Split, leave_one_out
 from common.text import user_text
 
@@ -25,7 +26,6 @@ from common.text import user_text
 class ClientData:
     """Texts and targets built from one user's history (stays on the client)."""
 
-    user_key: str
     train_texts: list[str]
     train_targets: np.ndarray
     eval_text: str | None  # input for the held-out (test) item, if the user has one
@@ -60,9 +60,7 @@ def client_data(split: Split, user: int, history_len: int, examples_per_user: in
     if not 0 <= user < split.data.num_users:
         raise ValueError(f"partition-id {user} is outside 0..{split.data.num_users - 1}")
     data, rows = split.data, split.train[user]
-    first = max(1, len(rows) - examples_per_user) if examples_per_user > 0 else 1
-    texts = [user_text(data, rows[:t], history_len) for t in range(first, len(rows))]
-    targets = np.array([int(data.item[rows[t]]) for t in range(first, len(rows))], dtype=np.int64)
+    texts, targets = user_examples(split, user, history_len, examples_per_user)
     eval_text = eval_target = None
     excluded = np.unique(data.item[rows])
     if split.test[user] >= 0:
@@ -70,7 +68,8 @@ def client_data(split: Split, user: int, history_len: int, examples_per_user: in
         eval_text = user_text(data, hist, history_len)
         eval_target = int(data.item[split.target_row(user, "test")])
         excluded = np.unique(data.item[hist])
-    return ClientData(user_key=data.user_ids[user], train_texts=texts, train_targets=targets,
+    return ClientData(train_texts=texts,
+                      train_targets=np.array(targets, dtype=np.int64),
                       eval_text=eval_text, eval_target=eval_target, eval_excluded=excluded)
 
 

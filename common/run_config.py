@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from common.errors import ConfigError
+
+__all__ = ["ConfigError", "DEFAULTS", "HELP", "resolve"]
+
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 8,
     "clients-per-round": 100,
@@ -85,10 +89,6 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "seed": (0, 2**31 - 1, True),
     "round-timeout": (1, 1e6, True),
 }
-
-
-class ConfigError(ValueError):
-    """A run-config key has a value outside what it allows."""
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -300,5 +299,4 @@ class Federation:
 
 def run_federation(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Entry point used by the ServerApp (and tests): runs or resumes, returns the run folder."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return Federation(grid, run_config).run()

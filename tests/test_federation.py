@@ -143,3 +143,15 @@ def test_resume_continues_rounds_and_accounting(small_run_config):
     changed = dict(more, **{"learning-rate": 0.5})
     with pytest.raises(ConfigError, match="learning-rate"):
         Federation(InProcessGrid(6, changed), changed)
+
+
+def test_a_client_error_becomes_a_refusal_without_its_details(small_run_config):
+    # 7 nodes on a 6-user dataset: the 7th has no user, and its error must not travel.
+    cfg = dict(small_run_config, **{"clients-per-round": 7, "num-server-rounds": 1, "evaluate-clients": 0})
+    grid = InProcessGrid(7, cfg)
+    fed = Federation(grid, cfg)
+    fed.run()
+    row = _rows(fed.folder.root)[1]
+    assert row["clients_refused"] == 1 and row["clients_accepted"] == 6
+    [reason] = [r.content["status"]["reason"] for r in grid.replies if "status" in r.content.config_records]
+    assert "ValueError" in reason and "partition-id" not in reason
