@@ -106,5 +106,98 @@ def summary(folder: Path = typer.Argument(Path("results/baselines"))) -> None:
     _print_targets(results)
 
 
+@app.command()
+def audit(
+    run_dir: Path = typer.Argument(..., help="a run folder (<output-dir>/<run-id>/)"),
+    ledgers: Optional[list[Path]] = typer.Option(None, help="folder(s) of client ledgers (default RUN_DIR/clients)"),
+) -> None:
+    """Accounting audit of a run: write RUN_DIR/audit.json and RUN_DIR/audit.html.
+
+    Exits 1 when a consistency check fails (the report is still written), 2 on unreadable input.
+    """
+    from common.errors import DataFormatError
+    from server.audit.accounting import write_audit
+
+    try:
+        json_path, html_path, report = write_audit(run_dir, ledgers)
+    except DataFormatError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(report["statement"])
+    table = Table(title=f"consistency checks of {report['run_id']}")
+    for col in ("result", "check", "reason"):
+        table.add_column(col)
+    colour = {"pass": "green", "fail": "red"}
+    for c in report["checks"]:
+        table.add_row(f"[{colour.get(c['status'], 'dim')}]{c['status']}[/]", c["title"], c["reason"])
+    console.print(table)
+    for c in report["checks"]:
+        for problem in c["problems"][:10]:
+            console.print(f"  [red]{c['name']}[/red]: {problem}")
+    console.print(f"wrote {json_path} and {html_path}")
+    if not report["all_checks_passed"]:
+        raise typer.Exit(1)
+
+
+@app.command("audit-empirical")
+def audit_empirical(
+    kind: str = typer.Argument(..., help="mechanism | membership | clients"),
+    out: Path = typer.Option(..., help="folder for the audit JSON (and, for clients, the audited run)"),
+    canaries: Optional[int] = typer.Option(None, help="canaries m (default: mechanism 2000, membership 500, "
+                                                      "clients 200); each included with probability 1/2"),
+    broken: str = typer.Option("none", help="mechanism/membership: none | noise-off | clip-off (a deliberately "
+                                            "broken run that the accountant still describes as configured)"),
+    users: int = typer.Option(1, help="membership: users whose real examples join the canaries "
+                                      "(mechanism: always one client)"),
+    real_clients: int = typer.Option(20, help="clients: real MovieLens users in the audited federation"),
+    confidence: float = typer.Option(0.95, help="confidence of the lower bound"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="run-config override key=value (repeatable), "
+                                                                 "as in flwr run --run-config"),
+) -> None:
+    """Empirical lower bound on epsilon beside the accountant's epsilon; writes OUT/audit-<kind>[-<broken>].json."""
+    from common.results import write_json_atomic
+    from common.run_config import ConfigError, parse_overrides
+
+    if kind not in ("mechanism", "membership", "clients"):
+        raise typer.BadParameter(f"KIND must be mechanism, membership or clients; got {kind!r}")
+    if not 0 < confidence < 1:
+        raise typer.BadParameter(f"--confidence must be in (0, 1), got {confidence}")
+    if kind == "clients" and broken != "none":
+        raise typer.BadParameter("--broken applies to the mechanism and membership audits only")
+    try:
+        overrides = parse_overrides(set_ or [])
+        if kind == "mechanism":
+            from server.audit.mechanism import run_mechanism_audit
+
+            report = run_mechanism_audit(overrides, canaries or 2000, broken=broken, confidence=confidence)
+        elif kind == "membership":
+            from server.audit.membership import run_membership_audit
+
+            report = run_membership_audit(overrides, canaries or 500, users, broken=broken, confidence=confidence)
+        else:
+            from server.audit.canary_clients import run_client_audit
+
+            report = run_client_audit(overrides, out, real_clients, canaries or 200, confidence=confidence)
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    name = f"audit-{kind}" + (f"-{broken}" if broken != "none" else "") + ".json"
+    path = write_json_atomic(out / name, report)
+    table = Table(title=f"{kind} audit ({report['privacy_unit']})")
+    for col in ("lower bound ε", "confidence", "accountant ε", "δ", "guesses (correct)", "largest reachable",
+                "seconds"):
+        table.add_column(col, justify="right")
+    est = report["estimator"]
+    table.add_row(f"{report['epsilon_lower_bound']:.3f}", f"{report['confidence']:.0%}",
+                  f"{report['accountant_epsilon']:.3f}", f"{report['delta']:g}",
+                  f"{est['guesses']} ({est['correct']})", f"{est['largest_reachable']:.3f}", f"{report['seconds']:.1f}")
+    console.print(table)
+    if "epsilon_estimate_one_shot" in report:
+        console.print(f"one-shot estimate (Andrew et al., not a bound): ε ≈ {report['epsilon_estimate_one_shot']:.3f}")
+    verdict = "EXCEEDS" if report["bound_exceeds_accountant"] else "is within"
+    console.print(f"the lower bound {verdict} the accountant's epsilon; {report['reading']}")
+    console.print(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()

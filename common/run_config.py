@@ -171,3 +171,21 @@ HELP: dict[str, str] = {
     "dataset": "recbole (the wheel's MovieLens-100K) or a GroupLens ml-100k folder",
     "round-timeout": "seconds the server waits for a round's replies",
 }
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings (TOML values, as in ``flwr run --run-config``) to a dict; unquoted
+    words are taken as strings."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw.strip()
+    return out

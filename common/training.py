@@ -12,6 +12,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -63,6 +64,20 @@ class TrainReport:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
+class GradientCanaries(Protocol):
+    """Extra rows of the training set whose per-example gradients an audit chooses.
+
+    They are Poisson-sampled, clipped and noised by the same Opacus objects as the real
+    examples: only their gradient is made up (see :mod:`server.audit.mechanism`).
+    """
+
+    count: int
+
+    def rows(self, canary_index: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-example gradients of the sampled canaries, one tensor (len(index), *p.shape) per param."""
+        ...
+
+
 class AdapterCorruptionError(RuntimeError):
     """A DP step left the LoRA weights unchanged or non-finite (see opacus issue 820)."""
 
@@ -81,14 +96,14 @@ def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 51
     model.train(was_training)
 
 
-def _adapter_params(model: Recommender) -> list[torch.Tensor]:
+def adapter_params(model: Recommender) -> list[torch.Tensor]:
     params = dict(model.encoder.named_parameters())
     return [params[n] for n in model.encoder.adapter_names()]
 
 
 def _param_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
     item_side = [p for n, p in model.head.named_parameters() if p.requires_grad]
-    groups = [{"params": _adapter_params(model), "lr": cfg.learning_rate}]
+    groups = [{"params": adapter_params(model), "lr": cfg.learning_rate}]
     if item_side:
         groups.append({"params": item_side, "lr": cfg.item_learning_rate})
     return groups
@@ -105,17 +120,24 @@ def dp_sample_rate(num_examples: int, batch_size: int) -> float:
 
 
 def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet,
-          cfg: TrainConfig, label: str | None = None) -> TrainReport:
-    """Train ``model`` in place on cached user features and their target items."""
+          cfg: TrainConfig, label: str | None = None, canaries: GradientCanaries | None = None) -> TrainReport:
+    """Train ``model`` in place on cached user features and their target items.
+
+    ``canaries`` (audits only) appends rows with made-up per-example gradients to the
+    training set; sampling, clipping, noise and accounting then cover them like real rows.
+    """
     torch.manual_seed(cfg.seed)
     n = len(features)
     if n == 0:
         raise ValueError("no training examples")
+    extra = canaries.count if canaries is not None else 0
+    if extra and not cfg.dp:
+        raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")
     targets_t = torch.as_tensor(targets, dtype=torch.long)
-    steps = planned_steps(n, cfg)
+    steps = planned_steps(n + extra, cfg)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    index_ds = torch.utils.data.TensorDataset(torch.arange(n))
+    index_ds = torch.utils.data.TensorDataset(torch.arange(n + extra))
     loader = torch.utils.data.DataLoader(index_ds, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.optimizer not in ("adam", "sgd"):
@@ -126,8 +148,9 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     report = TrainReport()
     module: nn.Module = model
     engine = None
+    sigma = 0.0
     if cfg.dp:
-        sample_rate = dp_sample_rate(n, cfg.batch_size)
+        sample_rate = dp_sample_rate(n + extra, cfg.batch_size)
         sigma = cfg.noise_multiplier
         if sigma is None:
             if cfg.target_epsilon is None:
@@ -137,7 +160,7 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         engine, module, optimizer, loader = make_private(
             model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
         report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta
-    adapters = _adapter_params(model)
+    adapters = adapter_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.refresh_at_start:
         refresh_items(model, item_features)
@@ -152,6 +175,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
                 before = [p.detach().clone() for p in adapters]
                 optimizer.zero_grad(set_to_none=True)
                 loss = None
+                canary_idx = idx[idx >= n] - n
+                idx = idx[idx < n]
                 if len(idx) == 0:
                     # Poisson sampling drew no example: the step must still add noise, or
                     # whether a batch was empty would leak; give Opacus empty per-sample grads.
@@ -162,10 +187,15 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
                     feats, mask = features.batch(idx)
                     loss = nn.functional.cross_entropy(module(feats, mask), targets_t[idx])
                     loss.backward()
+                if len(canary_idx):
+                    for p, rows in zip(trainable, canaries.rows(canary_idx, trainable)):
+                        p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample.dtype)])
                 optimizer.step()
-                _check_adapters(adapters, before, must_change=cfg.dp)
+                # A noiseless step on an empty batch (audits of a broken set-up only) cannot move.
+                nonempty = len(idx) + len(canary_idx) > 0
+                _check_adapters(adapters, before, must_change=cfg.dp and (sigma > 0 or nonempty))
                 report.steps += 1
-                report.examples += len(idx)
+                report.examples += len(idx) + len(canary_idx)
                 if loss is not None:
                     report.losses.append(float(loss.detach()))
                 advance(1)

@@ -46,6 +46,12 @@ def sample_clients(node_ids: list[int], cfg: dict[str, Any], rng: np.random.Gene
     return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
 
 
+def _mean_loss(losses: list[float], weights: list[float]) -> float | None:
+    """Example-weighted mean train loss over the replies that reported one (None if none did)."""
+    pairs = [(x, w) for x, w in zip(losses, weights) if np.isfinite(x)]
+    return float(np.average([x for x, _ in pairs], weights=[w for _, w in pairs])) if pairs else None
+
+
 def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
     deadline = time.time() + timeout
     while True:
@@ -188,7 +194,7 @@ class Federation:
             "clients_sampled": len(sampled), "clients_replied": len(replies) - counts["failed"],
             "clients_accepted": len(accepted), "clients_rejected": counts["rejected"],
             "clients_refused": counts["refused"], "clients_failed": counts["failed"],
-            "train_loss": float(np.average(losses, weights=weights)) if accepted else None,
+            "train_loss": _mean_loss(losses, weights),
             "epsilon_max": max(eps) if eps else None,
             "epsilon_median": float(np.median(eps)) if eps else None,
             "clients_with_spend": len(eps),

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord
 from common.ledger import composed_epsilon, Session
 from common.run_config import ConfigError
 from server.federation import Federation
-from fedharness import InProcessGrid, state_of
+from simulations.inprocess_grid import InProcessGrid, state_of
 
 
 def _rows(run_dir):

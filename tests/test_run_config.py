@@ -40,3 +40,14 @@ def test_every_key_is_documented():
     from common.run_config import HELP
 
     assert set(HELP) == set(DEFAULTS)
+
+
+def test_key_value_overrides_parse_like_flwr_run_config():
+    from common.run_config import parse_overrides
+
+    got = parse_overrides(["num-server-rounds=3", "strategy=fedavg", 'run-name="a b"', "central-dp=true",
+                           "learning-rate=0.5"])
+    assert got == {"num-server-rounds": 3, "strategy": "fedavg", "run-name": "a b", "central-dp": True,
+                   "learning-rate": 0.5}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["num-server-rounds"])

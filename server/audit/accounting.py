@@ -1,0 +1,449 @@
+"""The accounting audit of one run: what guarantee the released model carries, for which unit,
+what every client spent, and whether the records agree with each other.
+
+Inputs are only the files a run leaves behind: ``config.json``, ``rounds.jsonl`` (who was
+sampled, trained, refused, rejected or failed in each round), ``metrics.jsonl``,
+``result.json``, ``checkpoint/latest.json`` (the central-DP accountant state) and the client
+ledgers (``clients/ledger-*.json`` in simulation; collected from devices in deployment).
+Every epsilon in the report is recomputed from recorded mechanism histories with Opacus'
+accountants; stored figures are only compared against those recomputations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataFormatError
+from common.ledger import Session, composed_epsilon
+from server.central_dp import CentralDP
+
+REL_TOL = 1e-6
+SESSION_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+NO_DP_STATEMENT = ("This run used no differential privacy: neither local DP-SGD on the clients nor central DP "
+                   "on the server. The released model carries no formal privacy guarantee for any unit "
+                   "(example, interaction or user), and no epsilon applies.")
+
+
+@dataclass
+class Check:
+    """One consistency check: ``status`` is pass, fail or n/a, with the reason in plain words."""
+
+    name: str
+    title: str
+    status: str
+    reason: str
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LedgerRecord:
+    """One client ledger as stored, plus its recomputed epsilon (None when unreadable)."""
+
+    path: Path
+    client_id: str = ""
+    budget: float = math.nan
+    delta: float = math.nan
+    accountant: str = ""
+    stored_epsilon: float = math.nan
+    sessions: list[Session] = field(default_factory=list)
+    epsilon: float | None = None
+    error: str = ""
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= REL_TOL * max(1.0, abs(a), abs(b))
+
+
+def _read_json(path: Path, required: bool = True) -> Any:
+    if not path.exists():
+        if required:
+            raise DataFormatError(path, "missing: is this a privrec run folder?")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataFormatError(path, f"not valid JSON ({exc})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise DataFormatError(path, f"line {number}: not valid JSON ({exc})") from None
+    return rows
+
+
+def read_ledger(path: Path) -> LedgerRecord:
+    """Parse a ledger without trusting it: problems are kept in ``error``, never raised."""
+    rec = LedgerRecord(path=path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        rec.client_id = str(raw["client_id"])
+        rec.budget = float(raw["budget_epsilon"])
+        rec.delta = float(raw["delta"])
+        rec.accountant = str(raw["accountant"])
+        rec.stored_epsilon = float(raw["epsilon"])
+        rec.sessions = [Session(**s) for s in raw["sessions"]]
+        for i, s in enumerate(rec.sessions):
+            bad = [f for f in SESSION_FIELDS if not isinstance(getattr(s, f), (int, float))
+                   or not math.isfinite(getattr(s, f)) or getattr(s, f) < 0]
+            if bad or s.steps != int(s.steps):
+                raise ValueError(f"session {i}: invalid {bad or ['steps']}")
+        rec.epsilon = composed_epsilon(rec.sessions, rec.delta, rec.accountant)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    return rec
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"clients": 0}
+    counts, edges = np.histogram(values, bins=min(10, max(1, len(set(values)))))
+    return {"clients": len(values), "min": float(np.min(values)), "median": float(np.median(values)),
+            "max": float(np.max(values)),
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(epsilon, delta)-DP for one unit gives (k eps, k e^((k-1) eps) delta) for a group of k units."""
+    return k * epsilon, k * math.exp(min(700.0, (k - 1) * epsilon)) * delta
+
+
+def _verdict(name: str, title: str, problems: list[str], failed: str, passed: str) -> Check:
+    """A check that fails with ``failed`` when there are ``problems``, else passes with ``passed``."""
+    return Check(name, title, "fail" if problems else "pass", failed if problems else passed, problems)
+
+
+class RunAudit:
+    """Reads a run folder and its ledgers; :meth:`report` builds the audit.json content."""
+
+    def __init__(self, run_dir: str | Path, ledger_dirs: list[str | Path] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise DataFormatError(self.run_dir, "not a folder")
+        self.cfg = _read_json(self.run_dir / "config.json")
+        for key in ("local-dp", "central-dp", "delta", "noise-multiplier", "max-grad-norm", "client-epsilon-budget"):
+            if key not in self.cfg:
+                raise DataFormatError(self.run_dir / "config.json", f"missing field {key!r}")
+        self.run_id = str(self.cfg.get("run-id", self.run_dir.name))
+        self.rounds = _read_jsonl(self.run_dir / "rounds.jsonl")
+        self.metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
+        self.result = _read_json(self.run_dir / "result.json", required=False)
+        self.checkpoint = _read_json(self.run_dir / "checkpoint" / "latest.json", required=False)
+        dirs = [Path(d) for d in (ledger_dirs or [self.run_dir / "clients"])]
+        self.ledgers = [read_ledger(p) for d in dirs for p in sorted(d.glob("ledger-*.json"))]
+        self.local = bool(self.cfg["local-dp"])
+        self.central_on = bool(self.cfg["central-dp"])
+        self.central = CentralDP.from_json(self.checkpoint["central_dp"]) \
+            if self.central_on and self.checkpoint and self.checkpoint.get("central_dp") else None
+
+    # -- who trained -------------------------------------------------------------------------
+    def _node_to_client(self) -> dict[int, str]:
+        out = {}
+        for led in self.ledgers:
+            for s in led.sessions:
+                if s.node_id is not None and s.run_id == self.run_id:
+                    out[int(s.node_id)] = led.client_id
+        return out
+
+    def _refusals(self) -> tuple[dict[str, int], int]:
+        owner = self._node_to_client()
+        per_client: dict[str, int] = {}
+        unattributed = 0
+        for row in self.rounds:
+            for node in row.get("refused", []):
+                if int(node) in owner:
+                    per_client[owner[int(node)]] = per_client.get(owner[int(node)], 0) + 1
+                else:
+                    unattributed += 1
+        return per_client, unattributed
+
+    # -- the report --------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        checks = self.checks()
+        out: dict[str, Any] = {
+            "run_id": self.run_id, "run_dir": str(self.run_dir.resolve()),
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rounds_completed": max((r["round"] for r in self.rounds), default=0),
+            "dp": {"local": self.local, "central": self.central_on},
+            "statement": self.statement(),
+            "units": self.units(),
+            "versions": {**self.cfg.get("versions", {}), "audited_with": {
+                p: version(p) for p in ("opacus", "numpy")}},
+            "budget": self.budget() if self.local else None,
+            "checks": [asdict(c) for c in checks],
+            "all_checks_passed": all(c.status != "fail" for c in checks),
+        }
+        return out
+
+    def statement(self) -> str:
+        if not self.local and not self.central_on:
+            return NO_DP_STATEMENT
+        parts = []
+        if self.local and not any(led.epsilon is not None for led in self.ledgers):
+            parts.append("Local DP-SGD was configured, but no readable client ledger was found, so no "
+                         "example-level spend can be stated; see the checks below.")
+        elif self.local:
+            eps = [led.epsilon for led in self.ledgers if led.epsilon is not None]
+            top = max(eps, default=0.0)
+            parts.append(f"Each client's own training examples are protected by local DP-SGD: example-level "
+                         f"(epsilon <= {top:.3f}, delta = {self.cfg['delta']:g}) per client, composed over every "
+                         f"session in its ledger (largest over {len(eps)} clients with a ledger).")
+        if self.central is not None:
+            parts.append(f"Whole users are protected by central DP on the server's aggregate: user-level "
+                         f"(epsilon = {self.central.epsilon():.3f}, delta = {self.central.delta:g}) for the "
+                         f"released global model after {self.central.rounds} rounds.")
+        elif self.central_on:
+            parts.append("Central DP was configured, but no accountant state was found in the checkpoint: no "
+                         "user-level guarantee can be stated.")
+        else:
+            parts.append("No user-level guarantee: without central DP, a whole user's contribution is not bounded.")
+        return " ".join(parts)
+
+    def units(self) -> list[dict[str, Any]]:
+        if not self.local and not self.central_on:
+            return []
+        units: list[dict[str, Any]] = []
+        if self.local:
+            eps = [led.epsilon for led in self.ledgers if led.epsilon is not None]
+            mech = sorted({(s.noise_multiplier, s.sample_rate, s.max_grad_norm) for led in self.ledgers
+                           for s in led.sessions})
+            units.append({
+                "unit": "example", "scope": "per client (each client's own examples; composed over its sessions)",
+                "epsilon": _summary(eps), "delta": self.cfg["delta"], "accountant": self.cfg.get("accountant", "rdp"),
+                "mechanism": {"name": "DP-SGD (Opacus), Poisson sampling, flat per-example clipping, Gaussian noise",
+                              "noise_multiplier": self.cfg["noise-multiplier"], "max_grad_norm": self.cfg["max-grad-norm"],
+                              "sessions_recorded": sum(len(led.sessions) for led in self.ledgers),
+                              "distinct_mechanisms": [{"noise_multiplier": z, "sample_rate": q, "max_grad_norm": c}
+                                                      for z, q, c in mech]},
+            })
+            k = int(self.cfg.get("history-len", 5)) + 1
+            top = max(eps, default=0.0)
+            g_eps, g_delta = group_privacy(top, self.cfg["delta"], k)
+            units.append({
+                "unit": "interaction", "scope": "per client (one rating)", "exact": False,
+                "bound": "group privacy", "group_size": k,
+                "why": (f"a rating is the target of at most one example and appears in the histories of up to "
+                        f"{k - 1} later examples of the same client, so it touches at most {k} examples"),
+                "epsilon": g_eps, "delta": g_delta, "from_example_epsilon": top,
+                "meaningful": g_delta < 1.0,
+                "note": ("(k eps, k e^((k-1) eps) delta) from the largest example-level epsilon; "
+                         + ("the delta is at least 1, so this bound says nothing: no interaction-level guarantee "
+                            "can be claimed for this run" if g_delta >= 1.0 else "valid but loose")),
+            })
+        if self.central is not None:
+            units.append({
+                "unit": "user", "scope": "the released global model (all rounds)",
+                "epsilon": self.central.epsilon(), "delta": self.central.delta, "accountant": "rdp",
+                "mechanism": {"name": "DP-FedAvg: clip each client update, Gaussian noise on the sum, fixed denominator",
+                              "noise_multiplier": self.central.noise_multiplier, "clip": self.central.clip,
+                              "sample_rate": self.central.sample_rate, "rounds": self.central.rounds,
+                              "population": self.central.population,
+                              "sampling": "Poisson over clients (each client independently with rate q)"},
+            })
+        else:
+            units.append({"unit": "user", "covered": False,
+                          "why": "central DP was off: nothing bounds a whole user's influence on the model"})
+        return units
+
+    def budget(self) -> dict[str, Any]:
+        refusals, unattributed = self._refusals()
+        clients = []
+        for led in self.ledgers:
+            spent = led.epsilon
+            clients.append({
+                "client_id": led.client_id or led.path.name, "ledger": led.path.name,
+                "cap": led.budget, "spent": spent, "remaining": None if spent is None else max(0.0, led.budget - spent),
+                "sessions": len(led.sessions),
+                "sessions_this_run": sum(1 for s in led.sessions if s.run_id == self.run_id),
+                "refusals_this_run": refusals.get(led.client_id, 0), "readable": not led.error,
+            })
+        spent = [c["spent"] for c in clients if c["spent"] is not None]
+        return {"cap": self.cfg["client-epsilon-budget"], "policy": self.cfg.get("budget-policy"),
+                "clients_with_ledger": len(clients), "refusals_total": sum(len(r.get("refused", [])) for r in self.rounds),
+                "refusals_unattributed": unattributed,
+                "spent": _summary(spent), "clients": clients}
+
+    # -- consistency ------------------------------------------------------------------------------
+    def checks(self) -> list[Check]:
+        return [self._check_readable(), self._check_recomputes(), self._check_server_rounds(),
+                self._check_caps(), self._check_config(), self._check_server_report(), self._check_central()]
+
+    def _na(self, name: str, title: str, why: str) -> Check:
+        return Check(name, title, "n/a", why)
+
+    def _check_readable(self) -> Check:
+        title = "Every ledger can be read"
+        if not self.local:
+            return self._na("ledgers_readable", title, "no local DP in this run: clients keep no ledger")
+        if not self.ledgers:
+            return Check("ledgers_readable", title, "fail", "local DP was on but no ledger was found",
+                         [f"looked in {self.run_dir / 'clients'}"])
+        bad = [f"{led.path.name}: {led.error}" for led in self.ledgers if led.error]
+        return _verdict("ledgers_readable", title, bad,
+                        f"{len(bad)} of {len(self.ledgers)} ledgers are unreadable",
+                        f"all {len(self.ledgers)} ledgers parse, with valid mechanism fields")
+
+    def _check_recomputes(self) -> Check:
+        title = "Every ledger's epsilon recomputes from its recorded history"
+        if not self.local:
+            return self._na("ledger_epsilon_recomputes", title, "no local DP in this run")
+        bad = [f"{led.client_id}: stored epsilon {led.stored_epsilon:.6g}, history gives {led.epsilon:.6g}"
+               for led in self.ledgers if led.epsilon is not None and not _close(led.stored_epsilon, led.epsilon)]
+        return _verdict("ledger_epsilon_recomputes", title, bad,
+                        f"{len(bad)} ledgers state an epsilon their history does not give",
+                        "every stored epsilon equals the Opacus accountant on the recorded sessions")
+
+    def _check_server_rounds(self) -> Check:
+        title = "Ledgers agree with the server's record of who trained in which round"
+        if not self.local:
+            return self._na("ledgers_match_rounds", title, "no local DP in this run")
+        if not self.rounds:
+            return Check("ledgers_match_rounds", title, "fail", "rounds.jsonl is missing or empty")
+        recorded: dict[tuple[int, int], str] = {}
+        for led in self.ledgers:
+            for s in led.sessions:
+                if s.run_id == self.run_id and s.node_id is not None and s.round is not None:
+                    recorded[(int(s.round), int(s.node_id))] = led.client_id
+        sampled = {(int(r["round"]), int(n)) for r in self.rounds for n in r.get("sampled", [])}
+        problems = []
+        for r in self.rounds:
+            for node in [*r.get("trained", []), *r.get("rejected", [])]:
+                if (int(r["round"]), int(node)) not in recorded:
+                    problems.append(f"round {r['round']}: the server received an update from node {node}, "
+                                    f"but no ledger records a session for that node and round (under-reported spend)")
+        resumed = bool(self.cfg.get("resume"))
+        extra = sorted(k for k in recorded if k not in sampled)
+        notes = []
+        for rnd, node in extra:
+            msg = f"round {rnd}: ledger of {recorded[(rnd, node)]} records a session as node {node}, which the server did not sample"
+            (notes if resumed else problems).append(msg)
+        if problems:
+            return Check("ledgers_match_rounds", title, "fail",
+                         f"{len(problems)} disagreements between ledgers and rounds.jsonl", problems + notes)
+        reason = f"every update the server received in {len(self.rounds)} rounds has a matching ledger session"
+        if notes:
+            reason += (f"; {len(notes)} ledger sessions belong to rounds re-run after a resume (spend recorded "
+                       f"for an update the server never used: over-reported, which is safe)")
+        return Check("ledgers_match_rounds", title, "pass", reason, notes)
+
+    def _check_caps(self) -> Check:
+        title = "No client exceeded its budget"
+        if not self.local:
+            return self._na("within_budget", title, "no local DP in this run: no per-client budget applies")
+        cap = float(self.cfg["client-epsilon-budget"])
+        bad = [f"{led.client_id}: spent {led.epsilon:.6g} > cap {led.budget:g}" for led in self.ledgers
+               if led.epsilon is not None and led.epsilon > led.budget * (1 + REL_TOL)]
+        bad += [f"{led.client_id}: ledger cap {led.budget:g} differs from the configured {cap:g}"
+                for led in self.ledgers if not led.error and not _close(led.budget, cap)]
+        return _verdict("within_budget", title, bad,
+                        f"{len(bad)} budget violations",
+                        f"every client's recomputed epsilon is within the configured cap {cap:g}")
+
+    def _check_config(self) -> Check:
+        title = "The config's claimed settings match what was recorded"
+        if not self.local and not self.central_on:
+            return self._na("config_matches_records", title, "no DP claimed, none recorded")
+        want = {"noise_multiplier": float(self.cfg["noise-multiplier"]), "max_grad_norm": float(self.cfg["max-grad-norm"]),
+                "delta": float(self.cfg["delta"])}
+        epochs = float(self.cfg.get("local-epochs", 1.0))
+        bad = []
+        if self.local:
+            for led in self.ledgers:
+                if led.error:
+                    continue
+                if not _close(led.delta, want["delta"]) or led.accountant != self.cfg.get("accountant", "rdp"):
+                    bad.append(f"{led.client_id}: ledger delta/accountant {led.delta:g}/{led.accountant} "
+                               f"differ from the config's {want['delta']:g}/{self.cfg.get('accountant', 'rdp')}")
+                for s in led.sessions:
+                    if s.run_id != self.run_id:
+                        continue
+                    where = f"{led.client_id} round {s.round}"
+                    for key, value in want.items():
+                        if not _close(float(getattr(s, key)), value):
+                            bad.append(f"{where}: {key} {getattr(s, key):g}, config says {value:g}")
+                    inverse = 1.0 / s.sample_rate if s.sample_rate > 0 else math.inf
+                    if not (s.sample_rate <= 1 and _close(inverse, round(inverse))):
+                        bad.append(f"{where}: sample rate {s.sample_rate:g} is not 1/(number of batches)")
+                    elif s.steps > math.ceil(epochs * round(inverse) - 1e-9):
+                        bad.append(f"{where}: {s.steps} steps exceed local-epochs x batches "
+                                   f"= {math.ceil(epochs * round(inverse))}")
+        if self.central_on:
+            if self.central is None:
+                bad.append("central-dp=true but checkpoint/latest.json holds no central-DP accountant state")
+            else:
+                pairs = (("noise_multiplier", self.central.noise_multiplier, self.cfg.get("central-noise-multiplier")),
+                         ("clip", self.central.clip, self.cfg.get("central-clip")),
+                         ("delta", self.central.delta, self.cfg.get("central-delta")))
+                bad += [f"central DP {k}: recorded {a:g}, config says {b}" for k, a, b in pairs
+                        if b is None or not _close(a, float(b))]
+                expected_q = min(1.0, float(self.cfg["clients-per-round"]) / self.central.population)
+                if not _close(self.central.sample_rate, expected_q):
+                    bad.append(f"central DP sample rate {self.central.sample_rate:g} is not clients-per-round / "
+                               f"population = {expected_q:g}")
+        return _verdict("config_matches_records", title, bad,
+                        f"{len(bad)} recorded settings differ from the config",
+                        "noise, clip, delta, accountant and sampling recorded in every session match config.json")
+
+    def _check_server_report(self) -> Check:
+        title = "The server's reported example-level epsilon matches the ledgers"
+        if not self.local:
+            return self._na("server_report_matches_ledgers", title, "no local DP in this run")
+        eps = [led.epsilon for led in self.ledgers if led.epsilon is not None]
+        top = max(eps, default=0.0)
+        bad = []
+        reported = (self.result or {}).get("privacy", {}).get("epsilon")
+        if reported is None:
+            bad.append("result.json is missing or states no example-level epsilon")
+        elif not _close(float(reported), top):
+            word = "under-reports" if float(reported) < top else "differs from"
+            bad.append(f"result.json states epsilon {float(reported):.6g}; the ledgers give {top:.6g} ({word} the ledgers)")
+        last = [r for r in self.metrics if r.get("epsilon_max") is not None]
+        if last and float(last[-1]["epsilon_max"]) < top * (1 - REL_TOL):
+            bad.append(f"metrics.jsonl's last epsilon_max {last[-1]['epsilon_max']:.6g} is below the ledgers' {top:.6g}")
+        return _verdict("server_report_matches_ledgers", title, bad,
+                        "the server's figures disagree with the ledgers",
+                        f"result.json's epsilon {top:.6g} is the largest recomputed ledger epsilon")
+
+    def _check_central(self) -> Check:
+        title = "The user-level epsilon recomputes from the server's accountant history"
+        if not self.central_on:
+            return self._na("user_epsilon_recomputes", title, "central DP was off")
+        if self.central is None:
+            return Check("user_epsilon_recomputes", title, "fail", "no central-DP accountant state in the checkpoint")
+        eps = self.central.epsilon()
+        bad = []
+        last_round = max((r["round"] for r in self.rounds), default=0)
+        if self.central.rounds != last_round:
+            bad.append(f"accountant history composes {self.central.rounds} rounds; rounds.jsonl has {last_round}")
+        reported = (self.result or {}).get("privacy", {}).get("user_epsilon")
+        if reported is None or not _close(float(reported), eps):
+            bad.append(f"result.json user_epsilon {reported}, accountant history gives {eps:.6g}")
+        return _verdict("user_epsilon_recomputes", title, bad,
+                        "user-level figures disagree",
+                        f"user-level epsilon {eps:.6g} recomputes over {self.central.rounds} rounds")
+
+
+def write_audit(run_dir: str | Path, ledger_dirs: list[str | Path] | None = None) -> tuple[Path, Path, dict]:
+    """Write ``RUN_DIR/audit.json`` and ``RUN_DIR/audit.html`` (atomically); returns both paths and the report."""
+    from common.results import write_json_atomic, write_text_atomic
+    from server.audit.html_report import render_html
+
+    audit = RunAudit(run_dir, ledger_dirs)
+    report = audit.report()
+    json_path = write_json_atomic(audit.run_dir / "audit.json", report)
+    html_path = write_text_atomic(audit.run_dir / "audit.html", render_html(report, audit.metrics))
+    return json_path, html_path, report

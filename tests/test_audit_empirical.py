@@ -1,0 +1,78 @@
+"""Empirical audits: lower bounds stay below the accountant on correct DP and catch broken DP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from common.cli import app
+from server.audit.canary_clients import gdp_epsilon, run_client_audit
+from server.audit.mechanism import DiracCanaries, run_mechanism_audit
+from server.audit.membership import run_membership_audit
+
+REQUIRED = {"epsilon_lower_bound", "confidence", "accountant_epsilon", "delta", "privacy_unit", "reading"}
+
+
+def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    other = torch.zeros(5)  # a trainable tensor that is not an adapter gets zero rows
+    canaries = DiracCanaries(params, included_ids=np.array([0, 2]), coords=np.array([1, 9, 7]), norm=5.0)
+    rows = canaries.rows(torch.tensor([1, 0]), [other, *params])  # training rows n+1, n+0 -> canaries 2, 0
+    assert rows[0].abs().sum() == 0
+    assert rows[1].shape == (2, 2, 3) and rows[1][1].flatten()[1] == 5.0 and rows[1][0].abs().sum() == 0
+    assert rows[2].shape == (2, 4) and rows[2][0][7 - 6] == 5.0 and rows[2].abs().sum() == 5.0
+
+
+def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
+    report = run_mechanism_audit(canaries=2000)
+    assert REQUIRED <= set(report)
+    assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
+    assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    claimed = report["mechanism_claimed"]
+    rows = report["training_rows"]["real_examples"] + report["training_rows"]["canary_rows"]
+    # Poisson rate and steps are the product's rule applied to real + canary rows.
+    assert claimed["sample_rate"] == pytest.approx(1 / np.ceil(rows / claimed["batch_size"]))
+    assert claimed["steps"] == report["training_rows"]["planned_steps"]
+    assert report["mechanism_run"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+
+
+@pytest.mark.parametrize("broken", ["noise-off", "clip-off"])
+def test_mechanism_audit_catches_a_broken_setup(broken, tmp_path):
+    result = CliRunner().invoke(app, ["audit-empirical", "mechanism", "--broken", broken, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / f"audit-mechanism-{broken}.json").read_text())
+    assert REQUIRED <= set(report)
+    assert report["epsilon_lower_bound"] > report["accountant_epsilon"], report["estimator"]
+    assert report["bound_exceeds_accountant"] and "EXCEEDS" in result.output
+
+
+def test_membership_audit_of_the_correct_setup_stays_below_the_accountant():
+    report = run_membership_audit(canaries=200)
+    assert REQUIRED <= set(report)
+    assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    assert report["canaries"]["count"] == 200 and report["training_rows"]["real_examples"] > 0
+
+
+def test_gaussian_dp_epsilon_matches_known_points():
+    # mu-GDP: delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2); at mu = 1, eps(1e-5) ~ 4.36.
+    from scipy import stats
+
+    eps = gdp_epsilon(1.0, 1e-5)
+    assert stats.norm.cdf(-eps + 0.5) - np.exp(eps) * stats.norm.cdf(-eps - 0.5) == pytest.approx(1e-5, rel=1e-4)
+    assert gdp_epsilon(0.0, 1e-5) == 0.0 and gdp_epsilon(2.0, 1e-5) > eps
+
+
+def test_client_level_audit_runs_the_federation_with_canary_clients(small_ml100k, tmp_path):
+    overrides = {"dataset": str(small_ml100k), "num-server-rounds": 2, "examples-per-user": 4, "history-len": 3,
+                 "max-length": 32, "batch-size": 2, "max-update-norm": 1000.0}
+    report = run_client_audit(overrides, tmp_path, real_clients=3, canaries=40)
+    assert REQUIRED <= set(report) and report["privacy_unit"].startswith("user")
+    assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    assert report["mechanism_claimed"]["rounds"] == 2 and report["delta"] == 1e-4
+    assert report["population"]["canary_clients"] == report["canaries"]["included"]
+    assert np.isfinite(report["epsilon_estimate_one_shot"])
+    assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").iterdir())
