@@ -17,10 +17,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.session import run_session
+from common.errors import DataFormatError
 from common.metrics import metrics_from_ranks, target_rank
-from common.model_state import ModelRuntime, ModelSettings
-from common.partition import ClientData, client_data, dataset_from_source, device_client_data, split_for
+from common.model_state import ModelRuntime, ModelSettings, state_digest
+from common.partition import ClientData, client_data, dataset_from_source, device_client_data, device_dataset, split_for
 from common.run_config import resolve
 
 app = ClientApp()
@@ -32,19 +34,54 @@ def _runtime(source: str, settings: ModelSettings) -> ModelRuntime:
     return ModelRuntime(dataset_from_source(source), settings)
 
 
-def _identity(context: Context, cfg: dict, server_config: ConfigRecord) -> tuple[str, ClientData, Path]:
-    """Client id, its data, and where its persistent state lives (simulation or deployment)."""
+@lru_cache(maxsize=2)
+def _device_runtime(data_path: str, settings: ModelSettings) -> ModelRuntime:
+    return ModelRuntime(device_dataset(data_path), settings)
+
+
+def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData, Path, ModelRuntime]:
+    """Client id, its data, its persistent state folder, and a runtime holding the received global
+    state (simulation: the partition-id's user; deployment: the device's data-path)."""
     node = context.node_config
+    settings = ModelSettings.from_run_config(cfg)
+    server_config = msg.content["config"]
+    names, arrays = _global_state(msg)
     if "data-path" in node:
-        data = device_client_data(str(node["data-path"]), cfg["history-len"], cfg["examples-per-user"])
-        state_dir = Path(str(node.get("state-dir", Path(str(node["data-path"])) / "state")))
-        return str(node.get("client-id", "device")), data, state_dir
+        data_path = str(node["data-path"])
+        state_dir = Path(str(node.get("state-dir", Path(data_path) / "state")))
+        client_id = str(node.get("client-id", "device"))
+        data = device_client_data(data_path, cfg["history-len"], cfg["examples-per-user"])
+        runtime = _device_runtime(data_path, settings)
+        _keep_on_device(msg, runtime, state_dir, names, arrays, settings)
+        write_device_info(state_dir, data_path, client_id)
+        return client_id, data, state_dir, runtime
     if "partition-id" not in node:
         raise ValueError("node config needs partition-id (simulation) or data-path (deployment)")
     user = int(node["partition-id"])
     data = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
-    state_dir = Path(str(server_config["run-dir"])) / "clients"
-    return f"user-{user}", data, state_dir
+    runtime = _runtime(cfg["dataset"], settings)
+    runtime.load_state(names, arrays)
+    return f"user-{user}", data, Path(str(server_config["run-dir"])) / "clients", runtime
+
+
+def _keep_on_device(msg: Message, runtime: ModelRuntime, state_dir: Path, names: list[str],
+                    arrays: list[np.ndarray], settings: ModelSettings) -> None:
+    """Store the global state and the published catalogue (checksum verified) for on-device
+    recommendations, and use the catalogue's item embeddings instead of re-encoding the catalogue."""
+    config = msg.content["config"]
+    save_global_state(state_dir, names, arrays, settings, str(config["run-id"]), int(config["server-round"]))
+    if "catalogue" not in msg.content.config_records:
+        runtime.load_state(names, arrays)
+        return
+    catalogue = store_catalogue(state_dir, bytes(msg.content["catalogue"]["file"]), str(config["catalogue-sha256"]))
+    local_ids = [it.item_id for it in runtime.data.items]
+    if catalogue.item_ids != local_ids:
+        raise DataFormatError(state_dir / "catalogue.safetensors",
+                              f"the server's catalogue ({len(catalogue.item_ids)} items) does not list the same item "
+                              f"ids in the same order as this device's catalogue.jsonl ({len(local_ids)} items)")
+    runtime.load_state(names, arrays, refresh=catalogue.state_digest != state_digest(arrays))
+    if catalogue.state_digest == state_digest(arrays):
+        runtime.use_item_embeddings(catalogue.embeddings, catalogue.state_digest)
 
 
 def _global_state(msg: Message) -> tuple[list[str], list[np.ndarray]]:
@@ -87,9 +124,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
     server_config = msg.content["config"]
-    runtime = _runtime(cfg["dataset"], ModelSettings.from_run_config(cfg))
-    client_id, data, state_dir = _identity(context, cfg, server_config)
-    runtime.load_state(*_global_state(msg))
+    client_id, data, state_dir, runtime = _prepare(msg, context, cfg)
     result = run_session(runtime, data, cfg, state_dir, client_id, run_id=str(server_config["run-id"]),
                          server_round=int(server_config["server-round"]), node_id=int(context.node_id))
     content = RecordDict({"metrics": MetricRecord(result.metrics)})
@@ -102,11 +137,9 @@ def _train(msg: Message, context: Context) -> Message:
 
 def _evaluate(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
-    runtime = _runtime(cfg["dataset"], ModelSettings.from_run_config(cfg))
-    _, data, _ = _identity(context, cfg, msg.content["config"])
+    _, data, _, runtime = _prepare(msg, context, cfg)
     if data.eval_target is None:
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0})}), reply_to=msg)
-    runtime.load_state(*_global_state(msg))
     feats = runtime.features([data.eval_text])
     with torch.no_grad():
         scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()

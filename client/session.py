@@ -78,7 +78,8 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], st
     features = runtime.features(data.train_texts)
     # Item embeddings stay those of the global state (no refresh inside a session), so the
     # runtime's catalogue cache remains valid for the next client of this round.
-    report = train(runtime.model, features, data.train_targets, runtime.item_features, tcfg)
+    # The session never re-encodes the catalogue (refresh off), so it needs no catalogue features.
+    report = train(runtime.model, features, data.train_targets, None, tcfg)
     names, arrays = get_state(runtime.model)
     metrics.update({
         "num-examples": float(n),

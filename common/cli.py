@@ -199,5 +199,164 @@ def audit_empirical(
     console.print(f"wrote {path}")
 
 
+deploy = typer.Typer(no_args_is_help=True, help="Edge deployment: certificates, keys, SuperLink, SuperNodes, runs.")
+app.add_typer(deploy, name="deploy")
+
+
+@deploy.command("certs")
+def deploy_certs(out: Path = typer.Option(Path("deploy/certs"), help="folder for ca.crt, ca.key, server.pem, server.key"),
+                 host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="SuperLink host name or IP "
+                                                                                "(repeatable)")) -> None:
+    """Create a CA and the SuperLink's TLS certificate (keys written with mode 0600)."""
+    from server.deploy import make_certificates
+
+    paths = make_certificates(out, host)
+    console.print(f"CA {paths['ca_cert']} (give to SuperNodes and operators; keep {paths['ca_key']} offline); "
+                  f"SuperLink certificate {paths['cert']} for {', '.join(host)}")
+
+
+@deploy.command("node-key")
+def deploy_node_key(name: str = typer.Argument(..., help="key name, e.g. the device's name"),
+                    out: Path = typer.Option(Path("deploy/keys"), help="folder for NAME and NAME.pub")) -> None:
+    """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from client.deploy import make_node_key
+
+    private, public = make_node_key(out, name)
+    console.print(f"private key {private} (stays on the device); register {public} with `privrec deploy register`")
+
+
+@deploy.command("superlink")
+def deploy_superlink(certs: Path = typer.Option(Path("deploy/certs"), help="folder made by `privrec deploy certs`"),
+                     port: int = typer.Option(9091, help="the SuperLink's one HTTPS port (Fleet, Control, Runtime)"),
+                     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+                     database: Optional[Path] = typer.Option(Path("deploy/superlink.db"),
+                                                             help="state file: registrations survive restarts")) -> None:
+    """Start the SuperLink with TLS and SuperNode authentication (replaces this process)."""
+    import os
+
+    from server.deploy import flwr_env, superlink_command
+
+    cmd = superlink_command(certs, port, host, database)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    os.execvpe(cmd[0], cmd, flwr_env())
+
+
+@deploy.command("connect")
+def deploy_connect(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink address host:port"),
+                   ca: Path = typer.Option(Path("deploy/certs/ca.crt"), help="the CA certificate"),
+                   name: str = typer.Option("edge", help="connection name used by register and run")) -> None:
+    """Point the flwr CLI (FLWR_HOME, default .flwr-deploy) at the SuperLink, over TLS."""
+    from server.deploy import write_connection
+
+    console.print(f"wrote {write_connection(superlink, ca, name)}")
+
+
+@deploy.command("register")
+def deploy_register(public_key: Path = typer.Argument(..., help="a SuperNode's NAME.pub"),
+                    name: str = typer.Option("edge", help="connection name (see `privrec deploy connect`)")) -> None:
+    """Register a SuperNode's public key; only registered SuperNodes may join."""
+    from server.deploy import register_supernode
+
+    try:
+        node = register_supernode(public_key, name)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    console.print(f"registered {public_key}: node id {node}")
+
+
+@deploy.command("supernode")
+def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink address host:port"),
+                     ca: Path = typer.Option(Path("deploy/certs/ca.crt"), help="the CA certificate"),
+                     key: Path = typer.Option(..., help="this SuperNode's private key"),
+                     data_path: Path = typer.Option(..., help="the device's data: events.jsonl + catalogue.jsonl"),
+                     state_dir: Path = typer.Option(..., help="the device's persistent state (ledger, model, catalogue)"),
+                     port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode on a machine)"),
+                     client_id: Optional[str] = typer.Option(None, help="ledger name (default: device)")) -> None:
+    """Start a SuperNode for one device (replaces this process)."""
+    import os
+
+    from client.deploy import supernode_command
+    from server.deploy import flwr_env
+
+    cmd = supernode_command(superlink, ca, key, data_path, state_dir, port, client_id)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.execvpe(cmd[0], cmd, flwr_env())
+
+
+@deploy.command("run")
+def deploy_run(run_config: Optional[list[str]] = typer.Option(None, help="run-config overrides, as for flwr run"),
+               name: str = typer.Option("edge", help="connection name"),
+               app_dir: Path = typer.Option(Path("."), help="the privrec app folder")) -> None:
+    """Run the federation on the SuperLink (publishing the catalogue each round); exits 1 unless it completed."""
+    from server.deploy import run_and_wait
+
+    run_id, status = run_and_wait(app_dir, ["publish-catalogue=true", *(run_config or [])], name)
+    console.print(f"run {run_id}: {status}")
+    if not status.startswith("finished:completed"):
+        raise typer.Exit(1)
+
+
+@app.command("export-user")
+def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..943)"),
+                    out: Path = typer.Option(..., help="device data folder to write"),
+                    data: Optional[Path] = typer.Option(None, help="GroupLens ml-100k/ folder (default: the recbole copy)")) -> None:
+    """Export one MovieLens user to the device format (events.jsonl + catalogue.jsonl)."""
+    from client.export import export_user
+    from common.errors import DataFormatError
+
+    try:
+        folder, count = export_user(load_dataset(data, None, None), user, out)
+    except (DataFormatError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(f"wrote {count} events of user {user} and the catalogue to {folder}/")
+
+
+@app.command()
+def recommend(state_dir: Path = typer.Option(..., help="the device's state folder"),
+              k: int = typer.Option(10, help="how many items"),
+              text: Optional[str] = typer.Option(None, help='free text leading the query, e.g. "like Alien but funny"')) -> None:
+    """Recommend K unseen items for this device's user, on the device, with explanations."""
+    from client.recommend import DeviceRecommender
+    from common.errors import DataFormatError
+
+    try:
+        recs = DeviceRecommender(state_dir).recommend(k, text)
+    except (DataFormatError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    table = Table(title="recommendations (computed on this device)")
+    for col in ("rank", "item", "title", "score", "because you"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for r in recs:
+        table.add_row(str(r.rank), r.item_id, r.text, f"{r.score:.2f}",
+                      "; ".join(f"{what} ({sim:.2f})" for _, what, sim in r.because))
+    console.print(table)
+
+
+@app.command()
+def feedback(state_dir: Path = typer.Option(..., help="the device's state folder"),
+             item: str = typer.Option(..., help="catalogue item id"),
+             rating: Optional[float] = typer.Option(None, help="rating 1-5"),
+             accept: bool = typer.Option(False, "--accept", help="accept a shown recommendation (rating 5)"),
+             reject: bool = typer.Option(False, "--reject", help="reject a shown recommendation (rating 1)")) -> None:
+    """Record feedback in the device's own data; the next training session learns from it."""
+    from client.feedback import ACCEPT_RATING, REJECT_RATING, record_feedback
+    from common.errors import DataFormatError
+
+    given = [x for x in (rating is not None, accept, reject) if x]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --rating, --accept or --reject")
+    value = rating if rating is not None else (ACCEPT_RATING if accept else REJECT_RATING)
+    try:
+        event = record_feedback(state_dir, item, value)
+    except (DataFormatError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(f"recorded {event} on this device")
+
+
 if __name__ == "__main__":
     app()

@@ -108,17 +108,35 @@ class ModelRuntime:
         self.tokenizer = load_tokenizer()
         self.encoder = TextEncoder(LoraSettings(rank=settings.lora_rank, alpha=settings.lora_alpha))
         self.model = Recommender(self.encoder, data.num_items, scale=settings.scale, item_bias=settings.item_bias)
-        self.item_features = _catalogue_features(self.encoder, self.tokenizer, data.item_texts(),
-                                                 settings.item_max_length)
+        self._item_features: FeatureSet | None = None
         self._items_for: str | None = None
+
+    @property
+    def item_features(self) -> FeatureSet:
+        """Frozen-layer features of the catalogue, computed on first use (a device that receives
+        published item embeddings never needs them)."""
+        if self._item_features is None:
+            self._item_features = _catalogue_features(self.encoder, self.tokenizer, self.data.item_texts(),
+                                                      self.settings.item_max_length)
+        return self._item_features
+
+    def use_item_embeddings(self, embeddings: np.ndarray, digest: str) -> None:
+        """Take catalogue embeddings computed elsewhere (the server's published catalogue) for the
+        state with ``digest``, instead of re-encoding the catalogue here."""
+        if embeddings.shape != tuple(self.model.head.item_emb.shape):
+            raise ValueError(f"published item embeddings have shape {embeddings.shape}, "
+                             f"the model expects {tuple(self.model.head.item_emb.shape)}")
+        self.model.head.item_emb.copy_(torch.as_tensor(embeddings, dtype=torch.float32))
+        self._items_for = digest
 
     def features(self, texts: list[str]) -> FeatureSet:
         return compute_features(self.encoder, self.tokenizer, texts, self.settings.max_length)
 
-    def load_state(self, names: list[str], arrays: list[np.ndarray]) -> None:
-        """Set the global state and make sure the catalogue embeddings match it (cached by digest)."""
+    def load_state(self, names: list[str], arrays: list[np.ndarray], refresh: bool = True) -> None:
+        """Set the global state and make sure the catalogue embeddings match it (cached by digest);
+        ``refresh=False`` leaves that to :meth:`use_item_embeddings`."""
         set_state(self.model, names, arrays)
         digest = state_digest(arrays)
-        if digest != self._items_for:
+        if refresh and digest != self._items_for:
             refresh_items(self.model, self.item_features)
             self._items_for = digest

@@ -74,15 +74,34 @@ def client_data(split: Split, user: int, history_len: int, examples_per_user: in
 
 
 def device_client_data(data_path: str | Path, history_len: int, examples_per_user: int) -> ClientData:
-    """A device's data folder (``events.jsonl`` + ``catalogue.jsonl``) holding exactly one user."""
+    """A device's data folder holding exactly one user: the JSONL user format (``events.jsonl`` +
+    ``catalogue.jsonl``) or a MovieLens slice in GroupLens format (``u.data`` + ``u.item``)."""
+    data = device_dataset(data_path)
+    if data.num_users != 1:
+        where = Path(data_path) / ("events.jsonl" if (Path(data_path) / "events.jsonl").exists() else "u.data")
+        raise DataFormatError(where, f"expected the events of exactly one user, found {data.num_users}")
+    split = leave_one_out(data)
+    held_out = client_data(split, 0, history_len, examples_per_user)
+    # On a device every event is trained on, so feedback recorded since the last session is
+    # learnt in the next one; the device's own evaluation (its newest event) is then in-sample.
+    rows = np.concatenate([split.train[0], [r for r in (split.valid[0], split.test[0]) if r >= 0]]).astype(np.int64)
+    everything = Split(data=data, train=[rows], valid=np.array([-1]), test=np.array([-1]))
+    texts, targets = user_examples(everything, 0, history_len, examples_per_user)
+    return ClientData(train_texts=texts, train_targets=np.array(targets, dtype=np.int64),
+                      eval_text=held_out.eval_text, eval_target=held_out.eval_target,
+                      eval_excluded=held_out.eval_excluded)
+
+
+def device_dataset(data_path: str | Path) -> Dataset:
+    """The device's catalogue and events as a Dataset (not cached: feedback changes the events)."""
     from common.jsonl_format import load_jsonl
+    from common.movielens import load_grouplens
 
     folder = Path(data_path)
-    events, catalogue = folder / "events.jsonl", folder / "catalogue.jsonl"
-    for f in (events, catalogue):
-        if not f.exists():
-            raise DataFormatError(f, "missing: a device data folder needs events.jsonl and catalogue.jsonl")
-    data = load_jsonl(events, catalogue)
-    if data.num_users != 1:
-        raise DataFormatError(events, f"expected the events of exactly one user, found {data.num_users}")
-    return client_data(leave_one_out(data), 0, history_len, examples_per_user)
+    if (folder / "events.jsonl").exists() or not (folder / "u.data").exists():
+        for f in (folder / "events.jsonl", folder / "catalogue.jsonl"):
+            if not f.exists():
+                raise DataFormatError(f, "missing: a device data folder needs events.jsonl and catalogue.jsonl "
+                                         "(or a GroupLens u.data + u.item slice)")
+        return load_jsonl(folder / "events.jsonl", folder / "catalogue.jsonl")
+    return load_grouplens(folder)

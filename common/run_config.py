@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,
     "dataset": "recbole",
     "round-timeout": 600.0,
+    "min-replies": 1,
+    "publish-catalogue": False,
+    "wire-log": False,
 }
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -88,6 +91,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "server-learning-rate": (0, 10, False),
     "seed": (0, 2**31 - 1, True),
     "round-timeout": (1, 1e6, True),
+    "min-replies": (1, 1e7, True),
 }
 
 
@@ -170,6 +174,12 @@ HELP: dict[str, str] = {
     "resume": "continue the run folder run-name from its latest checkpoint",
     "dataset": "recbole (the wheel's MovieLens-100K) or a GroupLens ml-100k folder",
     "round-timeout": "seconds the server waits for a round's replies",
+    "min-replies": ("a round with fewer accepted updates leaves the global model unchanged (without central "
+                    "DP; with it the noisy aggregate is always released, as the accountant assumes)"),
+    "publish-catalogue": ("publish the catalogue's item embeddings for the current global model each round "
+                          "and send them, with their SHA-256, to the clients (for on-device recommendations)"),
+    "wire-log": ("write wire.jsonl in the run folder: the structure of every reply received and each of its "
+                 "non-tensor values, to check what devices send"),
 }
 
 

@@ -119,7 +119,7 @@ def dp_sample_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet,
+def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet | None,
           cfg: TrainConfig, label: str | None = None, canaries: GradientCanaries | None = None) -> TrainReport:
     """Train ``model`` in place on cached user features and their target items.
 
@@ -130,6 +130,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     n = len(features)
     if n == 0:
         raise ValueError("no training examples")
+    if item_features is None and (cfg.refresh_at_start or cfg.refresh_at_end or cfg.refresh_every < 10**9):
+        raise ValueError("training that re-encodes the catalogue needs its item features")
     extra = canaries.count if canaries is not None else 0
     if extra and not cfg.dp:
         raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")

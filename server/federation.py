@@ -27,10 +27,11 @@ from common.run_config import ConfigError, resolve
 from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
                                 weighted_mean)
 from server.artefacts import RunFolder
+from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import ServerEvaluator
-from server.validation import adapter_specs, validate_reply
+from server.validation import adapter_specs, describe_reply, validate_reply
 
 # Keys whose change would make a resumed run a different experiment.
 _RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients"}
@@ -80,6 +81,8 @@ class Federation:
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
         self.evaluator = ServerEvaluator(self.runtime, split_for(cfg["dataset"]))
         self.client_epsilon: dict[str, float] = {}
+        self.publisher = CataloguePublisher(self.runtime, self.folder.root, self.run_id) \
+            if cfg["publish-catalogue"] else None
         self._secret_rng = np.random.default_rng()  # OS entropy: central-DP sampling and noise
         self.central: CentralDP | None = None
         self.start_round = 1
@@ -148,18 +151,22 @@ class Federation:
         # (public) seed would let anyone replay them. Otherwise sampling is reproducible.
         rng = self._secret_rng if cfg["central-dp"] else np.random.default_rng([cfg["seed"], rnd])
         sampled = sample_clients(self.nodes, cfg, rng)
-        config = ConfigRecord({"server-round": rnd, "run-id": self.run_id,
-                               "run-dir": str(self.folder.root.resolve())})
-        record = to_record(self.names, self.arrays)
-        messages = [Message(content=RecordDict({"arrays": record, "config": config}), dst_node_id=nid,
-                            message_type=MessageType.TRAIN) for nid in sampled]
+        content = self._content(rnd)
+        messages = [Message(content=RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN)
+                    for nid in sampled]
         replies = list(self.grid.send_and_receive(messages, timeout=cfg["round-timeout"])) if messages else []
         accepted, weights, losses = [], [], []
         counts = {"failed": 0, "refused": 0, "rejected": 0}
         participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
         bytes_received = 0
+        destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
+            # An error the SuperLink writes for a dead node comes from the SuperLink itself (node 1):
+            # the node that owed the reply is the destination of the message it answers.
+            node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+            if self.cfg["wire-log"]:
+                self.folder.append(self.folder.root / "wire.jsonl", {"round": rnd, "node": node,
+                                                                     **describe_reply(reply)})
             if reply.has_error():
                 counts["failed"] += 1
                 participation["failed"].append(node)
@@ -187,11 +194,17 @@ class Federation:
             accepted.append(arrays)
             weights.append(float(metrics.get("num-examples", 1.0)))
             losses.append(float(metrics.get("train-loss", np.nan)))
-        self._aggregate(rnd, accepted, weights)
+        answered = {n for part in participation.values() for n in part}
+        silent = [nid for nid in sampled if nid not in answered]
+        if silent:  # no reply within round-timeout: a dead, disconnected or slow node
+            counts["failed"] += len(silent)
+            participation["failed"] += silent
+            log(WARNING, "round %d: %d node(s) sent no reply within round-timeout: %s", rnd, len(silent), silent[:20])
+        aggregated = self._aggregate(rnd, accepted, weights)
         self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
         eps = list(self.client_epsilon.values())
         return {
-            "clients_sampled": len(sampled), "clients_replied": len(replies) - counts["failed"],
+            "clients_sampled": len(sampled), "clients_replied": len(sampled) - counts["failed"],
             "clients_accepted": len(accepted), "clients_rejected": counts["rejected"],
             "clients_refused": counts["refused"], "clients_failed": counts["failed"],
             "train_loss": _mean_loss(losses, weights),
@@ -199,21 +212,41 @@ class Federation:
             "epsilon_median": float(np.median(eps)) if eps else None,
             "clients_with_spend": len(eps),
             "user_epsilon": self.central.epsilon() if self.central else None,
-            "bytes_sent": len(sampled) * state_bytes(self.arrays), "bytes_received": bytes_received,
+            "bytes_sent": len(sampled) * self._content_bytes(), "bytes_received": bytes_received,
+            "aggregated": aggregated,
         }
 
-    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float]) -> None:
+    def _content(self, rnd: int) -> dict[str, Any]:
+        """What every message of this round carries: the global state, the round's config and, when
+        publishing, the catalogue file with its SHA-256."""
+        config = {"server-round": rnd, "run-id": self.run_id, "run-dir": str(self.folder.root.resolve())}
+        content: dict[str, Any] = {"arrays": to_record(self.names, self.arrays)}
+        if self.publisher is not None:
+            data, sha = self.publisher.publish(self.names, self.arrays, rnd)
+            config["catalogue-sha256"] = sha
+            content["catalogue"] = ConfigRecord({"file": data})
+        content["config"] = ConfigRecord(config)
+        return content
+
+    def _content_bytes(self) -> int:
+        return state_bytes(self.arrays) + (len(self.publisher.data) if self.publisher is not None else 0)
+
+    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float]) -> bool:
+        """Update the global state; False when the round leaves it unchanged."""
+        if self.central is None and len(accepted) < self.cfg["min-replies"]:
+            log(WARNING, "round %d: %d accepted updates < min-replies %d; global model unchanged", rnd,
+                len(accepted), self.cfg["min-replies"])
+            return False
         if self.central is not None:
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
             noisy = self.central.noisy_mean(deltas, self._secret_rng) if deltas else \
                 self.central.noise_only([a.shape for a in self.arrays], self._secret_rng)
             self.central.record_round()
             mean = [g + d for g, d in zip(self.arrays, noisy)]
-        elif accepted:
-            mean = weighted_mean(self.names, accepted, weights)
         else:
-            return
+            mean = weighted_mean(self.names, accepted, weights)
         self.arrays = server_step(self.step, rnd, self.names, self.arrays, mean)
+        return True
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -225,11 +258,9 @@ class Federation:
         if k and rnd > 0:
             rng = np.random.default_rng([cfg["seed"], rnd, 1])
             chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
-            record = to_record(self.names, self.arrays)
-            config = ConfigRecord({"server-round": rnd, "run-id": self.run_id,
-                                   "run-dir": str(self.folder.root.resolve())})
-            msgs = [Message(content=RecordDict({"arrays": record, "config": config}), dst_node_id=n,
-                            message_type=MessageType.EVALUATE) for n in chosen]
+            content = self._content(rnd)
+            msgs = [Message(content=RecordDict(content), dst_node_id=n, message_type=MessageType.EVALUATE)
+                    for n in chosen]
             rows = [dict(r.content["metrics"]) for r in self.grid.send_and_receive(msgs, timeout=cfg["round-timeout"])
                     if not r.has_error()]
             rows = [r for r in rows if r.get("num-examples", 0) > 0]

@@ -53,3 +53,20 @@ def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[Tenso
     if not norm <= max_update_norm:
         return Verdict(False, f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}")
     return Verdict(True)
+
+
+def describe_reply(reply) -> dict:
+    """What a reply carried, for the wire log: each record's kind, tensor names with dtype and
+    shape (never their values), and every metric and config value verbatim."""
+    if reply.has_error():
+        return {"error": {"code": int(reply.error.code), "reason": str(reply.error.reason)[:500]}}
+    content = reply.content
+    out: dict = {"arrays": {}, "metrics": {}, "configs": {}}
+    for name, record in content.array_records.items():
+        out["arrays"][name] = {k: [str(record[k].dtype), list(record[k].shape)] for k in record.keys()}
+    for name, record in content.metric_records.items():
+        out["metrics"][name] = {k: record[k] for k in record.keys()}
+    for name, record in content.config_records.items():
+        out["configs"][name] = {k: (v if isinstance(v, (int, float, str, bool)) else f"<{type(v).__name__}>")
+                                for k, v in record.items()}
+    return out

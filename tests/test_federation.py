@@ -106,6 +106,7 @@ def test_bad_replies_are_rejected_and_the_round_completes(small_run_config):
     assert all(np.isfinite(a).all() for a in fed.arrays)
     rounds = [json.loads(x) for x in (fed.folder.root / "rounds.jsonl").read_text().splitlines()]
     assert sorted(rounds[0]["rejected"]) == [101, 102, 103]
+    assert rounds[0]["failed"] == [106] and row["clients_failed"] == 1
 
 
 def test_client_at_its_budget_refuses_and_the_server_counts_it(small_run_config):

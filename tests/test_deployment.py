@@ -1,0 +1,257 @@
+"""Edge deployment on loopback: a SuperLink with TLS and SuperNode authentication, three SuperNodes
+each holding one exported MovieLens user, real `flwr run`s, a killed SuperNode, an unregistered one,
+the wire, and on-device recommendations and feedback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from client.deploy import make_node_key, supernode_command
+from client.device_state import CATALOGUE
+from client.export import export_user
+from client.feedback import record_feedback
+from client.recommend import DeviceRecommender
+from common.cli import app
+from common.errors import DataFormatError
+from server.deploy import (flwr_env, list_supernodes, make_certificates, register_supernode, run_and_wait,
+                           superlink_command, write_connection)
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = ("1", "2", "3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+class Cluster:
+    """The processes of one loopback deployment, and where their files are."""
+
+    def __init__(self, root: Path, dataset: Path) -> None:
+        self.root, self.dataset = root, dataset
+        self.home = root / "flwr-home"
+        self.port = _free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"])
+        self.keys = {f"node{i}": make_node_key(root / "keys", f"node{i}") for i in range(4)}
+        self.node_ports = {name: _free_port() for name in self.keys}
+
+    def data(self, node: str) -> Path:
+        return self.root / "data" / node
+
+    def state(self, node: str) -> Path:
+        return self.root / "state" / node
+
+    def ledger(self, node: str) -> dict:
+        return json.loads((self.state(node) / f"ledger-{node}.json").read_text())
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(cmd, env=flwr_env(self.home), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        return self.procs[name]
+
+    def start_supernode(self, node: str) -> subprocess.Popen:
+        return self.start(node, supernode_command(f"127.0.0.1:{self.port}", self.certs["ca_cert"], self.keys[node][0],
+                                                  self.data(node), self.state(node), self.node_ports[node], node))
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def run(self, name: str, **overrides) -> tuple[int, str, Path]:
+        cfg = {"num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 0, "eval-every": 100,
+               "examples-per-user": 6, "history-len": 3, "max-length": 32, "batch-size": 3,
+               "max-update-norm": 1000.0, "round-timeout": 40.0, "client-epsilon-budget": 60.0, "wire-log": "true", "publish-catalogue": "true",
+               "dataset": f"'{self.dataset}'", "output-dir": f"'{self.root / 'runs'}'", "run-name": f"'{name}'"}
+        cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        with open(self.root / f"run-{name}.log", "w") as stream:
+            run_id, status = run_and_wait(REPO, [" ".join(f"{k}={v}" for k, v in cfg.items())], "edge", self.home,
+                                          timeout=900, stream=stream)
+        return run_id, status, self.root / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def cluster(ml100k, small_ml100k, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("deploy"), small_ml100k)
+    for node, user in zip(("node0", "node1", "node2"), USERS):
+        export_user(ml100k, user, c.data(node))
+    c.start("superlink", superlink_command(c.root / "certs", c.port, database=c.root / "superlink.db"))
+    try:
+        _wait_port(c.port)
+        write_connection(f"127.0.0.1:{c.port}", c.certs["ca_cert"], "edge", c.home)
+        c.node_ids = {n: register_supernode(c.keys[n][1], "edge", c.home) for n in ("node0", "node1", "node2")}
+        for node in ("node0", "node1", "node2"):
+            c.start_supernode(node)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster):
+    run_id, status, run_dir = cluster.run("e2e")
+    assert status.startswith("finished:completed"), (status, cluster.log("superlink")[-3000:])
+    return run_dir
+
+
+def test_an_unregistered_supernode_cannot_join(cluster):
+    export_user_dir = cluster.data("node3")
+    export_user_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("events.jsonl", "catalogue.jsonl"):
+        (export_user_dir / name).write_bytes((cluster.data("node0") / name).read_bytes())
+    proc = cluster.start_supernode("node3")
+    assert proc.wait(timeout=90) != 0
+    assert "Failed to activate SuperNode" in cluster.log("node3") or "2004" in cluster.log("node3")
+    assert not (cluster.state("node3") / "ledger-node3.json").exists()
+
+
+def test_two_rounds_over_tls_change_the_model_and_fill_every_ledger(cluster, first_run):
+    run_dir = first_run
+    for name in ("config.json", "metrics.jsonl", "rounds.jsonl", "result.json", "adapters.safetensors",
+                 "catalogue.safetensors", "catalogue.sha256", "wire.jsonl"):
+        assert (run_dir / name).stat().st_size > 0, name
+    final = load_file(str(run_dir / "adapters.safetensors"))
+    assert any(np.abs(v).max() > 0 for k, v in final.items() if "lora_B" in k), "LoRA B is still zero"
+    rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [len(r["trained"]) for r in rows] == [3, 3]
+    assert {n for r in rows for n in r["trained"]} == set(cluster.node_ids.values())
+    for node in ("node0", "node1", "node2"):
+        sessions = [s for s in cluster.ledger(node)["sessions"] if s["run_id"] == "e2e"]
+        assert [s["round"] for s in sessions] == [1, 2]
+        assert {s["node_id"] for s in sessions} == {cluster.node_ids[node]}  # stable node id per key
+        for name in ("global-state.safetensors", "catalogue.safetensors", "catalogue.sha256", "device.json"):
+            assert (cluster.state(node) / name).is_file(), (node, name)
+
+
+def test_the_wire_carries_only_adapter_tensors_and_numbers(cluster, first_run, ml100k):
+    rows = [json.loads(x) for x in (first_run / "wire.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    names = set(load_file(str(first_run / "adapters.safetensors")))
+    secrets = set()
+    for node in ("node0", "node1", "node2"):
+        for line in (cluster.data(node) / "events.jsonl").read_text().splitlines():
+            item = json.loads(line)["item"]
+            secrets.add(str(item))
+            secrets.add(ml100k.items[ml100k.item_index[str(item)]].title)
+    for row in rows:
+        assert set(row["arrays"]) == {"arrays"} and set(row["arrays"]["arrays"]) == names
+        assert all(dtype == "float32" for dtype, _ in row["arrays"]["arrays"].values())
+        assert set(row["metrics"]) == {"metrics"} and row["configs"] == {}
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row["metrics"]["metrics"].values())
+        assert "text" not in json.dumps(row) and not any(
+            isinstance(v, str) and v in secrets for v in row["metrics"]["metrics"].values())
+
+
+def test_recommendations_on_the_device_are_unseen_explained_and_checked(cluster, first_run):
+    state = cluster.state("node0")
+    rec = DeviceRecommender(state)
+    seen = {json.loads(x)["item"] for x in (cluster.data("node0") / "events.jsonl").read_text().splitlines()}
+    recs = rec.recommend(k=10)
+    assert len(recs) == 10 and len({r.item_id for r in recs}) == 10
+    assert not {r.item_id for r in recs} & seen
+    assert all(len(r.because) == 2 and all(i in seen for i, _, _ in r.because) for r in recs)
+    assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+    with_text = rec.recommend(k=10, text="a scary space alien movie")
+    assert len(with_text) == 10 and {r.item_id for r in with_text} != {r.item_id for r in recs}
+    # The same through the CLI, as a user on the device runs it.
+    runner = CliRunner()
+    shown = runner.invoke(app, ["recommend", "--state-dir", str(state), "--k", "5", "--text", "funny"])
+    assert shown.exit_code == 0 and shown.output.count("(0.") >= 5, shown.output
+    # Feedback on a recommendation joins the device's data and is excluded from then on.
+    accepted = runner.invoke(app, ["feedback", "--state-dir", str(state), "--item", recs[0].item_id, "--accept"])
+    assert accepted.exit_code == 0, accepted.output
+    last = json.loads((cluster.data("node0") / "events.jsonl").read_text().splitlines()[-1])
+    assert last["item"] == recs[0].item_id and last["rating"] == 5.0
+    event = record_feedback(state, recs[1].item_id, 4.0)
+    assert event["item"] == recs[1].item_id
+    assert not {recs[0].item_id, recs[1].item_id} & {r.item_id for r in rec.recommend(k=10)}
+    with pytest.raises(DataFormatError, match="unknown item id"):
+        record_feedback(state, "99999", 4.0)
+    with pytest.raises(ValueError, match="rating"):
+        record_feedback(state, recs[2].item_id, 7)
+    # A catalogue altered on the device is refused.
+    path = state / CATALOGUE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match="checksum mismatch"):
+        DeviceRecommender(state)
+
+
+def test_a_killed_supernode_does_not_stall_the_run_and_rejoins_with_its_ledger(cluster, first_run):
+    before = cluster.ledger("node2")["sessions"]
+    victim = cluster.procs["node2"]
+    killed = threading.Event()
+
+    def kill_when_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed.is_set():
+            sessions = cluster.ledger("node2")["sessions"]
+            if any(s["run_id"] == "e2e-kill" for s in sessions):
+                os.killpg(victim.pid, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_when_training, daemon=True)
+    watcher.start()
+    _, status, run_dir = cluster.run("e2e-kill", round_timeout=30.0)
+    watcher.join(timeout=5)
+    assert killed.is_set(), "node2 never started training"
+    assert status.startswith("finished:completed"), status
+    rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    dead = cluster.node_ids["node2"]
+    assert dead not in rows[0]["trained"] and len(rows[0]["trained"]) == 2
+    assert rows[0]["failed"] == [dead] and rows[1]["failed"] == [dead]  # timed out, then unavailable
+    assert len(rows[1]["trained"]) == 2
+    after_kill = cluster.ledger("node2")["sessions"]
+    assert after_kill[:len(before)] == before and len(after_kill) == len(before) + 1  # spend kept, round 1 recorded
+    # Restart with the same key once the SuperLink has marked it offline: it rejoins as the same node.
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        status = {int(n["node-id"]): n["status"] for n in list_supernodes("edge", cluster.home)}
+        if status.get(dead) == "offline":
+            break
+        time.sleep(3)
+    cluster.start_supernode("node2")
+    deadline = time.time() + 60
+    online = False
+    while time.time() < deadline and not online:
+        time.sleep(3)
+        online = {int(n["node-id"]): n["status"] for n in list_supernodes("edge", cluster.home)}.get(dead) == "online"
+    assert online, cluster.log("node2")[-2000:]
+    assert cluster.ledger("node2")["sessions"] == after_kill

@@ -1,0 +1,108 @@
+"""Device-side behaviour without a SuperLink: corrupt or missing data becomes a refusal (never a
+crash loop), export round-trips, min-replies holds the model, the catalogue file is verified."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+from client.device_state import load_catalogue, store_catalogue
+from client.export import export_user
+from common.catalogue_file import PublishedCatalogue, catalogue_bytes, sha256_hex
+from common.errors import DataFormatError
+from common.jsonl_format import load_jsonl
+from common.partition import device_client_data
+from server.federation import Federation
+from simulations.inprocess_grid import InProcessGrid
+
+
+def _train_message(names, arrays) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    content = RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in zip(names, arrays)}),
+                          "config": ConfigRecord({"server-round": 1, "run-id": "t", "run-dir": "/nonexistent"})})
+    return Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+@pytest.fixture(scope="module")
+def global_state(small_ml100k, tmp_path_factory):
+    cfg = {"dataset": str(small_ml100k), "output-dir": str(tmp_path_factory.mktemp("r")), "run-name": "s"}
+    fed = Federation(InProcessGrid(1, cfg), cfg)
+    return fed.names, fed.arrays
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_bad_device_data_is_refused_with_a_class_only_reason(damage, ml100k, global_state, tmp_path):
+    data = tmp_path / "data"
+    export_user(ml100k, "7", data)
+    if damage == "corrupt":
+        with open(data / "events.jsonl", "a") as f:
+            f.write('{"user": "7", "item": "1", "timestamp": "yesterday"}\n')
+    else:
+        (data / "events.jsonl").unlink()
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                  node_config={"data-path": str(data), "state-dir": str(tmp_path / "state")})
+    reply = client_app.train(_train_message(*global_state), ctx)
+    assert "status" in reply.content.config_records
+    assert reply.content["status"]["reason"] == "client error DataFormatError; the details are in the device's log"
+    assert "arrays" not in reply.content.array_records
+    assert not (tmp_path / "state" / "ledger-device.json").exists()  # nothing spent
+
+
+def test_export_writes_the_users_events_in_order_and_the_whole_catalogue(ml100k, tmp_path):
+    folder, count = export_user(ml100k, "1", tmp_path)
+    data = load_jsonl(folder / "events.jsonl", folder / "catalogue.jsonl")
+    assert count == int((ml100k.user == ml100k.user_ids.index("1")).sum()) and data.num_users == 1
+    assert [it.item_id for it in data.items] == [it.item_id for it in ml100k.items]
+    assert np.all(np.diff(data.timestamp) >= 0)
+    with pytest.raises(ValueError, match="unknown user id"):
+        export_user(ml100k, "100000", tmp_path / "x")
+
+
+def test_a_device_trains_on_every_event_including_new_feedback(ml100k, tmp_path):
+    export_user(ml100k, "1", tmp_path)
+    before = device_client_data(tmp_path, history_len=3, examples_per_user=0)
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write(json.dumps({"user": "1", "item": "50", "timestamp": 2e9, "rating": 5}) + "\n")
+    after = device_client_data(tmp_path, history_len=3, examples_per_user=0)
+    assert len(after.train_targets) == len(before.train_targets) + 1
+    assert after.train_targets[-1] == ml100k.item_index["50"]
+
+
+def test_a_stored_catalogue_is_verified_on_every_read(tmp_path):
+    cat = PublishedCatalogue(item_ids=["1", "2"], texts=["a", "b"], embeddings=np.eye(2, dtype=np.float32),
+                             bias=np.zeros(2, dtype=np.float32), state_digest="d", run_id="r", round=1, scale=20.0)
+    data = catalogue_bytes(cat)
+    with pytest.raises(DataFormatError, match="announced"):
+        store_catalogue(tmp_path, data, "0" * 64)
+    stored = store_catalogue(tmp_path, data, sha256_hex(data))
+    assert stored.item_ids == ["1", "2"] and np.array_equal(stored.embeddings, cat.embeddings)
+    (tmp_path / "catalogue.safetensors").write_bytes(data[:-1] + b"\x00")
+    with pytest.raises(DataFormatError, match="checksum mismatch"):
+        load_catalogue(tmp_path)
+
+
+def test_min_replies_leaves_the_model_unchanged(small_run_config):
+    cfg = {**small_run_config, "num-server-rounds": 1, "min-replies": 4}  # 3 clients per round
+    fed = Federation(InProcessGrid(6, cfg), cfg)
+    start = [a.copy() for a in fed.arrays]
+    run_dir = fed.run()
+    row = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["clients_accepted"] == 3 and row["aggregated"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))
+
+
+def test_a_grouplens_slice_of_one_user_is_device_data(ml100k, tmp_path):
+    from common.dataset import Dataset
+    from common.movielens import write_grouplens
+
+    keep = ml100k.user == 4
+    one = Dataset(items=ml100k.items, user_ids=[ml100k.user_ids[4]], user=np.zeros(int(keep.sum()), dtype=np.int64),
+                  item=ml100k.item[keep], rating=ml100k.rating[keep], timestamp=ml100k.timestamp[keep])
+    folder = write_grouplens(one, tmp_path / "slice")
+    data = device_client_data(folder, history_len=3, examples_per_user=0)
+    assert len(data.train_targets) == int(keep.sum()) - 1 and data.eval_target is not None
