@@ -87,6 +87,9 @@ class DeviceRecommender:
         k = min(k, int(np.isfinite(scores).sum()))
         top = np.argsort(-scores, kind="stable")[:k]
         history = rows[::-1]  # newest first: explanations prefer recent items on ties
+        liked = history[np.isnan(data.rating[history]) | (data.rating[history] >= 4)]
+        if len(liked):  # explain by what the user liked when there is any
+            history = liked
         hist_items = data.item[history]
         out = []
         for rank, j in enumerate(top, start=1):
