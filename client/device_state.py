@@ -13,6 +13,7 @@ Every file is written atomically (temp file, then rename). Nothing here is ever 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors.numpy import save_file
 from common.catalogue_file import PublishedCatalogue, read_catalogue, sha256_hex
 from common.errors import DataFormatError
 from common.model_state import ModelSettings
-from common.results import write_json_atomic, write_text_atomic
+from common.results import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 GLOBAL_STATE = "global-state.safetensors"
 CATALOGUE = "catalogue.safetensors"
@@ -37,7 +38,7 @@ def save_global_state(state_dir: Path, names: list[str], arrays: list[np.ndarray
     """Keep the latest global state (the exchange order is kept in the metadata)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / GLOBAL_STATE
-    tmp = state_dir / f".{GLOBAL_STATE}.tmp"
+    tmp = state_dir / f".{GLOBAL_STATE}.{os.getpid()}.tmp"
     meta = {"names": json.dumps(names), "settings": json.dumps(asdict(settings)), "run_id": run_id,
             "round": str(server_round)}
     save_file({n: np.ascontiguousarray(a) for n, a in zip(names, arrays)}, str(tmp), metadata=meta)
@@ -67,10 +68,9 @@ def store_catalogue(state_dir: Path, data: bytes, expected_sha256: str) -> Publi
     if got != expected_sha256:
         raise DataFormatError(Path(state_dir) / CATALOGUE, f"received catalogue has SHA-256 {got[:16]}..., "
                                                             f"the server announced {expected_sha256[:16]}...")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{CATALOGUE}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(state_dir / CATALOGUE)
+    # Catalogue first, checksum second: a crash in between leaves a pair that is refused (safe)
+    # until the next message brings both again.
+    write_bytes_atomic(state_dir / CATALOGUE, data)
     write_text_atomic(state_dir / CATALOGUE_SHA, expected_sha256 + "\n")
     return load_catalogue(state_dir)
 

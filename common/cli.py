@@ -192,7 +192,7 @@ def audit_empirical(
                   f"{report['accountant_epsilon']:.3f}", f"{report['delta']:g}",
                   f"{est['guesses']} ({est['correct']})", f"{est['largest_reachable']:.3f}", f"{report['seconds']:.1f}")
     console.print(table)
-    if "epsilon_estimate_one_shot" in report:
+    if report.get("epsilon_estimate_one_shot") is not None:
         console.print(f"one-shot estimate (Andrew et al., not a bound): ε ≈ {report['epsilon_estimate_one_shot']:.3f}")
     verdict = "EXCEEDS" if report["bound_exceeds_accountant"] else "is within"
     console.print(f"the lower bound {verdict} the accountant's epsilon; {report['reading']}")

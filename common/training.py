@@ -140,8 +140,12 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     index_ds = torch.utils.data.TensorDataset(torch.arange(n + extra))
+    # Under DP, Opacus' Poisson sampler draws from this loader's generator: a seed derived from the
+    # public config would let anyone replay which examples each step used, so it is secret too.
+    dp_seed = (cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)) if cfg.dp else None
     loader = torch.utils.data.DataLoader(index_ds, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+                                         generator=torch.Generator().manual_seed(
+                                             dp_seed if dp_seed is not None else cfg.seed))
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
@@ -158,7 +162,7 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
             if cfg.target_epsilon is None:
                 raise ValueError("DP training needs target_epsilon or noise_multiplier")
             sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
-        torch.manual_seed(cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63))
+        torch.manual_seed(dp_seed)
         engine, module, optimizer, loader = make_private(
             model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
         report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta

@@ -9,7 +9,7 @@ import numpy as np
 
 from common.catalogue_file import PublishedCatalogue, catalogue_bytes, sha256_hex
 from common.model_state import ModelRuntime, state_digest
-from common.results import write_text_atomic
+from common.results import write_bytes_atomic, write_text_atomic
 
 
 class CataloguePublisher:
@@ -36,9 +36,7 @@ class CataloguePublisher:
             state_digest=digest, run_id=self.run_id, round=rnd, scale=head.scale)
         self.data = catalogue_bytes(cat)
         self.sha256 = sha256_hex(self.data)
-        tmp = self.folder / ".catalogue.safetensors.tmp"
-        tmp.write_bytes(self.data)
-        tmp.replace(self.folder / "catalogue.safetensors")
+        write_bytes_atomic(self.folder / "catalogue.safetensors", self.data)
         write_text_atomic(self.folder / "catalogue.sha256", self.sha256 + "\n")
         self._digest = digest
         return self.data, self.sha256

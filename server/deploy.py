@@ -123,8 +123,10 @@ def write_connection(address: str, ca_cert: str | Path, name: str = "edge",
     ca = Path(ca_cert).resolve()
     if not ca.is_file():
         raise FileNotFoundError(f"{ca}: missing CA certificate")
-    text = (f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
-            f'root-certificates = "{ca}"\n')
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"connection name must be letters, digits, - or _, got {name!r}")
+    text = (f'[superlink]\ndefault = {json.dumps(name)}\n\n[superlink.{name}]\naddress = {json.dumps(address)}\n'
+            f'root-certificates = {json.dumps(str(ca))}\n')
     return write_text_atomic(home / "config.toml", text)
 
 

@@ -27,6 +27,7 @@ from common.run_config import ConfigError, resolve
 from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
                                 weighted_mean)
 from server.artefacts import RunFolder
+from server.audit.accounting import interaction_group_size
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP
 from server.checkpoint import load_checkpoint, save_checkpoint
@@ -321,9 +322,10 @@ class Federation:
                    "accountant": cfg["accountant"], "epsilon_is": "max over clients of the composed per-client epsilon",
                    "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
                    "max_grad_norm": cfg["max-grad-norm"], "sampling": "poisson (per client, Opacus)",
-                   "note": (f"example-level per client; one rating is the target of one example and appears in "
-                            f"the histories of up to {cfg['history-len']} more, so interaction-level DP follows "
-                            f"by group privacy with group size {cfg['history-len'] + 1}")}
+                   "note": (f"example-level per client; one rating changes up to "
+                            f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} examples "
+                            f"(its own, and the rewritten histories of later ones), so interaction-level DP "
+                            f"follows only by group privacy with that group size")}
         if self.central is not None:
             if out["unit"] == "none":
                 out = {"unit": "user", "epsilon": self.central.epsilon(), "delta": self.central.delta,

@@ -46,7 +46,7 @@ def main(out: Path = typer.Option(Path("simulations/results/audits"), help="fold
                       f"{report['delta']:g}", "YES" if report["bound_exceeds_accountant"] else "no",
                       f"{est['guesses']} ({est['correct']})", f"{est['largest_reachable']:.3f}",
                       f"{report['seconds']:.1f}", str(TARGET_SECONDS[kind]))
-        if "epsilon_estimate_one_shot" in report:
+        if report.get("epsilon_estimate_one_shot") is not None:
             console.print(f"  one-shot estimate (Andrew et al.): {report['epsilon_estimate_one_shot']:.3f}")
     console.print(table)
     console.print(f"JSON files in {out}/")

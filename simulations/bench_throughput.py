@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from common.model import Recommender
 from common.movielens import load_recbole
 from common.results import write_json_atomic
 from common.split import leave_one_out
-from common.training import TrainConfig, train
+from common.training import train
 from simulations.baselines import BaselineConfig
 
 

@@ -64,6 +64,8 @@ def test_gaussian_dp_epsilon_matches_known_points():
     eps = gdp_epsilon(1.0, 1e-5)
     assert stats.norm.cdf(-eps + 0.5) - np.exp(eps) * stats.norm.cdf(-eps - 0.5) == pytest.approx(1e-5, rel=1e-4)
     assert gdp_epsilon(0.0, 1e-5) == 0.0 and gdp_epsilon(2.0, 1e-5) > eps
+    # Large or infinite shifts (a broken central DP) must not overflow.
+    assert 100 < gdp_epsilon(40.0, 1e-4) < np.inf and gdp_epsilon(np.inf, 1e-4) == np.inf
 
 
 def test_client_level_audit_runs_the_federation_with_canary_clients(small_ml100k, tmp_path):

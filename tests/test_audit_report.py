@@ -68,8 +68,9 @@ def test_a_correct_run_passes_every_check_and_reports_each_unit(run_copy):
     assert example["delta"] == 1e-5 and example["accountant"] == "rdp"
     assert 0 < example["epsilon"]["min"] <= example["epsilon"]["median"] <= example["epsilon"]["max"] <= 8.0
     assert sum(example["epsilon"]["histogram"]["counts"]) == example["epsilon"]["clients"]
-    assert units["interaction"]["group_size"] == 4 and units["interaction"]["bound"] == "group privacy"
-    assert units["interaction"]["epsilon"] == pytest.approx(4 * example["epsilon"]["max"])
+    # history-len 3 and a most-recent window: one rating is at most 2*3 + 1 + 1 examples away.
+    assert units["interaction"]["group_size"] == 8 and units["interaction"]["bound"] == "group privacy"
+    assert units["interaction"]["epsilon"] == pytest.approx(8 * example["epsilon"]["max"])
     assert units["user"]["covered"] is False
     budget = report["budget"]
     assert budget["cap"] == 8.0 and budget["clients_with_ledger"] == example["epsilon"]["clients"]
@@ -215,3 +216,23 @@ def test_audit_html_renders_in_headless_chromium(run_copy, tmp_path):
     # Not blank: plenty of non-white pixels and real variety (text, table rules, plot lines).
     assert (pixels.mean(axis=2) < 0.9).mean() > 0.02
     assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+
+
+def test_a_ledger_with_zero_noise_fails_the_readable_check_without_crashing(run_copy):
+    def edit(raw):
+        raw["sessions"][0]["noise_multiplier"] = 0.0
+
+    client = _edit_ledger(run_copy, edit)
+    _, _, report = write_audit(run_copy)
+    check = _checks(report)["ledgers_readable"]
+    assert check["status"] == "fail" and any("noise_multiplier" in p for p in check["problems"])
+    assert "covers only the" in report["statement"] and client
+
+
+def test_a_malformed_round_record_is_a_clear_error(run_copy):
+    from common.errors import DataFormatError
+
+    with open(run_copy / "rounds.jsonl", "a") as f:
+        f.write(json.dumps({"round": "3", "sampled": []}) + "\n")
+    with pytest.raises(DataFormatError, match="rounds.jsonl.*line 3"):
+        write_audit(run_copy)

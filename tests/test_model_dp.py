@@ -174,3 +174,23 @@ def test_dp_noise_is_not_replayable_from_the_config(encoder, feats):
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
     assert not same(outcomes[0], outcomes[1])
     assert same(outcomes[2], outcomes[3])
+
+
+def test_dp_poisson_sampling_is_not_replayable_from_the_config(encoder, feats):
+    """With no noise at all, only the Poisson batches can differ: the same public seed must not
+    reproduce which examples each step used (Opacus draws them from the loader's generator)."""
+    from common.encoder import get_adapters, set_adapters
+
+    user_feats, item_feats = feats
+    start = get_adapters(encoder)
+    outcomes = []
+    for noise_seed in (None, None, 7, 7):
+        set_adapters(encoder, start)
+        model = Recommender(encoder, len(ITEMS), item_bias=False)
+        cfg = TrainConfig(epochs=2.0, batch_size=2, dp=True, noise_multiplier=0.0, seed=5, noise_seed=noise_seed)
+        train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
+        outcomes.append(get_adapters(encoder))
+    set_adapters(encoder, start)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert not same(outcomes[0], outcomes[1])
+    assert same(outcomes[2], outcomes[3])

@@ -99,22 +99,39 @@ def read_ledger(path: Path) -> LedgerRecord:
         rec.sessions = [Session(**s) for s in raw["sessions"]]
         for i, s in enumerate(rec.sessions):
             bad = [f for f in SESSION_FIELDS if not isinstance(getattr(s, f), (int, float))
-                   or not math.isfinite(getattr(s, f)) or getattr(s, f) < 0]
-            if bad or s.steps != int(s.steps):
-                raise ValueError(f"session {i}: invalid {bad or ['steps']}")
+                   or isinstance(getattr(s, f), bool) or not math.isfinite(getattr(s, f)) or getattr(s, f) < 0]
+            if not bad:
+                bad += [f for f, ok in (("noise_multiplier", s.noise_multiplier > 0),
+                                        ("sample_rate", 0 < s.sample_rate <= 1), ("steps", s.steps == int(s.steps)),
+                                        ("delta", 0 < s.delta < 1)) if not ok]
+            if bad:
+                raise ValueError(f"session {i}: invalid {', '.join(bad)}")
         rec.epsilon = composed_epsilon(rec.sessions, rec.delta, rec.accountant)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not math.isfinite(rec.epsilon):
+            raise ValueError(f"the recorded history composes to epsilon {rec.epsilon}")
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     return rec
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if math.isfinite(v)]
     if not values:
         return {"clients": 0}
     counts, edges = np.histogram(values, bins=min(10, max(1, len(set(values)))))
     return {"clients": len(values), "min": float(np.min(values)), "median": float(np.median(values)),
             "max": float(np.max(values)),
             "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+
+
+GROUP_WHY = ("removing one rating removes the example it is the target of, rewrites the history text of up to "
+             "{h} later examples (each a removal plus an addition) and, when examples-per-user keeps only the "
+             "most recent targets, lets one older example in: datasets at most {k} examples apart")
+
+
+def interaction_group_size(history_len: int, examples_per_user: int) -> int:
+    """How many add/remove-one-example steps separate datasets that differ in one rating."""
+    return 2 * history_len + 1 + (1 if examples_per_user > 0 else 0)
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
@@ -140,6 +157,12 @@ class RunAudit:
                 raise DataFormatError(self.run_dir / "config.json", f"missing field {key!r}")
         self.run_id = str(self.cfg.get("run-id", self.run_dir.name))
         self.rounds = _read_jsonl(self.run_dir / "rounds.jsonl")
+        for number, row in enumerate(self.rounds, start=1):
+            ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed")]
+            if not isinstance(row.get("round"), int) or not all(
+                    isinstance(x, list) and all(isinstance(n, int) for n in x) for x in ids):
+                raise DataFormatError(self.run_dir / "rounds.jsonl", "line {}: expected an integer 'round' and "
+                                      "lists of integer node ids".format(number))
         self.metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
         self.result = _read_json(self.run_dir / "result.json", required=False)
         self.checkpoint = _read_json(self.run_dir / "checkpoint" / "latest.json", required=False)
@@ -202,6 +225,10 @@ class RunAudit:
             parts.append(f"Each client's own training examples are protected by local DP-SGD: example-level "
                          f"(epsilon <= {top:.3f}, delta = {self.cfg['delta']:g}) per client, composed over every "
                          f"session in its ledger (largest over {len(eps)} clients with a ledger).")
+            unreadable = sum(1 for led in self.ledgers if led.error)
+            if unreadable:
+                parts.append(f"This bound covers only the {len(eps)} readable ledgers: {unreadable} more could not "
+                             f"be read, and their clients' spend is unknown.")
         if self.central is not None:
             parts.append(f"Whole users are protected by central DP on the server's aggregate: user-level "
                          f"(epsilon = {self.central.epsilon():.3f}, delta = {self.central.delta:g}) for the "
@@ -211,6 +238,9 @@ class RunAudit:
                          "user-level guarantee can be stated.")
         else:
             parts.append("No user-level guarantee: without central DP, a whole user's contribution is not bounded.")
+        if int(self.cfg.get("evaluate-clients", 0)) > 0:
+            parts.append("Federated evaluation replies (each evaluated client's HR@10 and NDCG@10 on its own "
+                         "held-out item) are sent without DP: no epsilon covers them.")
         return " ".join(parts)
 
     def units(self) -> list[dict[str, Any]]:
@@ -230,14 +260,13 @@ class RunAudit:
                               "distinct_mechanisms": [{"noise_multiplier": z, "sample_rate": q, "max_grad_norm": c}
                                                       for z, q, c in mech]},
             })
-            k = int(self.cfg.get("history-len", 5)) + 1
+            k = interaction_group_size(int(self.cfg.get("history-len", 5)), int(self.cfg.get("examples-per-user", 0)))
             top = max(eps, default=0.0)
             g_eps, g_delta = group_privacy(top, self.cfg["delta"], k)
             units.append({
                 "unit": "interaction", "scope": "per client (one rating)", "exact": False,
                 "bound": "group privacy", "group_size": k,
-                "why": (f"a rating is the target of at most one example and appears in the histories of up to "
-                        f"{k - 1} later examples of the same client, so it touches at most {k} examples"),
+                "why": GROUP_WHY.format(h=int(self.cfg.get("history-len", 5)), k=k),
                 "epsilon": g_eps, "delta": g_delta, "from_example_epsilon": top,
                 "meaningful": g_delta < 1.0,
                 "note": ("(k eps, k e^((k-1) eps) delta) from the largest example-level epsilon; "

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from scipy import optimize, stats
+from scipy import optimize, special
 
 from common.run_config import resolve
 from server.audit.estimator import audit_scores
@@ -80,12 +80,23 @@ def unflatten(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """Epsilon at ``delta`` of mu-Gaussian DP (Dong, Roth and Su): the shift of two unit Gaussians."""
+    """Epsilon at ``delta`` of mu-Gaussian DP (Dong, Roth and Su): the shift of two unit Gaussians.
+
+    Computed in log space (the e^eps factor overflows for large mu); infinite mu gives infinity."""
+    if math.isnan(mu):
+        raise ValueError("mu is not a number")
     if mu <= 0:
         return 0.0
+    if math.isinf(mu) or mu > 1e3:
+        return math.inf
 
     def excess(eps: float) -> float:
-        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+        # delta(eps) = e^first - e^second, evaluated without overflow.
+        first = float(special.log_ndtr(-eps / mu + mu / 2))
+        second = eps + float(special.log_ndtr(-eps / mu - mu / 2))
+        if second >= first:
+            return -delta
+        return float(np.exp(first) * -np.expm1(second - first)) - delta
 
     if excess(0.0) <= 0:
         return 0.0
@@ -104,8 +115,8 @@ def run_client_audit(overrides: dict[str, Any] | None = None, out: str | Path = 
     given = dict(overrides or {})
     secret = np.random.default_rng()
     included = secret.random(canaries) < 0.5
-    population = real_clients + int(included.sum())
-    defaults = {"clients-per-round": max(1, round(0.25 * population)), "evaluate-clients": 0,
+    # Fixed from the *expected* population, before (and independently of) which canaries are in.
+    defaults = {"clients-per-round": max(1, round(0.25 * (real_clients + canaries / 2))), "evaluate-clients": 0,
                 "eval-every": 10**6, "output-dir": str(Path(out) / "runs"),
                 "run-name": f"audit-clients-{time.strftime('%Y%m%d-%H%M%S')}"}
     cfg = resolve({**defaults, **given, "central-dp": True})
@@ -122,9 +133,13 @@ def run_client_audit(overrides: dict[str, Any] | None = None, out: str | Path = 
     cosines = directions @ change / norm if norm > 0 else np.zeros(canaries)
 
     bound = audit_scores(cosines, included, fed.central.delta, confidence)
-    mean_in, mean_out = float(cosines[included].mean()), float(cosines[~included].mean())
-    std_out = float(cosines[~included].std(ddof=1))
-    mu = (mean_in - mean_out) / std_out if std_out > 0 else math.inf
+    if included.sum() >= 1 and (~included).sum() >= 2:
+        mean_in, mean_out = float(cosines[included].mean()), float(cosines[~included].mean())
+        std_out = float(cosines[~included].std(ddof=1))
+        mu = (mean_in - mean_out) / std_out if std_out > 0 else math.inf
+        estimate = gdp_epsilon(mu, fed.central.delta)
+    else:  # every canary (or none) was drawn in: no null group to compare against
+        mean_in = mean_out = std_out = mu = estimate = None
     return {
         "audit": "clients",
         "epsilon_lower_bound": bound.epsilon_lower_bound,
@@ -133,7 +148,7 @@ def run_client_audit(overrides: dict[str, Any] | None = None, out: str | Path = 
         "delta": fed.central.delta,
         "privacy_unit": "user (one client's whole update stream), central DP over rounds",
         "bound_exceeds_accountant": bound.epsilon_lower_bound > fed.central.epsilon(),
-        "epsilon_estimate_one_shot": gdp_epsilon(mu, fed.central.delta),
+        "epsilon_estimate_one_shot": estimate,
         "one_shot": {"method": "Andrew et al. (ICLR 2024), one-shot estimation, Gaussian-DP fit",
                      "mean_cosine_included": mean_in, "mean_cosine_excluded": mean_out,
                      "std_cosine_excluded": std_out, "null_std_expected": 1 / math.sqrt(start.size), "mu": mu,

@@ -145,7 +145,7 @@ def render_html(report: dict[str, Any], metrics: list[dict]) -> str:
     budget = report["budget"]
     body = [
         f"<h1>Privacy audit of run {_e(report['run_id'])}</h1>",
-        f"<p class=muted>{_e(report['run_dir'])} · {report['rounds_completed']} rounds · generated "
+        f"<p class=muted>{_e(report['run_dir'])} · {_e(report['rounds_completed'])} rounds · generated "
         f"{_e(report['generated_at'])} · {verdict}</p>",
         f"<div class='statement{' nodp' if no_dp else ''}'>{_e(report['statement'])}</div>",
     ]

@@ -68,6 +68,8 @@ def run_membership_audit(overrides: dict[str, Any] | None = None, canaries: int 
     # Targets among items no real example targets: their logits then move mainly through the
     # canaries themselves, not through the real data's pull (which would drown the signal).
     free_items = np.setdiff1d(np.arange(data.num_items), np.asarray(targets))
+    if free_items.size == 0:
+        raise ValueError(f"every catalogue item is a target of the {users} users' real examples: use fewer users")
     c_targets = secret.choice(free_items, size=canaries)
     c_features = runtime.features(c_texts)
     before = example_losses(runtime, c_features, c_targets)
