@@ -19,6 +19,7 @@ from flwr.common.logger import log
 
 from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.session import run_session
+from common.dataset import Dataset
 from common.errors import DataFormatError
 from common.metrics import metrics_from_ranks, target_rank
 from common.model_state import ModelRuntime, ModelSettings, state_digest
@@ -34,9 +35,16 @@ def _runtime(source: str, settings: ModelSettings) -> ModelRuntime:
     return ModelRuntime(dataset_from_source(source), settings)
 
 
-@lru_cache(maxsize=2)
-def _device_runtime(data_path: str, settings: ModelSettings) -> ModelRuntime:
-    return ModelRuntime(device_dataset(data_path), settings)
+_DEVICE_RUNTIMES: dict[tuple[str, ModelSettings], ModelRuntime] = {}
+
+
+def _device_runtime(data_path: str, settings: ModelSettings, data: Dataset) -> ModelRuntime:
+    """The device's runtime, built from its already-loaded data (it only needs the catalogue)."""
+    key = (data_path, settings)
+    if key not in _DEVICE_RUNTIMES:
+        _DEVICE_RUNTIMES.clear()
+        _DEVICE_RUNTIMES[key] = ModelRuntime(data, settings)
+    return _DEVICE_RUNTIMES[key]
 
 
 def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData, Path, ModelRuntime]:
@@ -50,8 +58,9 @@ def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData
         data_path = str(node["data-path"])
         state_dir = Path(str(node.get("state-dir", Path(data_path) / "state")))
         client_id = str(node.get("client-id", "device"))
-        data = device_client_data(data_path, cfg["history-len"], cfg["examples-per-user"])
-        runtime = _device_runtime(data_path, settings)
+        loaded = device_dataset(data_path)
+        data = device_client_data(data_path, cfg["history-len"], cfg["examples-per-user"], loaded)
+        runtime = _device_runtime(data_path, settings, loaded)
         _keep_on_device(msg, runtime, state_dir, names, arrays, settings)
         write_device_info(state_dir, data_path, client_id)
         return client_id, data, state_dir, runtime
@@ -79,8 +88,9 @@ def _keep_on_device(msg: Message, runtime: ModelRuntime, state_dir: Path, names:
         raise DataFormatError(state_dir / "catalogue.safetensors",
                               f"the server's catalogue ({len(catalogue.item_ids)} items) does not list the same item "
                               f"ids in the same order as this device's catalogue.jsonl ({len(local_ids)} items)")
-    runtime.load_state(names, arrays, refresh=catalogue.state_digest != state_digest(arrays))
-    if catalogue.state_digest == state_digest(arrays):
+    published_for_this_state = catalogue.state_digest == state_digest(arrays)
+    runtime.load_state(names, arrays, refresh=not published_for_this_state)
+    if published_for_this_state:
         runtime.use_item_embeddings(catalogue.embeddings, catalogue.state_digest)
 
 

@@ -67,9 +67,7 @@ class DeviceRecommender:
             if [it.item_id for it in data.items] != self.catalogue.item_ids:
                 raise DataFormatError(files[1], "item ids differ from the catalogue the server published")
             self._data, self._data_stamp = data, stamp
-        split = leave_one_out(self._data)
-        rows = np.concatenate([split.train[0], [r for r in (split.valid[0], split.test[0]) if r >= 0]])
-        return self._data, rows.astype(np.int64)
+        return self._data, leave_one_out(self._data).all_rows(0)
 
     @torch.no_grad()
     def recommend(self, k: int = 10, text: str | None = None, explain: int = 2) -> list[Recommendation]:

@@ -73,10 +73,12 @@ def client_data(split: Split, user: int, history_len: int, examples_per_user: in
                       eval_text=eval_text, eval_target=eval_target, eval_excluded=excluded)
 
 
-def device_client_data(data_path: str | Path, history_len: int, examples_per_user: int) -> ClientData:
+def device_client_data(data_path: str | Path, history_len: int, examples_per_user: int,
+                       data: Dataset | None = None) -> ClientData:
     """A device's data folder holding exactly one user: the JSONL user format (``events.jsonl`` +
-    ``catalogue.jsonl``) or a MovieLens slice in GroupLens format (``u.data`` + ``u.item``)."""
-    data = device_dataset(data_path)
+    ``catalogue.jsonl``) or a MovieLens slice in GroupLens format (``u.data`` + ``u.item``).
+    ``data`` is that folder already loaded with :func:`device_dataset`, if the caller has it."""
+    data = device_dataset(data_path) if data is None else data
     if data.num_users != 1:
         where = Path(data_path) / ("events.jsonl" if (Path(data_path) / "events.jsonl").exists() else "u.data")
         raise DataFormatError(where, f"expected the events of exactly one user, found {data.num_users}")
@@ -84,8 +86,7 @@ def device_client_data(data_path: str | Path, history_len: int, examples_per_use
     held_out = client_data(split, 0, history_len, examples_per_user)
     # On a device every event is trained on, so feedback recorded since the last session is
     # learnt in the next one; the device's own evaluation (its newest event) is then in-sample.
-    rows = np.concatenate([split.train[0], [r for r in (split.valid[0], split.test[0]) if r >= 0]]).astype(np.int64)
-    everything = Split(data=data, train=[rows], valid=np.array([-1]), test=np.array([-1]))
+    everything = Split(data=data, train=[split.all_rows(0)], valid=np.array([-1]), test=np.array([-1]))
     texts, targets = user_examples(everything, 0, history_len, examples_per_user)
     return ClientData(train_texts=texts, train_targets=np.array(targets, dtype=np.int64),
                       eval_text=held_out.eval_text, eval_target=held_out.eval_target,

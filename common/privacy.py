@@ -27,3 +27,10 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
         poisson_sampling=True, clipping="flat",
     )
     return engine, module, optimizer, loader
+
+
+def interaction_group_size(history_len: int, examples_per_user: int) -> int:
+    """How many add/remove-one-example steps separate two datasets that differ in one rating: its own
+    example, a removal plus an addition for each of up to ``history_len`` later examples whose
+    history text it appears in, and, with a most-recent window, one older example let in."""
+    return 2 * history_len + 1 + (1 if examples_per_user > 0 else 0)

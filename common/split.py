@@ -34,6 +34,11 @@ class Split:
         """Users with both a validation and a test target."""
         return np.flatnonzero(self.test >= 0)
 
+    def all_rows(self, user: int) -> np.ndarray:
+        """Every row of the user, oldest first (train, then the validation and test targets)."""
+        held = [r for r in (self.valid[user], self.test[user]) if r >= 0]
+        return np.concatenate([self.train[user], np.asarray(held, dtype=np.int64)]).astype(np.int64)
+
     def history_rows(self, user: int, split: str) -> np.ndarray:
         """Rows a user's input may use before the target of ``split``, oldest first."""
         if split == "validation":

@@ -42,10 +42,11 @@ class RunFolder:
                 rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
                 self._write_lines(path, [r for r in rows if r["round"] <= last_round])
 
-    def append(self, path: Path, row: dict) -> None:
+    def append(self, path: Path, *new_rows: dict) -> None:
+        """Add rows to a JSONL file (rewritten whole, atomically)."""
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] \
             if path.exists() else []
-        self._write_lines(path, [*rows, row])
+        self._write_lines(path, [*rows, *new_rows])
 
     @staticmethod
     def _write_lines(path: Path, rows: list[dict]) -> None:

@@ -22,12 +22,12 @@ from flwr.serverapp import Grid
 
 from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
 from common.partition import dataset_from_source, split_for
+from common.privacy import interaction_group_size
 from common.results import result_record, write_json_atomic
 from common.run_config import ConfigError, resolve
 from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
                                 weighted_mean)
 from server.artefacts import RunFolder
-from server.audit.accounting import interaction_group_size
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP
 from server.checkpoint import load_checkpoint, save_checkpoint
@@ -161,13 +161,13 @@ class Federation:
         participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
         bytes_received = 0
         destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+        wire: list[dict] = []
         for reply in replies:
             # An error the SuperLink writes for a dead node comes from the SuperLink itself (node 1):
             # the node that owed the reply is the destination of the message it answers.
             node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
             if self.cfg["wire-log"]:
-                self.folder.append(self.folder.root / "wire.jsonl", {"round": rnd, "node": node,
-                                                                     **describe_reply(reply)})
+                wire.append({"round": rnd, "node": node, **describe_reply(reply)})
             if reply.has_error():
                 counts["failed"] += 1
                 participation["failed"].append(node)
@@ -203,6 +203,8 @@ class Federation:
             log(WARNING, "round %d: %d node(s) sent no reply within round-timeout: %s", rnd, len(silent), silent[:20])
         aggregated = self._aggregate(rnd, accepted, weights)
         self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
+        if wire:
+            self.folder.append(self.folder.root / "wire.jsonl", *wire)
         eps = list(self.client_epsilon.values())
         return {
             "clients_sampled": len(sampled), "clients_replied": len(sampled) - counts["failed"],

@@ -23,6 +23,7 @@ import numpy as np
 
 from common.errors import DataFormatError
 from common.ledger import Session, composed_epsilon
+from common.privacy import interaction_group_size
 from server.central_dp import CentralDP
 
 REL_TOL = 1e-6
@@ -127,11 +128,6 @@ def _summary(values: list[float]) -> dict[str, Any]:
 GROUP_WHY = ("removing one rating removes the example it is the target of, rewrites the history text of up to "
              "{h} later examples (each a removal plus an addition) and, when examples-per-user keeps only the "
              "most recent targets, lets one older example in: datasets at most {k} examples apart")
-
-
-def interaction_group_size(history_len: int, examples_per_user: int) -> int:
-    """How many add/remove-one-example steps separate datasets that differ in one rating."""
-    return 2 * history_len + 1 + (1 if examples_per_user > 0 else 0)
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:

@@ -73,10 +73,7 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     if canaries < 2:
         raise ValueError(f"need at least 2 canaries, got {canaries}")
     t0 = time.perf_counter()
-    cfg = resolve({**(overrides or {}), "local-dp": True})
-    data = dataset_from_source(cfg["dataset"])
-    runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
-    runtime.load_state(*get_state(runtime.model))  # catalogue embeddings of the starting state
+    cfg, runtime = audit_runtime(overrides)
     client = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
     features = runtime.features(client.train_texts)
 
@@ -106,6 +103,15 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
         "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(report.seconds, 2),
     }
+
+
+def audit_runtime(overrides: dict[str, Any] | None) -> tuple[dict[str, Any], ModelRuntime]:
+    """The resolved config (local DP on) and a runtime at the starting global state, with the
+    catalogue embedded for it, as a client would hold it."""
+    cfg = resolve({**(overrides or {}), "local-dp": True})
+    runtime = ModelRuntime(dataset_from_source(cfg["dataset"]), ModelSettings.from_run_config(cfg), seed=cfg["seed"])
+    runtime.load_state(*get_state(runtime.model))
+    return cfg, runtime
 
 
 def with_broken(claimed: TrainConfig, broken: str) -> TrainConfig:

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from client.session import train_config
-from common.model_state import ModelRuntime, ModelSettings, get_state
-from common.partition import client_data, dataset_from_source, split_for
-from common.run_config import resolve
+from common.model_state import ModelRuntime
+from common.partition import client_data, split_for
 from common.training import refresh_items, train
-from server.audit.mechanism import BROKEN, session_report, with_broken
+from server.audit.mechanism import BROKEN, audit_runtime, session_report, with_broken
 
 
 def canary_texts(titles: list[str], count: int, rng: np.random.Generator, words: tuple[int, int] = (8, 20)) -> list[str]:
@@ -50,10 +49,8 @@ def run_membership_audit(overrides: dict[str, Any] | None = None, canaries: int 
     if canaries < 2 or users < 1:
         raise ValueError(f"need at least 2 canaries and 1 user, got {canaries} and {users}")
     t0 = time.perf_counter()
-    cfg = resolve({**(overrides or {}), "local-dp": True})
-    data = dataset_from_source(cfg["dataset"])
-    runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
-    runtime.load_state(*get_state(runtime.model))
+    cfg, runtime = audit_runtime(overrides)
+    data = runtime.data
     split = split_for(cfg["dataset"])
     texts: list[str] = []
     targets: list[int] = []
