@@ -46,7 +46,7 @@ class DeviceRecommender:
         self.tokenizer = load_tokenizer()
         self.encoder = TextEncoder(LoraSettings(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha))
         self.model = Recommender(self.encoder, len(self.catalogue.item_ids), scale=self.catalogue.scale,
-                                 item_bias=self.settings.item_bias)
+                                 item_bias=self.settings.item_bias, bias_scale=self.settings.item_bias_scale)
         set_state(self.model, names, arrays)
         self.model.head.item_emb.copy_(torch.as_tensor(self.catalogue.embeddings))
         self.model.eval()

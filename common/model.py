@@ -4,7 +4,11 @@ score(user, item) = scale * <u, e_item + r_item> + b_item, where
   u       = encoder(user text)                        (trainable through LoRA),
   e_item  = encoder(item text), recomputed on refresh (constant within a step, so the
             positive and all negatives are scored by the same function),
-  r_item  = optional trainable ID residual, b_item = optional trainable item bias.
+  r_item  = optional trainable ID residual, b_item = optional trainable item bias,
+            stored as b_item = bias_scale * beta_item with beta the trained (and exchanged)
+            parameter. Under DP-SGD's joint per-example clipping bias_scale sets the bias's
+            share of the clip norm: its gradient is bias_scale times larger, while the LoRA
+            gradients are not.
 Items never seen in training (``known`` False) are scored by their text alone:
 r = 0 and b = mean bias over known items.
 """
@@ -19,31 +23,39 @@ from common.encoder import TextEncoder
 
 
 class ItemBias(nn.Module):
-    """Adds one trainable bias per item to the logits."""
+    """Adds one trainable bias per item to the logits: ``scale * bias``."""
 
-    def __init__(self, num_items: int) -> None:
+    def __init__(self, num_items: int, scale: float = 1.0) -> None:
         super().__init__()
+        if not scale > 0:
+            raise ValueError(f"item bias scale must be > 0, got {scale}")
+        self.scale = float(scale)
         self.bias = nn.Parameter(torch.zeros(num_items))
 
+    def effective(self) -> torch.Tensor:
+        """The bias in logit units."""
+        return self.scale * self.bias
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.bias
+        return logits + self.effective()
 
 
 @register_grad_sampler(ItemBias)
 def _item_bias_grad_sample(layer: ItemBias, activations, backprops: torch.Tensor) -> dict:
-    # d logit_j / d bias_j = 1, so example i's gradient is its own backprop row.
-    return {layer.bias: backprops}
+    # d logit_j / d bias_j = scale, so example i's gradient is its own backprop row times scale.
+    return {layer.bias: backprops * layer.scale}
 
 
 class ItemHead(nn.Module):
     """Scores user vectors against the cached catalogue embeddings."""
 
-    def __init__(self, num_items: int, dim: int, scale: float, item_bias: bool, id_residual: bool) -> None:
+    def __init__(self, num_items: int, dim: int, scale: float, item_bias: bool, id_residual: bool,
+                 bias_scale: float = 1.0) -> None:
         super().__init__()
         self.scale = float(scale)
         self.register_buffer("item_emb", torch.zeros(num_items, dim))
         self.register_buffer("known", torch.ones(num_items, dtype=torch.bool))
-        self.bias = ItemBias(num_items) if item_bias else None
+        self.bias = ItemBias(num_items, bias_scale) if item_bias else None
         self.residual = nn.Linear(dim, num_items, bias=False) if id_residual else None
         if self.residual is not None:
             nn.init.zeros_(self.residual.weight)
@@ -66,7 +78,7 @@ class ItemHead(nn.Module):
             sims = sims + (user_vec @ self.residual.weight.T) * self.known
         scores = sims * self.scale
         if self.bias is not None:
-            b = self.bias.bias
+            b = self.bias.effective()
             fill = b[self.known].mean() if bool(self.known.any()) else torch.zeros(())
             scores = scores + torch.where(self.known, b, fill)
         return scores
@@ -76,10 +88,10 @@ class Recommender(nn.Module):
     """The trainable tower: adapted top encoder layers over cached features, then the item head."""
 
     def __init__(self, encoder: TextEncoder, num_items: int, scale: float = 20.0,
-                 item_bias: bool = True, id_residual: bool = False) -> None:
+                 item_bias: bool = True, id_residual: bool = False, bias_scale: float = 1.0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = ItemHead(num_items, encoder.dim, scale, item_bias, id_residual)
+        self.head = ItemHead(num_items, encoder.dim, scale, item_bias, id_residual, bias_scale)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.forward_features(features, attention_mask))

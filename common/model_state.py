@@ -76,6 +76,7 @@ class ModelSettings:
     lora_rank: int = 8
     lora_alpha: int = 16
     item_bias: bool = True
+    item_bias_scale: float = 1.0
     history_len: int = 5
     max_length: int = 64
     item_max_length: int = 32
@@ -84,6 +85,7 @@ class ModelSettings:
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> "ModelSettings":
         return cls(lora_rank=cfg["lora-rank"], lora_alpha=cfg["lora-alpha"], item_bias=cfg["item-bias"],
+                   item_bias_scale=cfg["item-bias-scale"],
                    history_len=cfg["history-len"], max_length=cfg["max-length"],
                    item_max_length=cfg["item-max-length"])
 
@@ -107,7 +109,8 @@ class ModelRuntime:
         self.data, self.settings = data, settings
         self.tokenizer = load_tokenizer()
         self.encoder = TextEncoder(LoraSettings(rank=settings.lora_rank, alpha=settings.lora_alpha))
-        self.model = Recommender(self.encoder, data.num_items, scale=settings.scale, item_bias=settings.item_bias)
+        self.model = Recommender(self.encoder, data.num_items, scale=settings.scale, item_bias=settings.item_bias,
+                                bias_scale=settings.item_bias_scale)
         self._item_features: FeatureSet | None = None
         self._items_for: str | None = None
 

@@ -32,7 +32,7 @@ class CataloguePublisher:
         cat = PublishedCatalogue(
             item_ids=[it.item_id for it in items], texts=self.runtime.data.item_texts(),
             embeddings=head.item_emb.detach().numpy().copy(),
-            bias=head.bias.bias.detach().numpy().copy() if head.bias is not None else None,
+            bias=head.bias.effective().detach().numpy().copy() if head.bias is not None else None,
             state_digest=digest, run_id=self.run_id, round=rnd, scale=head.scale)
         self.data = catalogue_bytes(cat)
         self.sha256 = sha256_hex(self.data)

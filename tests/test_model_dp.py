@@ -99,6 +99,35 @@ def test_per_example_gradient_is_independent_of_the_batch(encoder, feats):
     assert any(not torch.allclose(a[n][1], b[n][1]) for n in a)
 
 
+@pytest.mark.parametrize("bias_scale", [1.0, 10.0])
+def test_scaled_item_bias_per_example_gradient_matches_autograd(encoder, feats, bias_scale):
+    user_feats, item_feats = feats
+    from common.training import refresh_items
+
+    model = Recommender(encoder, len(ITEMS), item_bias=True, bias_scale=bias_scale)
+    refresh_items(model, item_feats)
+    with torch.no_grad():
+        model.head.bias.bias.copy_(torch.linspace(-0.2, 0.3, len(ITEMS)))
+    targets = np.array([2, 0, 5, 1])
+    grads = _per_sample_grads(model, user_feats, targets, [0, 1, 2, 3])
+    opacus_grads = next(g for n, g in grads.items() if n.endswith("head.bias.bias"))
+    for row in range(4):
+        model.zero_grad()
+        f, m = user_feats.batch(torch.as_tensor([row]))
+        torch.nn.functional.cross_entropy(model(f, m), torch.as_tensor(targets[[row]])).backward()
+        assert torch.allclose(opacus_grads[row], model.head.bias.bias.grad, atol=1e-6)
+        # d loss / d beta = scale * (softmax - onehot): the scale raises the bias's share of the clip norm
+        probs = torch.softmax(model(f, m).detach()[0], dim=0)
+        expected = bias_scale * (probs - torch.nn.functional.one_hot(torch.as_tensor(targets[row]), len(ITEMS)))
+        assert torch.allclose(model.head.bias.bias.grad, expected, atol=1e-5)
+    # ranking scores add the bias in logit units, scale * beta
+    f, m = user_feats.batch(torch.arange(2))
+    with torch.no_grad():
+        user = model.encoder.forward_features(f, m)
+        expected = model.head.scale * user @ model.head.item_emb.T + bias_scale * model.head.bias.bias
+    assert torch.allclose(model.head.score(user), expected, atol=1e-5)
+
+
 def test_dp_step_changes_lora_and_stays_finite(encoder, feats):
     user_feats, item_feats = feats
     model = Recommender(encoder, len(ITEMS), item_bias=True)

@@ -1,0 +1,127 @@
+"""Federated quality benchmark: named configurations over seeds through the real Flower simulation.
+
+    python -m simulations.bench_federated default [--seeds 0,1,2] [--central-dp]
+
+Each run is ``bash scripts/simulate.sh`` (``flwr run .`` on Flower's simulation runtime,
+all 943 MovieLens-100K users as clients) with the configuration's overrides, ``seed`` and a
+``run-name`` of ``<config>[-central]-seed<seed>``. The run's small artefacts (config,
+metrics, rounds, PROTOCOL result, plots; not the ledgers or checkpoints) are copied to
+``--keep`` and the table printed compares what was measured with the issue's targets:
+popularity's test NDCG@10 and 80% of the central non-private LoRA's (both read from the
+PROTOCOL result files of ``privrec baseline all``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Run-config overrides of each named configuration (the defaults are pyproject's).
+CONFIGS: dict[str, str] = {
+    "default": "",
+}
+CENTRAL_DP = "central-dp=true central-clip=10.0"
+KEPT = ("config.json", "metrics.jsonl", "rounds.jsonl", "result.json", "quality.png", "epsilon.png")
+
+
+def _baseline_ndcg(folder: Path, method: str) -> float | None:
+    values = [json.loads(f.read_text())["metrics"]["NDCG@10"] for f in sorted(folder.glob(f"{method}-seed*-test.json"))]
+    return float(np.mean(values)) if values else None
+
+
+def _run(config: str, seed: int, central: bool, runs: Path) -> Path:
+    name = f"{config}{'-central' if central else ''}-seed{seed}"
+    folder = runs / name
+    if (folder / "result.json").exists():
+        raise typer.BadParameter(f"{folder} already holds a finished run; move it away to measure again")
+    overrides = " ".join(x for x in (CONFIGS[config], CENTRAL_DP if central else "", f"seed={seed}",
+                                     f'run-name="{name}"') if x)
+    if folder.exists():  # an interrupted earlier attempt: continue it from its checkpoint
+        overrides += " resume=true"
+    subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides], cwd=ROOT, check=True)
+    if not (folder / "result.json").exists():
+        raise RuntimeError(f"{folder}: the run ended without result.json")
+    return folder
+
+
+def _keep(run_folder: Path, keep: Path) -> Path:
+    dest = keep / run_folder.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        if (run_folder / name).exists():
+            shutil.copy2(run_folder / name, dest / name)
+    return dest
+
+
+def _fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
+         seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+         central_dp: bool = typer.Option(False, help=f"add user-level central DP ({CENTRAL_DP})"),
+         runs: Path = typer.Option(ROOT / "runs", help="where scripts/simulate.sh writes run folders"),
+         keep: Path = typer.Option(ROOT / "simulations" / "results" / "federated", help="where artefacts are copied"),
+         baselines: Path = typer.Option(ROOT / "simulations" / "results" / "ml100k-baselines",
+                                        help="PROTOCOL result files of the central baselines"),
+         report_only: Optional[bool] = typer.Option(False, help="only print the table of runs already kept")) -> None:
+    """Run CONFIG for each seed and print test NDCG@10 against the targets."""
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"config {config!r}: expected one of {sorted(CONFIGS)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    console = Console(width=150)
+    results = []
+    for seed in seed_list:
+        name = f"{config}{'-central' if central_dp else ''}-seed{seed}"
+        kept = keep / name
+        if not report_only:
+            kept = _keep(_run(config, seed, central_dp, runs), keep)
+        if not (kept / "result.json").exists():
+            raise typer.BadParameter(f"{kept}: no result.json (run it first)")
+        results.append((name, json.loads((kept / "result.json").read_text())))
+
+    table = Table(title=f"federated '{config}'{' + central DP' if central_dp else ''}: "
+                        f"{CONFIGS[config] or 'pyproject defaults'}")
+    for col in ("run", "wall s", "test NDCG@10", "test HR@10", "example ε max", "user ε"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    ndcg, hr = [], []
+    for name, r in results:
+        p = r["privacy"]
+        ndcg.append(r["metrics"]["NDCG@10"])
+        hr.append(r["metrics"]["HR@10"])
+        example_eps = f"{p['epsilon']:.2f}" if p.get("unit") == "example" else "-"
+        user_eps = f"{p['user_epsilon']:.2f} (δ {p['user_delta']:g})" if p.get("user_epsilon") is not None else "-"
+        table.add_row(name, f"{r['wall_seconds']:.0f}", f"{ndcg[-1]:.4f}", f"{hr[-1]:.4f}", example_eps, user_eps)
+    table.add_row("mean ± std", "", _fmt(ndcg), _fmt(hr), "", "")
+    console.print(table)
+    popularity = _baseline_ndcg(baselines, "popularity")
+    central = _baseline_ndcg(baselines, "central")
+    mean = float(np.mean(ndcg))
+    if popularity is not None:
+        console.print(f"popularity test NDCG@10 {popularity:.4f}: "
+                      f"{'beaten' if mean > popularity else 'NOT beaten'} (mean {mean:.4f})")
+    if central is not None:
+        console.print(f"80% of central non-private test NDCG@10 ({central:.4f}) = {0.8 * central:.4f}: "
+                      f"{'reached' if mean >= 0.8 * central else 'NOT reached'} (mean {mean:.4f}, "
+                      f"{mean / central:.0%} of central)")
+
+
+if __name__ == "__main__":
+    typer.run(main)
