@@ -30,7 +30,7 @@ class PublishedCatalogue:
     item_ids: list[str]
     texts: list[str]
     embeddings: np.ndarray  # float32 [items, dim]
-    bias: np.ndarray | None  # float32 [items], None when the model has no item bias
+    bias: np.ndarray | None  # float32 [items] in logit units (item-bias-scale x the exchanged parameter); None without a bias
     state_digest: str  # which global state these embeddings belong to
     run_id: str
     round: int

@@ -76,7 +76,7 @@ class ModelSettings:
     lora_rank: int = 8
     lora_alpha: int = 16
     item_bias: bool = True
-    item_bias_scale: float = 1.0
+    item_bias_scale: float = 1.0  # 1 = plain bias; device states saved before the knob existed load as 1
     history_len: int = 5
     max_length: int = 64
     item_max_length: int = 32

@@ -148,7 +148,8 @@ HELP: dict[str, str] = {
     "batch-size": "expected local batch size (Poisson rate 1/ceil(n/batch-size))",
     "local-optimizer": "adam or sgd on the client",
     "learning-rate": "client learning rate for the LoRA adapters",
-    "item-learning-rate": "client learning rate for the item bias",
+    "item-learning-rate": ("client learning rate for the item bias parameter (in logit units the step is "
+                           "item-bias-scale squared times this with SGD)"),
     "lora-rank": "LoRA rank",
     "lora-alpha": "LoRA alpha",
     "item-bias": "train and exchange a per-item bias (new items fall back to text only)",

@@ -63,6 +63,10 @@ def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+# Keys added after runs were already stored, with the value that reproduces those runs.
+_LEGACY_DEFAULTS = {"item-bias-scale": 1.0}
+
+
 class Federation:
     """One federated run, resumable from its run folder."""
 
@@ -101,6 +105,7 @@ class Federation:
             import json
 
             old = json.loads(self.folder.config.read_text(encoding="utf-8"))
+            old = {**_LEGACY_DEFAULTS, **old}  # run folders written before a key existed
             changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
             if changed:
                 raise ConfigError(f"resume: run config differs from the stored run in {changed}")

@@ -74,7 +74,6 @@ def _fmt(values: list[float], digits: int = 4) -> str:
 def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
          central_dp: bool = typer.Option(False, help=f"add user-level central DP ({CENTRAL_DP})"),
-         runs: Path = typer.Option(ROOT / "runs", help="where scripts/simulate.sh writes run folders"),
          keep: Path = typer.Option(ROOT / "simulations" / "results" / "federated", help="where artefacts are copied"),
          baselines: Path = typer.Option(ROOT / "simulations" / "results" / "ml100k-baselines",
                                         help="PROTOCOL result files of the central baselines"),
@@ -88,6 +87,7 @@ def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
         raise typer.BadParameter(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     console = Console(width=150)
     results = []
+    runs = ROOT / "runs"  # scripts/simulate.sh writes run folders there
     for seed in seed_list:
         name = f"{config}{'-central' if central_dp else ''}-seed{seed}"
         kept = keep / name
@@ -114,6 +114,11 @@ def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
     popularity = _baseline_ndcg(baselines, "popularity")
     central = _baseline_ndcg(baselines, "central")
     mean = float(np.mean(ndcg))
+    if len(ndcg) < 3:
+        console.print(f"[yellow]{len(ndcg)} seed(s): the issue's targets are judged on the mean of 3 seeds[/yellow]")
+    over = [name for name, r in results if r["privacy"].get("unit") == "example" and r["privacy"]["epsilon"] > 8.0]
+    if over:
+        console.print(f"[yellow]example-level ε above 8 in {over}: outside the longer target's condition[/yellow]")
     if popularity is not None:
         console.print(f"popularity test NDCG@10 {popularity:.4f}: "
                       f"{'beaten' if mean > popularity else 'NOT beaten'} (mean {mean:.4f})")

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from common.ledger import composed_epsilon, Session
-from common.run_config import ConfigError
+from common.run_config import ConfigError, resolve
 from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid, state_of
 
@@ -156,3 +156,15 @@ def test_a_client_error_becomes_a_refusal_without_its_details(small_run_config):
     assert row["clients_refused"] == 1 and row["clients_accepted"] == 6
     [reason] = [r.content["status"]["reason"] for r in grid.replies if "status" in r.content.config_records]
     assert "ValueError" in reason and "partition-id" not in reason
+
+
+def test_a_run_stored_before_item_bias_scale_existed_resumes_only_at_scale_1(small_run_config):
+    folder = Path(small_run_config["output-dir"]) / small_run_config["run-name"]
+    folder.mkdir(parents=True)
+    stored = {k: v for k, v in resolve(small_run_config).items() if k != "item-bias-scale"}
+    (folder / "config.json").write_text(json.dumps(stored))
+    at_default = dict(small_run_config, resume=True)  # the default scale, 10, is not what that run used
+    with pytest.raises(ConfigError, match="item-bias-scale"):
+        Federation(InProcessGrid(6, at_default), at_default)
+    at_one = dict(at_default, **{"item-bias-scale": 1.0})
+    Federation(InProcessGrid(6, at_one), at_one)  # accepted: a run without the key used a plain bias
