@@ -9,6 +9,7 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 
 from __future__ import annotations
 
+import json
 import time
 from importlib.metadata import version
 from logging import INFO, WARNING
@@ -102,9 +103,13 @@ class Federation:
             if not exists:
                 raise ConfigError(f"resume=true but {self.folder.config} does not exist (run-name "
                                   f"{self.cfg['run-name']!r})")
-            import json
-
-            old = json.loads(self.folder.config.read_text(encoding="utf-8"))
+            try:
+                old = json.loads(self.folder.config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"resume: {self.folder.config} cannot be read as the stored run config "
+                                  f"(expected a JSON object): {exc}") from exc
+            if not isinstance(old, dict):
+                raise ConfigError(f"resume: {self.folder.config} holds {type(old).__name__}, expected a JSON object")
             old = {**_LEGACY_DEFAULTS, **old}  # run folders written before a key existed
             changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
             if changed:

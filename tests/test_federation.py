@@ -168,3 +168,12 @@ def test_a_run_stored_before_item_bias_scale_existed_resumes_only_at_scale_1(sma
         Federation(InProcessGrid(6, at_default), at_default)
     at_one = dict(at_default, **{"item-bias-scale": 1.0})
     Federation(InProcessGrid(6, at_one), at_one)  # accepted: a run without the key used a plain bias
+
+
+def test_resume_from_an_unreadable_stored_config_names_the_file(small_run_config):
+    folder = Path(small_run_config["output-dir"]) / small_run_config["run-name"]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"seed": 0,')  # cut short by a crash
+    cfg = dict(small_run_config, resume=True)
+    with pytest.raises(ConfigError, match="config.json"):
+        Federation(InProcessGrid(6, cfg), cfg)
