@@ -56,6 +56,10 @@ def baseline(
     cold_start: bool = typer.Option(True, help="also train/evaluate the cold-start variant"),
     epochs: Optional[float] = typer.Option(None, help="training epochs (default: the config's)"),
     examples_per_user: Optional[int] = typer.Option(None, help="recent train targets per user (0: all)"),
+    item_bias_scale: Optional[float] = typer.Option(
+        None, help="item bias scale of both trained methods (default: 1 central, 10 central-dp)"),
+    item_learning_rate: Optional[float] = typer.Option(
+        None, help="learning rate of the item bias (default: the config's; per trained method otherwise)"),
     data: Optional[Path] = typer.Option(None, help="GroupLens ml-100k/ folder or RecBole atomic folder"),
     events: Optional[Path] = typer.Option(None, help="generic events JSONL"),
     catalogue: Optional[Path] = typer.Option(None, help="generic catalogue JSONL"),
@@ -79,6 +83,12 @@ def baseline(
         cfg.train.epochs = cfg.dp_train.epochs = epochs
     if examples_per_user is not None:
         cfg.examples_per_user = examples_per_user
+    if item_bias_scale is not None:
+        if not item_bias_scale > 0:
+            raise typer.BadParameter(f"--item-bias-scale must be > 0, got {item_bias_scale}")
+        cfg.item_bias_scale = cfg.dp_item_bias_scale = item_bias_scale
+    if item_learning_rate is not None:
+        cfg.train.item_learning_rate = cfg.dp_train.item_learning_rate = item_learning_rate
     runner = BaselineRunner(dataset, cfg)
     plan = [(method, seed)] if method != "all" else (
         [("popularity", 0), ("zeroshot", 0)]

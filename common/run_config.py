@@ -18,6 +18,7 @@ __all__ = ["ConfigError", "DEFAULTS", "HELP", "resolve"]
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 8,
     "clients-per-round": 100,
+    "client-sampling": "auto",
     "evaluate-clients": 100,
     "eval-every": 4,
     "local-epochs": 1.0,
@@ -63,6 +64,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "budget-policy": ("truncate", "refuse"),
     "strategy": ("fedavg", "fedadam"),
     "local-optimizer": ("adam", "sgd"),
+    "client-sampling": ("auto", "cyclic", "uniform", "poisson"),
 }
 
 # (lower bound, upper bound, lower inclusive) for numeric keys
@@ -118,6 +120,17 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def _sampling_scheme(cfg: Mapping[str, Any]) -> str:
+    """The concrete client sampling scheme: ``auto`` is Poisson under central DP, else cyclic."""
+    scheme = cfg["client-sampling"]
+    if cfg["central-dp"]:
+        if scheme not in ("auto", "poisson"):
+            raise ConfigError(f"run config 'client-sampling': {scheme!r} cannot be used with central-dp=true, "
+                              "whose accountant models Poisson client sampling (expected 'auto' or 'poisson')")
+        return "poisson"
+    return "cyclic" if scheme == "auto" else scheme
+
+
 def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults overridden by ``run_config``, each value type- and range-checked."""
     given = dict(run_config or {})
@@ -134,6 +147,7 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
         if not ok:
             bound = f"{'>=' if lo_inclusive else '>'} {lo:g} and <= {hi:g}"
             raise ConfigError(f"run config '{key}': {v!r} is out of range (expected {bound})")
+    cfg["client-sampling"] = _sampling_scheme(cfg)
     if cfg["dataset"] != "recbole" and not cfg["dataset"]:
         raise ConfigError("run config 'dataset': expected 'recbole' or a path to an ml-100k folder")
     return cfg
@@ -141,7 +155,10 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 HELP: dict[str, str] = {
     "num-server-rounds": "federated rounds",
-    "clients-per-round": "clients sampled per round (the expected number under central DP's Poisson sampling)",
+    "clients-per-round": "clients sampled per round (the expected number under Poisson sampling)",
+    "client-sampling": ("auto (poisson under central DP, else cyclic), cyclic (every client once per pass over "
+                        "the population, in a fresh random order each pass), uniform (a fresh uniform sample "
+                        "each round) or poisson (each client independently at rate clients-per-round / N)"),
     "evaluate-clients": "clients asked to score their own held-out item when the model is evaluated",
     "eval-every": "server-side PROTOCOL evaluation every this many rounds (and after the last)",
     "local-epochs": "passes over a client's examples per session",

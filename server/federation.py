@@ -39,14 +39,32 @@ from server.validation import adapter_specs, describe_reply, validate_reply
 _RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients"}
 
 
-def sample_clients(node_ids: list[int], cfg: dict[str, Any], rng: np.random.Generator) -> list[int]:
-    """Poisson sampling (rate clients-per-round / N) under central DP, else a uniform fixed-size sample."""
+def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.Generator) -> list[int]:
+    """The clients of round ``rnd`` (1-based) under the run's ``client-sampling`` scheme.
+
+    cyclic: the population is walked in passes, each in a fresh order drawn from (seed, pass); round
+    ``rnd`` takes the next ``clients-per-round`` positions, so no client trains twice before every client
+    has trained once (a round that straddles two passes drops a repeated client). uniform: a fresh
+    fixed-size sample from ``rng``. poisson: each client independently at rate clients-per-round / N
+    from ``rng`` (what the central-DP accountant models).
+    """
     n = len(node_ids)
     k = min(cfg["clients-per-round"], n)
-    if cfg["central-dp"]:
+    scheme = cfg["client-sampling"]
+    if scheme == "poisson":
         return [nid for nid in node_ids if rng.random() < k / n]
     # Choose positions, not ids: node ids are uint64 and numpy would round them through float64.
-    return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
+    if scheme == "uniform":
+        return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
+    if scheme != "cyclic":
+        raise ConfigError(f"run config 'client-sampling': {scheme!r} is not a concrete scheme")
+    start = (rnd - 1) * k
+    chosen: set[int] = set()
+    for first_pass in range(start // n, (start + k - 1) // n + 1):
+        order = np.random.default_rng([cfg["seed"], first_pass, 2]).permutation(n)
+        lo, hi = max(start, first_pass * n), min(start + k, (first_pass + 1) * n)
+        chosen.update(int(i) for i in order[lo - first_pass * n: hi - first_pass * n])
+    return sorted(node_ids[i] for i in chosen)
 
 
 def _mean_loss(losses: list[float], weights: list[float]) -> float | None:
@@ -110,7 +128,9 @@ class Federation:
                                   f"(expected a JSON object): {exc}") from exc
             if not isinstance(old, dict):
                 raise ConfigError(f"resume: {self.folder.config} holds {type(old).__name__}, expected a JSON object")
-            old = {**_LEGACY_DEFAULTS, **old}  # run folders written before a key existed
+            # run folders written before a key existed; before client-sampling, runs sampled a
+            # uniform fixed-size set each round (Poisson under central DP)
+            old = {**_LEGACY_DEFAULTS, "client-sampling": "poisson" if old.get("central-dp") else "uniform", **old}
             changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
             if changed:
                 raise ConfigError(f"resume: run config differs from the stored run in {changed}")
@@ -161,7 +181,7 @@ class Federation:
         # Under central DP, who is sampled and the noise must be secret: an rng derived from the
         # (public) seed would let anyone replay them. Otherwise sampling is reproducible.
         rng = self._secret_rng if cfg["central-dp"] else np.random.default_rng([cfg["seed"], rnd])
-        sampled = sample_clients(self.nodes, cfg, rng)
+        sampled = sample_clients(self.nodes, cfg, rnd, rng)
         content = self._content(rnd)
         messages = [Message(content=RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN)
                     for nid in sampled]

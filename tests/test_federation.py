@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.ledger import composed_epsilon, Session
 from common.run_config import ConfigError, resolve
-from server.federation import Federation
+from server.federation import Federation, sample_clients
 from simulations.inprocess_grid import InProcessGrid, state_of
 
 
@@ -161,13 +161,41 @@ def test_a_client_error_becomes_a_refusal_without_its_details(small_run_config):
 def test_a_run_stored_before_item_bias_scale_existed_resumes_only_at_scale_1(small_run_config):
     folder = Path(small_run_config["output-dir"]) / small_run_config["run-name"]
     folder.mkdir(parents=True)
-    stored = {k: v for k, v in resolve(small_run_config).items() if k != "item-bias-scale"}
+    stored = {k: v for k, v in resolve(small_run_config).items() if k not in ("item-bias-scale", "client-sampling")}
     (folder / "config.json").write_text(json.dumps(stored))
-    at_default = dict(small_run_config, resume=True)  # the default scale, 10, is not what that run used
-    with pytest.raises(ConfigError, match="item-bias-scale"):
+    # the defaults (scale 10, cyclic sampling) are not what that run used
+    at_default = dict(small_run_config, resume=True)
+    with pytest.raises(ConfigError, match=r"client-sampling.*item-bias-scale"):
         Federation(InProcessGrid(6, at_default), at_default)
-    at_one = dict(at_default, **{"item-bias-scale": 1.0})
-    Federation(InProcessGrid(6, at_one), at_one)  # accepted: a run without the key used a plain bias
+    as_stored = dict(at_default, **{"item-bias-scale": 1.0, "client-sampling": "uniform"})
+    Federation(InProcessGrid(6, as_stored), as_stored)  # accepted: what a run without the keys used
+
+
+def test_cyclic_sampling_trains_every_client_once_before_any_twice():
+    nodes = [2**63 + 5 * i for i in range(10)]  # uint64 ids beyond float64's exact range
+    cfg = resolve({"clients-per-round": 5, "seed": 3})
+    assert cfg["client-sampling"] == "cyclic"
+    rounds = [sample_clients(nodes, cfg, rnd, np.random.default_rng(rnd)) for rnd in range(1, 5)]
+    assert sorted(rounds[0] + rounds[1]) == sorted(nodes)  # first pass: every client exactly once
+    assert sorted(rounds[2] + rounds[3]) == sorted(nodes)  # second pass, in a fresh order
+    assert rounds[2:] != rounds[:2]
+    # deterministic in (seed, round), whatever rng is passed: a resumed run samples the same clients
+    assert rounds == [sample_clients(nodes, cfg, rnd, None) for rnd in range(1, 5)]
+    assert rounds != [sample_clients(nodes, dict(cfg, seed=4), rnd, None) for rnd in range(1, 5)]
+    # a round that straddles two passes has no repeated client, and the first pass still covers everyone
+    cfg4 = dict(cfg, **{"clients-per-round": 4})
+    r1, r2, r3 = (sample_clients(nodes, cfg4, rnd, None) for rnd in (1, 2, 3))
+    assert len(set(r1 + r2)) == 8 and set(r1 + r2 + r3) == set(nodes) and len(r3) == len(set(r3))
+
+
+def test_sampling_scheme_follows_central_dp():
+    assert resolve({"central-dp": True})["client-sampling"] == "poisson"
+    assert resolve({"client-sampling": "uniform"})["client-sampling"] == "uniform"
+    with pytest.raises(ConfigError, match="client-sampling.*Poisson"):
+        resolve({"central-dp": True, "client-sampling": "cyclic"})
+    nodes = list(range(1000))
+    picked = sample_clients(nodes, resolve({"central-dp": True}), 1, np.random.default_rng(0))
+    assert 50 < len(picked) < 150  # Poisson at rate 100 / 1000: the count varies
 
 
 def test_resume_from_an_unreadable_stored_config_names_the_file(small_run_config):
