@@ -17,7 +17,7 @@ __all__ = ["ConfigError", "DEFAULTS", "HELP", "resolve"]
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 8,
-    "clients-per-round": 100,
+    "clients-per-round": 118,
     "client-sampling": "auto",
     "evaluate-clients": 100,
     "eval-every": 4,
@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "item-max-length": 32,
     "examples-per-user": 20,
     "local-dp": True,
-    "noise-multiplier": 1.0,
+    "noise-multiplier": 0.64,
     "max-grad-norm": 1.0,
     "delta": 1e-5,
     "accountant": "rdp",
