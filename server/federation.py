@@ -82,8 +82,12 @@ def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-# Keys added after runs were already stored, with the value that reproduces those runs.
-_LEGACY_DEFAULTS = {"item-bias-scale": 1.0}
+def _with_legacy_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the keys added since filled in with the values that reproduce that run:
+    a plain item bias, and the sampling used before client-sampling existed (uniform each round,
+    Poisson under central DP)."""
+    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform"}
+    return {**legacy, **stored}
 
 
 class Federation:
@@ -128,9 +132,7 @@ class Federation:
                                   f"(expected a JSON object): {exc}") from exc
             if not isinstance(old, dict):
                 raise ConfigError(f"resume: {self.folder.config} holds {type(old).__name__}, expected a JSON object")
-            # run folders written before a key existed; before client-sampling, runs sampled a
-            # uniform fixed-size set each round (Poisson under central DP)
-            old = {**_LEGACY_DEFAULTS, "client-sampling": "poisson" if old.get("central-dp") else "uniform", **old}
+            old = _with_legacy_keys(old)
             changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
             if changed:
                 raise ConfigError(f"resume: run config differs from the stored run in {changed}")
