@@ -51,3 +51,16 @@ def test_key_value_overrides_parse_like_flwr_run_config():
                    "learning-rate": 0.5}
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["num-server-rounds"])
+
+
+def test_every_federated_benchmark_preset_is_a_valid_run_config():
+    """A preset with a misspelt key or a bad value would only fail after minutes of setup."""
+    from common.run_config import parse_overrides
+    from simulations.bench_federated import CENTRAL_DP, CONFIGS
+
+    for name, overrides in CONFIGS.items():
+        for extra in ("", CENTRAL_DP):
+            cfg = resolve(parse_overrides((overrides + " " + extra).split()))
+            assert cfg["client-epsilon-budget"] == DEFAULTS["client-epsilon-budget"], name
+    with pytest.raises(ConfigError, match="num-server-round"):
+        resolve(parse_overrides("num-server-round=3".split()))
