@@ -30,7 +30,7 @@ def main(out: Path = typer.Option(Path("simulations/results/audits"), help="fold
 
     # Client DP-SGD audited at noise 1.0, where the accountant's epsilon is within what the
     # canaries can prove (docs/privacy-audits.md); the default 0.64 would put it above that.
-    noise = {"noise-multiplier": 1.0}
+    noise = {"noise-multiplier": 1.0, "batch-size": 20}
     plan = [("mechanism", b, lambda b=b: run_mechanism_audit(noise, broken=b)) for b in ("none", "noise-off", "clip-off")]
     plan += [("membership", b, lambda b=b: run_membership_audit(noise, broken=b)) for b in ("none", "noise-off")]
     if not skip_clients:

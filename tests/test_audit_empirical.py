@@ -27,14 +27,15 @@ def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
     assert rows[2].shape == (2, 4) and rows[2][0][7 - 6] == 5.0 and rows[2].abs().sum() == 5.0
 
 
-# Noise 1.0, not the default 0.64: there the audited session's accountant epsilon (about 1.6) is
+# Noise 1.0 and batch 20, not the defaults 0.64 and 1000 (one full-batch step): there the audited session's accountant epsilon (about 1.6) is
 # below what 2,000 canaries can prove (largest reachable about 4.2; a broken setup scores about
 # 2.9), so a broken setup is caught. At 0.64 it is about 5.1, above the largest reachable bound.
 AUDITED_NOISE = 1.0
+AUDITED_BATCH = 20
 
 
 def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
-    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE}, canaries=2000)
+    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH}, canaries=2000)
     assert REQUIRED <= set(report)
     assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
@@ -49,7 +50,8 @@ def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
 @pytest.mark.parametrize("broken", ["noise-off", "clip-off"])
 def test_mechanism_audit_catches_a_broken_setup(broken, tmp_path):
     result = CliRunner().invoke(app, ["audit-empirical", "mechanism", "--broken", broken, "--out", str(tmp_path),
-                                      "--set", f"noise-multiplier={AUDITED_NOISE}"])
+                                      "--set", f"noise-multiplier={AUDITED_NOISE}",
+                                      "--set", f"batch-size={AUDITED_BATCH}"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / f"audit-mechanism-{broken}.json").read_text())
     assert REQUIRED <= set(report)

@@ -194,7 +194,7 @@ def test_sampling_scheme_follows_central_dp():
     with pytest.raises(ConfigError, match="client-sampling.*Poisson"):
         resolve({"central-dp": True, "client-sampling": "cyclic"})
     nodes = list(range(1000))
-    picked = sample_clients(nodes, resolve({"central-dp": True}), 1, np.random.default_rng(0))
+    picked = sample_clients(nodes, resolve({"central-dp": True, "clients-per-round": 100}), 1, np.random.default_rng(0))
     assert 50 < len(picked) < 150  # Poisson at rate 100 / 1000: the count varies
 
 
