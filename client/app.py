@@ -1,8 +1,10 @@
 """privrec ClientApp (Flower Message API): DP training and evaluation on one user's own data.
 
-What a reply may hold is fixed here: the model-state tensors (adapters and item
-bias, in the exchange order), numeric metrics, and on refusal a reason the client
-wrote itself. No text, no item ids, no per-example values leave the client.
+What a reply may hold is fixed by :mod:`common.wire`: the model-state tensors (adapters and
+item bias, in the exchange order) after a DP-SGD session, the session's public mechanism
+parameters, a noisy evaluation release, or a refusal with a fixed reason code. The device's
+privacy policy comes from its node config (:class:`common.device_policy.DevicePolicy`), never
+from the run config, which only states what a run asks for.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client.device_state import save_global_state, store_catalogue, write_device_info
-from client.session import run_session
+from client.evaluation import run_evaluation
+from client.session import SessionResult, run_session
 from common.dataset import Dataset
 from common.errors import DataFormatError
-from common.metrics import metrics_from_ranks, target_rank
+from common.device_policy import DevicePolicy
 from common.model_state import ModelRuntime, ModelSettings, state_digest
 from common.partition import ClientData, client_data, dataset_from_source, device_client_data, device_dataset, split_for
 from common.run_config import resolve
@@ -48,8 +51,9 @@ def _device_runtime(data_path: str, settings: ModelSettings, data: Dataset) -> M
 
 
 def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData, Path, ModelRuntime]:
-    """Client id, its data, its persistent state folder, and a runtime holding the received global
-    state (simulation: the partition-id's user; deployment: the device's data-path)."""
+    """Client id, its data, its ledger folder, and a runtime holding the received global state
+    (simulation: the partition-id's user, ledgers in ``ledger-dir`` or the run folder's
+    ``clients/``; deployment: the device's data-path, ledger in its own state-dir)."""
     node = context.node_config
     settings = ModelSettings.from_run_config(cfg)
     server_config = msg.content["config"]
@@ -70,7 +74,8 @@ def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData
     data = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
     runtime = _runtime(cfg["dataset"], settings)
     runtime.load_state(names, arrays)
-    return f"user-{user}", data, Path(str(server_config["run-dir"])) / "clients", runtime
+    ledgers = Path(cfg["ledger-dir"]) if cfg["ledger-dir"] else Path(str(server_config["run-dir"])) / "clients"
+    return f"user-{user}", data, ledgers, runtime
 
 
 def _keep_on_device(msg: Message, runtime: ModelRuntime, state_dir: Path, names: list[str],
@@ -100,61 +105,55 @@ def _global_state(msg: Message) -> tuple[list[str], list[np.ndarray]]:
     return names, [record[k].numpy() for k in names]
 
 
-def _refusal(msg: Message, exc: Exception) -> Message:
-    """Reply to a failure on the device without its message, which may quote local data.
+def _reply(msg: Message, result: SessionResult) -> Message:
+    """The reply message of a session or evaluation result (fields of :mod:`common.wire` only)."""
+    content = RecordDict({"metrics": MetricRecord(result.metrics)})
+    if result.refused:
+        content["status"] = ConfigRecord({"refused": True, "reason": result.reason})
+    elif result.arrays:
+        content["arrays"] = ArrayRecord({n: Array(a) for n, a in zip(result.names, result.arrays)})
+    return Message(content=content, reply_to=msg)
 
-    The full error (file, line, field) is logged on the device only; the server learns
-    the error class and counts the reply as a refusal.
-    """
+
+def _failure(msg: Message, exc: Exception) -> Message:
+    """A refusal for a failure on the device; the details (which may quote local data) stay in the
+    device's own log, the server learns only the fixed code ``client-error``."""
     log(ERROR, "privrec client: %s: %s", type(exc).__name__, exc)
-    reason = f"client error {type(exc).__name__}; the details are in the device's log"
-    return Message(content=RecordDict({"metrics": MetricRecord({"refused": 1.0, "num-examples": 0.0}),
-                                       "status": ConfigRecord({"refused": True, "reason": reason})}),
-                   reply_to=msg)
+    return _reply(msg, SessionResult(refused=True, reason="client-error", metrics={"refused": 1.0}))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD on the global state; reply with the new state or a refusal."""
     try:
-        return _train(msg, context)
+        return _reply(msg, _train(msg, context))
     except Exception as exc:  # noqa: BLE001 - any failure becomes a refusal, never a crash loop
-        return _refusal(msg, exc)
+        return _failure(msg, exc)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """HR@10 / NDCG@10 of the global state on this client's own held-out item."""
+    """A DP release of HR@10 / NDCG@10 of the global state on this client's own held-out item."""
     try:
-        return _evaluate(msg, context)
+        return _reply(msg, _evaluate(msg, context))
     except Exception as exc:  # noqa: BLE001
-        return _refusal(msg, exc)
+        return _failure(msg, exc)
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _train(msg: Message, context: Context) -> SessionResult:
     cfg = resolve(context.run_config)
+    policy = DevicePolicy.from_node_config(context.node_config)
     server_config = msg.content["config"]
-    client_id, data, state_dir, runtime = _prepare(msg, context, cfg)
-    result = run_session(runtime, data, cfg, state_dir, client_id, run_id=str(server_config["run-id"]),
-                         server_round=int(server_config["server-round"]), node_id=int(context.node_id))
-    content = RecordDict({"metrics": MetricRecord(result.metrics)})
-    if result.refused:
-        content["status"] = ConfigRecord({"refused": True, "reason": result.reason})
-    else:
-        content["arrays"] = ArrayRecord({n: Array(a) for n, a in zip(result.names, result.arrays)})
-    return Message(content=content, reply_to=msg)
+    client_id, data, ledgers, runtime = _prepare(msg, context, cfg)
+    return run_session(runtime, data, cfg, ledgers, client_id, run_id=str(server_config["run-id"]),
+                       server_round=int(server_config["server-round"]), node_id=int(context.node_id), policy=policy)
 
 
-def _evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(msg: Message, context: Context) -> SessionResult:
     cfg = resolve(context.run_config)
-    _, data, _, runtime = _prepare(msg, context, cfg)
-    if data.eval_target is None:
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0})}), reply_to=msg)
-    feats = runtime.features([data.eval_text])
-    with torch.no_grad():
-        scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()
-    excluded = np.zeros(len(scores), dtype=bool)
-    excluded[data.eval_excluded] = True
-    m = metrics_from_ranks(np.array([target_rank(scores, data.eval_target, excluded)]))
-    return Message(content=RecordDict({"metrics": MetricRecord(
-        {"num-examples": 1.0, "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"]})}), reply_to=msg)
+    policy = DevicePolicy.from_node_config(context.node_config)
+    server_config = msg.content["config"]
+    client_id, data, ledgers, runtime = _prepare(msg, context, cfg)
+    return run_evaluation(runtime, data, cfg, ledgers, client_id, run_id=str(server_config["run-id"]),
+                          server_round=int(server_config["server-round"]), node_id=int(context.node_id),
+                          policy=policy)

@@ -8,9 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import Any, Mapping
+
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.device_policy import DevicePolicy
 from common.results import write_text_atomic
 from server.deploy import flwr_env
 
@@ -41,9 +44,14 @@ def _toml_string(value: str) -> str:
 
 
 def supernode_command(superlink: str, ca_cert: str | Path, key: str | Path, data_path: str | Path,
-                      state_dir: str | Path, port: int, client_id: str | None = None) -> list[str]:
+                      state_dir: str | Path, port: int, client_id: str | None = None,
+                      policy: Mapping[str, Any] | None = None) -> list[str]:
     """flower-superlink's client side: a SuperNode holding one device's data (``data-path``: the JSONL
-    user format) and persistent state (``state-dir``: ledger, global adapters, catalogue)."""
+    user format), persistent state (``state-dir``: ledger, global adapters, catalogue) and its own
+    privacy policy (``privacy-*`` keys of :class:`common.device_policy.DevicePolicy`; defaults for the
+    keys not given)."""
+    policy = dict(policy or {})
+    DevicePolicy.from_node_config(policy)  # refuse a malformed policy here, not at the first message
     for path, what in ((ca_cert, "CA certificate"), (key, "SuperNode private key")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: missing {what}")
@@ -55,6 +63,9 @@ def supernode_command(superlink: str, ca_cert: str | Path, key: str | Path, data
     node_config = f"data-path={_toml_string(str(data_path))} state-dir={_toml_string(str(state_dir))}"
     if client_id:
         node_config += f" client-id={_toml_string(client_id)}"
+    for k, v in policy.items():
+        value = ("true" if v else "false") if isinstance(v, bool) else _toml_string(v) if isinstance(v, str) else repr(v)
+        node_config += f" {k}={value}"
     return [shutil.which("flower-supernode", path=flwr_env()["PATH"]) or "flower-supernode",
             "--superlink", superlink, "--root-certificates", str(Path(ca_cert).resolve()),
             "--auth-supernode-private-key", str(Path(key).resolve()), "--host", "127.0.0.1", "--port", str(port),

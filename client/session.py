@@ -1,30 +1,34 @@
-"""One client training session: plan against the privacy budget, record the spend, train, report.
+"""One client training session: check the device policy, plan against the budget under the
+ledger's lock, record the spend, train, and build a reply of public or DP-protected fields only.
 
-Order matters for privacy: the session's spend is written to the ledger (atomically)
-*before* training starts, so whatever happens afterwards (a crash, a killed process,
-a lost reply) the ledger can only over-report. The reply carries only the adapter
-tensors and numbers.
+Order matters for privacy: the session's spend is written to the ledger (durably) once the
+DP machinery is in place and *before* the first step, so whatever happens afterwards (a
+crash, a killed process, a lost reply) the ledger can only over-report. A session that
+cannot start records nothing. The schedule (Poisson rate, steps, denominator) comes from
+public numbers, so a client with no examples takes the same noise-only steps and nothing
+in the reply depends on how many examples it holds (:mod:`common.wire`).
 """
 
 from __future__ import annotations
 
-import math
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.ledger import PrivacyLedger, Session
+from common.device_policy import DevicePolicy
+from common.features import FeatureSet
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, ledger_paths
 from common.model_state import ModelRuntime, get_state
 from common.partition import ClientData
-from common.training import TrainConfig, dp_sample_rate, planned_steps, train
+from common.privacy import client_public_size
+from common.training import TrainConfig, dp_schedule, train
 
 
 @dataclass
 class SessionResult:
-    """What the client may send back: tensors, numbers, and a refusal reason of its own making."""
+    """What the client may send back: tensors and the public fields of :mod:`common.wire`."""
 
     names: list[str] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
@@ -33,8 +37,13 @@ class SessionResult:
     reason: str = ""
 
 
-def ledger_path(state_dir: str | Path, client_id: str) -> Path:
-    return Path(state_dir) / f"ledger-{client_id}.json"
+def refusal(reason: str) -> SessionResult:
+    """A refusal with one of the fixed codes of :data:`common.wire.REFUSAL_REASONS`."""
+    return SessionResult(refused=True, reason=reason, metrics={"refused": 1.0})
+
+
+def ledger_path(folder: str | Path, client_id: str) -> Path:
+    return ledger_paths(folder, client_id)[0]
 
 
 def train_config(cfg: dict[str, Any], seed: int) -> TrainConfig:
@@ -42,58 +51,61 @@ def train_config(cfg: dict[str, Any], seed: int) -> TrainConfig:
                        item_learning_rate=cfg["item-learning-rate"], seed=seed, dp=cfg["local-dp"],
                        noise_multiplier=cfg["noise-multiplier"], target_epsilon=None, delta=cfg["delta"],
                        max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"],
-                       optimizer=cfg["local-optimizer"], refresh_at_start=False, refresh_at_end=False, refresh_every=10**9)
+                       public_size=client_public_size(cfg), optimizer=cfg["local-optimizer"],
+                       refresh_at_start=False, refresh_at_end=False, refresh_every=10**9)
 
 
-def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], state_dir: str | Path,
-                client_id: str, run_id: str, server_round: int, node_id: int | None = None) -> SessionResult:
-    """Train the loaded global state on this client's data under its budget; never raises on refusal."""
-    n = len(data.train_targets)
-    if n == 0:
-        return SessionResult(refused=True, reason="no training examples on this client",
-                             metrics={"refused": 1.0, "num-examples": 0.0})
-    seed = (cfg["seed"] * 1_000_003 + server_round * 7919 + zlib.crc32(client_id.encode()) % 7919) % (2**31)
-    tcfg = train_config(cfg, seed)
-    steps = planned_steps(n, tcfg)
-    metrics: dict[str, float] = {"refused": 0.0, "truncated": 0.0}
-    ledger = None
-    if tcfg.dp:
-        ledger = PrivacyLedger.open(ledger_path(state_dir, client_id), client_id, cfg["client-epsilon-budget"],
-                                    cfg["delta"], cfg["accountant"])
-        q = dp_sample_rate(n, tcfg.batch_size)
-        allowed = ledger.max_steps_within_budget(tcfg.noise_multiplier, q, steps)
-        if allowed < steps and (allowed == 0 or cfg["budget-policy"] == "refuse"):
-            after = ledger.epsilon_after(Session(tcfg.noise_multiplier, q, steps, tcfg.max_grad_norm, ledger.delta))
-            return SessionResult(refused=True, metrics={"refused": 1.0, "num-examples": 0.0,
-                                                        "epsilon": ledger.epsilon},
-                                 reason=(f"privacy budget: spent epsilon {ledger.epsilon:.3f}, this session "
-                                         f"would bring it to {after:.3f} > budget {ledger.budget_epsilon:g}"))
-        if allowed < steps:
-            metrics["truncated"] = 1.0
-            steps = allowed
-        # Record the spend before any training: a crash from here on can only over-report.
-        ledger.record(Session(tcfg.noise_multiplier, q, steps, tcfg.max_grad_norm, ledger.delta,
-                              run_id=run_id, round=server_round, node_id=node_id))
-    tcfg.max_steps = steps
-    features = runtime.features(data.train_texts)
-    # Item embeddings stay those of the global state (no refresh inside a session), so the
-    # runtime's catalogue cache remains valid for the next client of this round.
-    # The session never re-encodes the catalogue (refresh off), so it needs no catalogue features.
-    report = train(runtime.model, features, data.train_targets, None, tcfg)
-    names, arrays = get_state(runtime.model)
-    metrics.update({
-        "num-examples": float(n),
-        "train-loss": float(np.mean(report.losses)) if report.losses else math.nan,
-        "steps": float(report.steps),
-        "train-seconds": float(report.seconds),
-    })
-    if ledger is not None:
-        if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
-            # Opacus' own accounting of this session exceeds what the ledger composed: never under-report.
-            raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
-        metrics.update({"epsilon": ledger.epsilon, "session-epsilon": float(report.epsilon or 0.0),
-                        "noise-multiplier": float(report.noise_multiplier), "sample-rate": float(report.sample_rate),
-                        "delta": ledger.delta, "max-grad-norm": tcfg.max_grad_norm})
-    if not math.isfinite(metrics["train-loss"]):
-        metrics["train-loss"] = 0.0
-    return SessionResult(names=names, arrays=arrays, metrics=metrics)
+def mechanism_metrics(ledger: PrivacyLedger, session: Session, expected_batch_size: int) -> dict[str, float]:
+    """The public description of a recorded DP-SGD session (see :data:`common.wire.TRAIN_METRICS`)."""
+    return {"refused": 0.0, "epsilon": ledger.epsilon, "delta": ledger.delta,
+            "noise-multiplier": session.noise_multiplier, "max-grad-norm": session.max_grad_norm,
+            "sample-rate": session.sample_rate, "steps": float(session.steps),
+            "expected-batch-size": float(expected_batch_size),
+            "adjacency-replace-one": 1.0 if session.adjacency == "replace-one" else 0.0}
+
+
+def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], ledger_dir: str | Path,
+                client_id: str, run_id: str, server_round: int, node_id: int | None = None,
+                policy: DevicePolicy | None = None) -> SessionResult:
+    """Train the loaded global state on this client's data under its policy and budget; a refusal
+    is returned, never raised."""
+    policy = policy or DevicePolicy()
+    if policy.violations(cfg):
+        return refusal("privacy-policy")
+    tcfg = train_config(cfg, seed=cfg["seed"])
+    if not tcfg.dp:  # allowed only by a device policy that does not require local DP
+        features = runtime.features(data.train_texts)
+        train(runtime.model, features, data.train_targets, None, tcfg)
+        names, arrays = get_state(runtime.model)
+        return SessionResult(names=names, arrays=arrays, metrics={"refused": 0.0})
+    schedule = dp_schedule(len(data.train_targets), tcfg)
+    try:
+        with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
+                                   policy.delta, cfg["accountant"], policy.to_json()) as ledger:
+            planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
+                              ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
+                              adjacency=policy.adjacency)
+            allowed = ledger.max_steps_within_budget(planned)
+            if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
+                return refusal("privacy-budget")
+            session = replace(planned, steps=allowed)
+            tcfg.max_steps = allowed
+            features = _features(runtime, data.train_texts)
+            # The session never re-encodes the catalogue: item embeddings stay those of the global
+            # state, so the runtime's catalogue cache stays valid for the next client of the round.
+            report = train(runtime.model, features, data.train_targets, None, tcfg,
+                           on_start=lambda: ledger.record(session))
+            if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
+                # Opacus' own accounting of this session exceeds what the ledger composed.
+                raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
+            names, arrays = get_state(runtime.model)
+            return SessionResult(names=names, arrays=arrays,
+                                 metrics=mechanism_metrics(ledger, session, schedule.expected_batch_size))
+    except LedgerUnavailableError:
+        return refusal("ledger-unavailable")
+
+
+def _features(runtime: ModelRuntime, texts: list[str]) -> FeatureSet:
+    if texts:
+        return runtime.features(texts)
+    return FeatureSet.empty(runtime.settings.max_length, runtime.encoder.dim)

@@ -283,14 +283,24 @@ def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="Super
                      data_path: Path = typer.Option(..., help="the device's data: events.jsonl + catalogue.jsonl"),
                      state_dir: Path = typer.Option(..., help="the device's persistent state (ledger, model, catalogue)"),
                      port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode on a machine)"),
-                     client_id: Optional[str] = typer.Option(None, help="ledger name (default: device)")) -> None:
+                     client_id: Optional[str] = typer.Option(None, help="ledger name (default: device)"),
+                     policy: Optional[list[str]] = typer.Option(
+                         None, help="this device's privacy policy, KEY=VALUE (repeatable): privacy-local-dp, "
+                                    "privacy-min-noise-multiplier, privacy-max-clip, privacy-delta, "
+                                    "privacy-epsilon-budget, privacy-adjacency")) -> None:
     """Start a SuperNode for one device (replaces this process)."""
     import os
 
     from client.deploy import supernode_command
+    from common.run_config import ConfigError, parse_overrides
     from server.deploy import flwr_env
 
-    cmd = supernode_command(superlink, ca, key, data_path, state_dir, port, client_id)
+    try:
+        cmd = supernode_command(superlink, ca, key, data_path, state_dir, port, client_id,
+                                parse_overrides(policy or []))
+    except (ConfigError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
     state_dir.mkdir(parents=True, exist_ok=True)
     os.execvpe(cmd[0], cmd, flwr_env())
 

@@ -73,8 +73,17 @@ class TextEncoder(nn.Module):
             layers_to_transform=list(range(self.lora.frozen_layers, num_layers)),
         )
         self.model = get_peft_model(base, config)
-        self.bert = self.model.base_model.model
         self.dim = int(base.config.hidden_size)
+
+    @property
+    def bert(self) -> nn.Module:
+        """The adapted BertModel inside the peft wrapper.
+
+        A property, not an attribute: assigning the module to ``self`` would register it a
+        second time in the module tree, and Opacus would then hook every LoRA layer twice and
+        report per-sample gradients of twice their true size.
+        """
+        return self.model.base_model.model
 
     @staticmethod
     def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

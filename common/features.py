@@ -18,6 +18,12 @@ class FeatureSet:
     mask: torch.Tensor  # int64 [N, L]
     truncated: int  # how many texts were cut at max_length
 
+    @classmethod
+    def empty(cls, max_length: int, dim: int) -> "FeatureSet":
+        """No texts (a client with no examples still takes its noise-only DP steps)."""
+        return cls(features=torch.zeros(0, max_length, dim), mask=torch.zeros(0, max_length, dtype=torch.long),
+                   truncated=0)
+
     def __len__(self) -> int:
         return int(self.features.shape[0])
 

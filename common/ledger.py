@@ -1,29 +1,57 @@
-"""A client's persistent privacy ledger: every DP training session, and the composed epsilon.
+"""A client's persistent privacy ledger: every DP release of the client, and the composed epsilon.
 
-One JSON file per client. The spend of a session is written (atomically: temp file,
-fsync, rename) *before* the session's update may leave the device, so a crash can
-only over-report, never under-report. The cumulative epsilon is always recomputed
-from the recorded mechanism history with an Opacus accountant, never summed by hand.
+One JSON file per client (``ledger-<client>.json``), beside two companions:
+
+- ``ledger-<client>.lock``: an exclusive ``flock`` held around plan, record and training
+  (:meth:`PrivacyLedger.session`), so two overlapping sessions on one device cannot both plan
+  against the same history and overwrite each other's spend;
+- ``ledger-<client>.enrolled``: written once, when the client's first ledger is created. A
+  client that is enrolled but whose ledger is missing or unreadable refuses to train: it
+  never starts again from 0.
+
+A release is recorded (temp file, fsync, rename, fsync of the folder) *before* its result may
+leave the device, so a crash can only over-report. The cumulative epsilon is recomputed from
+the recorded history with an Opacus accountant, never summed by hand.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import DataFormatError
+from common.results import write_bytes_atomic
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+ADJACENCIES = ("add-remove", "replace-one")
+KINDS = ("dp-sgd", "evaluation")
+MAX_DELTA = 1e-2  # a delta above this is no privacy guarantee worth stating
+LOCK_TIMEOUT_S = 600.0
+
+
+class LedgerUnavailableError(RuntimeError):
+    """The ledger cannot be used (missing for an enrolled client, unreadable, or locked too long):
+    the client must refuse rather than train without it."""
 
 
 @dataclass(frozen=True)
 class Session:
-    """The mechanism of one DP-SGD session on this client (sampled Gaussian, composed over steps)."""
+    """One recorded release: a sampled Gaussian mechanism composed over ``steps``.
+
+    ``kind`` is ``dp-sgd`` (a training session) or ``evaluation`` (a noisy evaluation reply,
+    sample rate 1, one step). Under replace-one adjacency one changed example moves the
+    clipped sum by up to twice the clip, so the accountant sees half the noise multiplier.
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -34,11 +62,47 @@ class Session:
     round: int | None = None
     node_id: int | None = None  # the Flower node that trained (matches the server's round records)
     recorded_at: float = 0.0
+    kind: str = "dp-sgd"
+    adjacency: str = "add-remove"
+
+    @property
+    def accounted_noise(self) -> float:
+        """The noise multiplier in units of the add/remove sensitivity."""
+        return self.noise_multiplier / (2.0 if self.adjacency == "replace-one" else 1.0)
+
+
+def session_from_json(raw: dict[str, Any]) -> Session:
+    """A stored session; unknown fields are an error (a ledger is never read loosely)."""
+    known = {f.name for f in fields(Session)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown session field(s) {unknown}")
+    return Session(**raw)
+
+
+def validate_session(s: Session) -> None:
+    """Raise ValueError naming the field when ``s`` is not a mechanism an accountant can compose."""
+    numbers = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+    bad = [f for f in numbers if isinstance(getattr(s, f), bool) or not isinstance(getattr(s, f), (int, float))
+           or not math.isfinite(getattr(s, f))]
+    if not bad:
+        bad += [f for f, ok in (("noise_multiplier", s.noise_multiplier > 0), ("sample_rate", 0 < s.sample_rate <= 1),
+                                ("steps", s.steps >= 0 and s.steps == int(s.steps)),
+                                ("max_grad_norm", s.max_grad_norm > 0), ("delta", 0 < s.delta <= MAX_DELTA))
+                if not ok]
+    if s.kind not in KINDS:
+        bad.append("kind")
+    if s.adjacency not in ADJACENCIES:
+        bad.append("adjacency")
+    if bad:
+        raise ValueError(f"invalid {', '.join(bad)} in session {asdict(s)}")
 
 
 def composed_epsilon(sessions: list[Session], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of the composition of every session (0 when there are none)."""
-    history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in sessions if s.steps > 0]
+    if not 0 < delta <= MAX_DELTA:
+        raise ValueError(f"delta must be in (0, {MAX_DELTA:g}], got {delta}")
+    history = [(s.accounted_noise, s.sample_rate, int(s.steps)) for s in sessions if s.steps > 0]
     if not history:
         return 0.0
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
@@ -46,9 +110,36 @@ def composed_epsilon(sessions: list[Session], delta: float, accountant: str = "r
     return float(acc.get_epsilon(delta))
 
 
+def ledger_paths(folder: str | Path, client_id: str) -> tuple[Path, Path, Path]:
+    """(ledger, lock, enrolment marker) of ``client_id`` in ``folder``."""
+    folder = Path(folder)
+    return (folder / f"ledger-{client_id}.json", folder / f"ledger-{client_id}.lock",
+            folder / f"ledger-{client_id}.enrolled")
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path, timeout: float) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LedgerUnavailableError(f"{lock_path}: another session has held the ledger lock for "
+                                                 f"more than {timeout:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 @dataclass
 class PrivacyLedger:
-    """What one client has spent, under which mechanism, against which budget."""
+    """What one client has released, under which mechanisms, against which budget and policy."""
 
     path: Path
     client_id: str
@@ -57,25 +148,56 @@ class PrivacyLedger:
     accountant: str = "rdp"
     sessions: list[Session] = field(default_factory=list)
     epsilon: float = 0.0  # cached composed epsilon, rewritten with every record
+    policy: dict[str, Any] = field(default_factory=dict)  # the device policy in force at the last record
 
     @classmethod
-    def open(cls, path: str | Path, client_id: str, budget_epsilon: float, delta: float,
-             accountant: str = "rdp") -> "PrivacyLedger":
-        """Load the ledger at ``path`` or start an empty one; the stored delta/accountant win."""
+    @contextmanager
+    def session(cls, folder: str | Path, client_id: str, budget_epsilon: float, delta: float,
+                accountant: str = "rdp", policy: dict[str, Any] | None = None,
+                lock_timeout: float = LOCK_TIMEOUT_S) -> Iterator["PrivacyLedger"]:
+        """The client's ledger, held under its exclusive lock for the whole block (plan, record,
+        train, reply). A new client is enrolled; an enrolled client whose ledger is gone or
+        unreadable raises :class:`LedgerUnavailableError`."""
+        path, lock, marker = ledger_paths(folder, client_id)
+        with _exclusive_lock(lock, lock_timeout):
+            if path.exists():
+                ledger = cls.load(path, client_id, budget_epsilon)
+            elif marker.exists():
+                raise LedgerUnavailableError(f"{path}: missing, but {marker.name} shows this client has a ledger; "
+                                             f"refusing to start again from epsilon 0")
+            else:
+                ledger = cls(path=path, client_id=client_id, budget_epsilon=budget_epsilon, delta=delta,
+                             accountant=accountant, policy=dict(policy or {}))
+                ledger._write()
+                write_bytes_atomic(marker, f"{client_id} {time.time():.3f}\n".encode(), private=True)
+            if policy is not None:
+                ledger.policy = dict(policy)
+            yield ledger
+
+    @classmethod
+    def load(cls, path: str | Path, client_id: str | None = None,
+             budget_epsilon: float | None = None) -> "PrivacyLedger":
+        """Read the ledger at ``path`` (of ``client_id`` when given); any defect is a
+        :class:`LedgerUnavailableError` naming the file."""
         path = Path(path)
-        if not path.exists():
-            return cls(path=path, client_id=client_id, budget_epsilon=budget_epsilon, delta=delta,
-                       accountant=accountant)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            sessions = [Session(**s) for s in raw["sessions"]]
-            ledger = cls(path=path, client_id=raw["client_id"], budget_epsilon=budget_epsilon,
-                         delta=float(raw["delta"]), accountant=raw["accountant"], sessions=sessions,
-                         epsilon=float(raw["epsilon"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataFormatError(path, f"unreadable privacy ledger ({exc}); refusing to train without it") from None
-        if ledger.client_id != client_id:
-            raise DataFormatError(path, f"ledger belongs to client {ledger.client_id!r}, not {client_id!r}")
+            sessions = [session_from_json(s) for s in raw["sessions"]]
+            for s in sessions:
+                validate_session(s)
+            ledger = cls(path=path, client_id=str(raw["client_id"]),
+                         budget_epsilon=float(raw["budget_epsilon"] if budget_epsilon is None else budget_epsilon),
+                         delta=float(raw["delta"]), accountant=str(raw["accountant"]), sessions=sessions,
+                         epsilon=float(raw["epsilon"]), policy=dict(raw.get("policy", {})))
+            if not 0 < ledger.delta <= MAX_DELTA or ledger.accountant not in ("rdp", "prv"):
+                raise ValueError(f"delta {ledger.delta} / accountant {ledger.accountant!r} out of range")
+            if any(s.delta != ledger.delta for s in sessions):
+                raise ValueError("a session's delta differs from the ledger's")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LedgerUnavailableError(f"{path}: unreadable privacy ledger ({exc}); refusing to train "
+                                         f"without it") from None
+        if client_id is not None and ledger.client_id != client_id:
+            raise LedgerUnavailableError(f"{path}: ledger belongs to client {ledger.client_id!r}, not {client_id!r}")
         return ledger
 
     def recomputed_epsilon(self) -> float:
@@ -86,25 +208,25 @@ class PrivacyLedger:
         """Cumulative epsilon if ``planned`` were added to the history."""
         return composed_epsilon([*self.sessions, planned], self.delta, self.accountant)
 
-    def max_steps_within_budget(self, noise_multiplier: float, sample_rate: float, max_steps: int) -> int:
-        """Largest step count <= ``max_steps`` that keeps the total within the budget (0 if none)."""
+    def max_steps_within_budget(self, planned: Session) -> int:
+        """Largest step count <= ``planned.steps`` that keeps the total within the budget (0 if none)."""
         def fits(steps: int) -> bool:
-            s = Session(noise_multiplier, sample_rate, steps, 0.0, self.delta)
-            return self.epsilon_after(s) <= self.budget_epsilon
+            return self.epsilon_after(Session(**{**asdict(planned), "steps": steps})) <= self.budget_epsilon
 
-        if fits(max_steps):
-            return max_steps
-        lo, hi = 0, max_steps  # fits(lo) holds (adds nothing), fits(hi) does not
+        if fits(planned.steps):
+            return planned.steps
+        lo, hi = 0, planned.steps  # fits(lo) holds (adds nothing), fits(hi) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
     def record(self, session: Session) -> float:
-        """Append ``session``, recompute the total and persist atomically; returns the new epsilon."""
+        """Append ``session``, recompute the total and persist durably; returns the new epsilon."""
         if session.delta != self.delta:
             raise ValueError(f"session delta {session.delta} differs from the ledger's {self.delta}")
         stamped = Session(**{**asdict(session), "recorded_at": session.recorded_at or time.time()})
+        validate_session(stamped)
         self.sessions.append(stamped)
         self.epsilon = self.recomputed_epsilon()
         self._write()
@@ -113,13 +235,7 @@ class PrivacyLedger:
     def to_json(self) -> dict:
         return {"version": LEDGER_VERSION, "client_id": self.client_id, "accountant": self.accountant,
                 "delta": self.delta, "budget_epsilon": self.budget_epsilon, "epsilon": self.epsilon,
-                "sessions": [asdict(s) for s in self.sessions]}
+                "policy": self.policy, "sessions": [asdict(s) for s in self.sessions]}
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"), private=True)

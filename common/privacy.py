@@ -1,10 +1,34 @@
-"""Opacus DP-SGD set-up and accounting shared by central and client training."""
+"""DP-SGD with Opacus' per-sample gradients, clipping and accountants, and privrec's own
+randomness and public parameters.
+
+``make_private`` assembles the pieces that Opacus' ``PrivacyEngine.make_private`` would,
+with three differences that the guarantee depends on:
+
+- the noise comes from a :class:`~common.secure_random.SecureStream` and is snapped to a
+  grid (:mod:`common.secure_random`), never from torch's global generator;
+- Poisson batches are drawn from a second, independent secure stream (``poisson_batches``);
+- the sample rate and the denominator of the averaged noisy gradient are *public* numbers
+  given by the caller. ``PrivacyEngine`` derives both from the dataset size, which on a
+  client is private: under add/remove adjacency a mechanism that divides by the exact
+  example count does not have the accounted epsilon.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.utils import wrap_model
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from common.secure_random import SecureStream, add_gaussian_noise
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -17,16 +41,101 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
                                       sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
-def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
-                 noise_multiplier: float, max_grad_norm: float, accountant: str):
-    """Wrap for DP-SGD: per-sample gradients, flat clipping, Gaussian noise, Poisson sampling."""
-    engine = PrivacyEngine(accountant=accountant)
-    module, optimizer, loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=True, clipping="flat",
-    )
-    return engine, module, optimizer, loader
+@dataclass(frozen=True)
+class PublicSchedule:
+    """The public parameters of one DP-SGD session: Poisson rate, steps and the denominator.
+
+    Built from a *public* example count (a client's cap on examples per session, or a central
+    data set's published size), never from a client's actual count.
+    """
+
+    sample_rate: float
+    steps: int
+    expected_batch_size: int
+
+    @classmethod
+    def from_public_size(cls, public_size: int, batch_size: int, epochs: float) -> "PublicSchedule":
+        """q = min(1, batch / public size), ceil(epochs / q) steps, denominator q x public size."""
+        if public_size < 1 or batch_size < 1 or not epochs > 0:
+            raise ValueError(f"public size, batch size and epochs must be positive, got {public_size}, "
+                             f"{batch_size}, {epochs}")
+        q = min(1.0, batch_size / public_size)
+        return cls(sample_rate=q, steps=max(1, math.ceil(epochs / q - 1e-9)),
+                   expected_batch_size=min(batch_size, public_size))
+
+
+def client_public_size(cfg: Mapping[str, Any]) -> int:
+    """The public example count a client session's DP schedule is derived from (resolved run config):
+    the cap on examples per session, or the batch size when there is no cap."""
+    return cfg["examples-per-user"] if cfg["examples-per-user"] > 0 else cfg["batch-size"]
+
+
+def client_schedule(cfg: Mapping[str, Any]) -> PublicSchedule:
+    """Every client's session schedule under a run config: the same for all, whatever their data."""
+    return PublicSchedule.from_public_size(client_public_size(cfg), cfg["batch-size"], cfg["local-epochs"])
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (flat clipping, mean reduction over a fixed public batch size) whose
+    Gaussian noise comes from a secure stream and is snapped to a grid."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, noise_stream: SecureStream) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.noise_stream = noise_stream
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad.detach().to(torch.float64).numpy()
+            noisy = add_gaussian_noise(summed, std, self.noise_stream)
+            p.grad = torch.from_numpy(noisy).to(p.dtype).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+@dataclass
+class PrivateTraining:
+    """The wrapped module, the DP optimizer and the accountant of one DP-SGD session."""
+
+    module: torch.nn.Module
+    optimizer: SecureNoiseDPOptimizer
+    accountant: IAccountant
+    schedule: PublicSchedule
+    sampling_stream: SecureStream
+
+    def batches(self, num_rows: int) -> Iterator[torch.Tensor]:
+        """The session's Poisson batches: each row independently with the public rate, every step."""
+        for _ in range(self.schedule.steps):
+            chosen = self.sampling_stream.bernoulli(self.schedule.sample_rate, num_rows)
+            yield torch.from_numpy(np.flatnonzero(chosen))
+
+    def epsilon(self, delta: float) -> float:
+        return float(self.accountant.get_epsilon(delta))
+
+    def close(self) -> None:
+        """Remove Opacus' hooks from the model (always call it, also when training failed)."""
+        self.module._close()
+
+
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 max_grad_norm: float, schedule: PublicSchedule, accountant: str) -> PrivateTraining:
+    """Wrap ``model`` and ``optimizer`` for DP-SGD with per-sample gradients (Opacus hooks)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    module = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    try:
+        dp_optimizer = SecureNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                                              max_grad_norm=max_grad_norm,
+                                              expected_batch_size=schedule.expected_batch_size,
+                                              noise_stream=SecureStream())
+        acc = create_accountant(mechanism=accountant)
+        dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=schedule.sample_rate))
+    except Exception:
+        module._close()
+        raise
+    return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream())
 
 
 def interaction_group_size(history_len: int, examples_per_user: int) -> int:

@@ -29,14 +29,31 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path`` (named by process), fsync, and rename it into place."""
+def write_bytes_atomic(path: str | Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` to a temp file beside ``path`` (named by process), fsync it, rename it into
+    place and fsync the folder, so the new content survives a crash once this returns. A failed
+    write removes its temp file. ``private`` makes the file readable by its owner only (0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
     return path
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (POSIX: fsync the directory)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,10 +19,10 @@ DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 48,
     "clients-per-round": 20,
     "client-sampling": "auto",
-    "evaluate-clients": 20,
+    "evaluate-clients": 0,
     "eval-every": 12,
     "local-epochs": 1.0,
-    "batch-size": 1000,
+    "batch-size": 50,
     "local-optimizer": "sgd",
     "learning-rate": 1.0,
     "item-learning-rate": 1.0,
@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "examples-per-user": 50,
     "local-dp": True,
     "noise-multiplier": 0.64,
+    "eval-noise-multiplier": 4.0,
     "max-grad-norm": 1.0,
     "delta": 1e-5,
     "accountant": "rdp",
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "server-learning-rate": 0.01,
     "seed": 0,
     "output-dir": "runs",
+    "ledger-dir": "",
     "run-name": "",
     "resume": False,
     "dataset": "recbole",
@@ -85,8 +87,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "item-max-length": (8, 512, True),
     "examples-per-user": (0, 1e6, True),
     "noise-multiplier": (0, 1e4, False),
+    "eval-noise-multiplier": (0, 1e4, False),
     "max-grad-norm": (0, 1e6, False),
-    "delta": (0, 1, False),
+    "delta": (0, 0.01, False),
     "client-epsilon-budget": (0, 1e6, False),
     "central-noise-multiplier": (0, 1e4, False),
     "central-clip": (0, 1e6, False),
@@ -159,10 +162,12 @@ HELP: dict[str, str] = {
     "client-sampling": ("auto (poisson under central DP, else cyclic), cyclic (every client once per pass over "
                         "the population, in a fresh random order each pass), uniform (a fresh uniform sample "
                         "each round) or poisson (each client independently at rate clients-per-round / N)"),
-    "evaluate-clients": "clients asked to score their own held-out item when the model is evaluated",
+    "evaluate-clients": ("clients asked to score their own held-out item when the model is evaluated; each reply "
+                         "is a DP release (eval-noise-multiplier) that the client's ledger counts"),
     "eval-every": "server-side PROTOCOL evaluation every this many rounds (and after the last)",
     "local-epochs": "passes over a client's examples per session",
-    "batch-size": "expected local batch size (Poisson rate 1/ceil(n/batch-size))",
+    "batch-size": ("expected local batch size and the public denominator of the averaged noisy gradient; the "
+                   "Poisson rate is min(1, batch-size / examples-per-user) (1 when examples-per-user is 0)"),
     "local-optimizer": "adam or sgd on the client",
     "learning-rate": "client learning rate for the LoRA adapters",
     "item-learning-rate": ("client learning rate for the item bias parameter (in logit units the step is "
@@ -175,9 +180,12 @@ HELP: dict[str, str] = {
     "history-len": "interactions in a user's text (newest first)",
     "max-length": "token limit of a user text (longer ones are cut and counted)",
     "item-max-length": "token limit of an item text",
-    "examples-per-user": "a client's most recent training targets used (0: all)",
+    "examples-per-user": ("a client's most recent training targets used (0: all); the public session size the "
+                          "DP schedule is derived from"),
     "local-dp": "Opacus DP-SGD on every client (example-level DP)",
     "noise-multiplier": "DP-SGD noise multiplier on the client",
+    "eval-noise-multiplier": ("noise multiplier of a federated evaluation reply (Gaussian on HR@10 and NDCG@10, "
+                              "L2 sensitivity sqrt(2))"),
     "max-grad-norm": "DP-SGD per-example clipping norm",
     "delta": "delta of the example-level guarantee",
     "accountant": "rdp or prv (Opacus) for the client ledgers",
@@ -192,6 +200,9 @@ HELP: dict[str, str] = {
     "server-learning-rate": "FedAdam's server learning rate (eta)",
     "seed": "seed of sampling, LoRA initialisation and local training",
     "output-dir": "where run folders go",
+    "ledger-dir": ("simulation only: folder of the simulated clients' ledgers, kept across runs (default: the run "
+                   "folder's clients/, so each run is a separate simulated deployment whose budgets do not "
+                   "compose with other runs on the same data)"),
     "run-name": "run folder name (default: run-<time>-seed<seed>)",
     "resume": "continue the run folder run-name from its latest checkpoint",
     "dataset": "recbole (the wheel's MovieLens-100K) or a GroupLens ml-100k folder",

@@ -9,10 +9,9 @@ given or solved for a target epsilon over the planned number of steps.
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from common.features import FeatureSet
 from common.model import Recommender
-from common.privacy import make_private, noise_for_epsilon
+from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 
 
@@ -30,7 +29,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     item_learning_rate: float = 1e-2
-    seed: int = 0
+    seed: int = 0  # data order and initialisation without DP; never any DP randomness
     refresh_every: int = 50  # steps between catalogue re-encodings
     dp: bool = False
     target_epsilon: float | None = 8.0
@@ -38,9 +37,10 @@ class TrainConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    # Seed of DP sampling and noise. None (the default) draws it from OS entropy: a seed anyone
-    # can derive from the run config would let them replay and subtract the noise.
-    noise_seed: int | None = None
+    # Under DP, the public example count the Poisson rate, the step count and the denominator
+    # are derived from (a client's cap on examples per session). None: the training set's own
+    # size, which is only right where that size is public (the central baselines).
+    public_size: int | None = None
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: a client's update is then its noisy gradient sum)
     max_steps: int | None = None  # cap below the planned steps (a client's remaining budget)
     refresh_at_start: bool = True  # False when the head already holds these adapters' item embeddings
@@ -57,6 +57,7 @@ class TrainReport:
     delta: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
+    expected_batch_size: int | None = None
     empty_batches: int = 0
 
     @property
@@ -109,111 +110,135 @@ def _param_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
-    """Steps the loop will take: epochs x ceil(N / batch) (Poisson batches have that expected size)."""
-    return max(1, int(math.ceil(cfg.epochs * num_examples / cfg.batch_size)))
+def dp_schedule(num_rows: int, cfg: TrainConfig) -> PublicSchedule:
+    """The DP session's public rate, steps and denominator (from ``cfg.public_size`` when set)."""
+    size = cfg.public_size if cfg.public_size is not None else num_rows
+    return PublicSchedule.from_public_size(size, cfg.batch_size, cfg.epochs)
 
 
-def dp_sample_rate(num_examples: int, batch_size: int) -> float:
-    """The Poisson rate Opacus' DPDataLoader uses: 1 / (number of batches of the plain loader)."""
-    return 1.0 / math.ceil(num_examples / batch_size)
+def planned_steps(num_rows: int, cfg: TrainConfig) -> int:
+    """Steps the loop will take before any ``max_steps`` cap: the public DP schedule's under DP,
+    else epochs x ceil(N / batch)."""
+    if cfg.dp:
+        return dp_schedule(num_rows, cfg).steps
+    return max(1, int(math.ceil(cfg.epochs * num_rows / cfg.batch_size)))
 
 
 def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet | None,
-          cfg: TrainConfig, label: str | None = None, canaries: GradientCanaries | None = None) -> TrainReport:
+          cfg: TrainConfig, label: str | None = None, canaries: GradientCanaries | None = None,
+          on_start: Callable[[], object] | None = None) -> TrainReport:
     """Train ``model`` in place on cached user features and their target items.
 
-    ``canaries`` (audits only) appends rows with made-up per-example gradients to the
-    training set; sampling, clipping, noise and accounting then cover them like real rows.
+    ``on_start`` is called once everything is set up and before the first step (a client
+    records its spend there, so a session that cannot start records nothing).
+
+    Under DP every random choice of the mechanism (Poisson batches, noise) comes from
+    secure streams keyed from the OS (:mod:`common.privacy`); the schedule is public, and a
+    client with no examples still takes its noise-only steps. ``canaries`` (audits only)
+    appends rows with made-up per-example gradients to the training set; sampling, clipping,
+    noise and accounting then cover them like real rows. Opacus' hooks are removed however
+    the loop ends.
     """
-    torch.manual_seed(cfg.seed)
     n = len(features)
-    if n == 0:
+    extra = canaries.count if canaries is not None else 0
+    if n == 0 and not cfg.dp:
         raise ValueError("no training examples")
     if item_features is None and (cfg.refresh_at_start or cfg.refresh_at_end or cfg.refresh_every < 10**9):
         raise ValueError("training that re-encodes the catalogue needs its item features")
-    extra = canaries.count if canaries is not None else 0
     if extra and not cfg.dp:
         raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     targets_t = torch.as_tensor(targets, dtype=torch.long)
     steps = planned_steps(n + extra, cfg)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    index_ds = torch.utils.data.TensorDataset(torch.arange(n + extra))
-    # Under DP, Opacus' Poisson sampler draws from this loader's generator: a seed derived from the
-    # public config would let anyone replay which examples each step used, so it is secret too.
-    dp_seed = (cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)) if cfg.dp else None
-    loader = torch.utils.data.DataLoader(index_ds, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(
-                                             dp_seed if dp_seed is not None else cfg.seed))
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
         _param_groups(model, cfg), lr=cfg.learning_rate)
     model.train()
     report = TrainReport()
+    private: PrivateTraining | None = None
     module: nn.Module = model
-    engine = None
     sigma = 0.0
     if cfg.dp:
-        sample_rate = dp_sample_rate(n + extra, cfg.batch_size)
+        schedule = dp_schedule(n + extra, cfg)
         sigma = cfg.noise_multiplier
         if sigma is None:
             if cfg.target_epsilon is None:
                 raise ValueError("DP training needs target_epsilon or noise_multiplier")
-            sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
-        torch.manual_seed(dp_seed)
-        engine, module, optimizer, loader = make_private(
-            model, optimizer, loader, sigma, cfg.max_grad_norm, cfg.accountant)
-        report.noise_multiplier, report.sample_rate, report.delta = sigma, sample_rate, cfg.delta
+            sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, schedule.sample_rate, steps, cfg.accountant)
+        private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant)
+        module, optimizer = private.module, private.optimizer
+        batches = private.batches(n + extra)
+        report.noise_multiplier, report.sample_rate, report.delta = sigma, schedule.sample_rate, cfg.delta
+        report.expected_batch_size = schedule.expected_batch_size
+    else:
+        batches = _shuffled_batches(n, cfg.batch_size, cfg.seed)
+    try:
+        if on_start is not None:
+            on_start()
+        _run_steps(model, module, optimizer, batches, steps, features, targets_t, item_features, cfg, report,
+                   n, canaries, must_move=cfg.dp and sigma > 0, label=label)
+        if private is not None:
+            report.epsilon = private.epsilon(cfg.delta)
+    finally:
+        if private is not None:
+            private.close()  # detach Opacus' hooks so the plain model can be evaluated and reused
+    if cfg.refresh_at_end:
+        refresh_items(model, item_features)
+    model.eval()
+    return report
+
+
+def _shuffled_batches(n: int, batch_size: int, seed: int):
+    """Non-private training: epochs of shuffled fixed-size batches, reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        yield from order.split(batch_size)
+
+
+def _run_steps(model: Recommender, module: nn.Module, optimizer, batches, steps: int, features: FeatureSet,
+               targets: torch.Tensor, item_features: FeatureSet | None, cfg: TrainConfig, report: TrainReport,
+               n: int, canaries: GradientCanaries | None, must_move: bool, label: str | None) -> None:
     adapters = adapter_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.refresh_at_start:
         refresh_items(model, item_features)
     start = time.perf_counter()
     with progress_bar(label, total=steps) as advance:
-        while report.steps < steps:
-            for (idx,) in loader:
-                if report.steps >= steps:
-                    break
-                if report.steps and report.steps % cfg.refresh_every == 0:
-                    refresh_items(model, item_features)
-                before = [p.detach().clone() for p in adapters]
-                optimizer.zero_grad(set_to_none=True)
-                loss = None
-                canary_idx = idx[idx >= n] - n
-                idx = idx[idx < n]
-                if len(idx) == 0:
-                    # Poisson sampling drew no example: the step must still add noise, or
-                    # whether a batch was empty would leak; give Opacus empty per-sample grads.
-                    report.empty_batches += 1
-                    for p in trainable:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                else:
-                    feats, mask = features.batch(idx)
-                    loss = nn.functional.cross_entropy(module(feats, mask), targets_t[idx])
-                    loss.backward()
-                if len(canary_idx):
-                    for p, rows in zip(trainable, canaries.rows(canary_idx, trainable)):
-                        p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample.dtype)])
-                optimizer.step()
-                # A noiseless step on an empty batch (audits of a broken set-up only) cannot move.
-                nonempty = len(idx) + len(canary_idx) > 0
-                _check_adapters(adapters, before, must_change=cfg.dp and (sigma > 0 or nonempty))
-                report.steps += 1
-                report.examples += len(idx) + len(canary_idx)
-                if loss is not None:
-                    report.losses.append(float(loss.detach()))
-                advance(1)
+        for idx in batches:
+            if report.steps >= steps:
+                break
+            if report.steps and report.steps % cfg.refresh_every == 0:
+                refresh_items(model, item_features)
+            before = [p.detach().clone() for p in adapters]
+            optimizer.zero_grad(set_to_none=True)
+            loss = None
+            canary_idx = idx[idx >= n] - n
+            idx = idx[idx < n]
+            if len(idx) == 0:
+                # Poisson sampling drew no example: the step must still add noise, or
+                # whether a batch was empty would leak; give Opacus empty per-sample grads.
+                report.empty_batches += 1
+                for p in trainable:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            else:
+                feats, mask = features.batch(idx)
+                loss = nn.functional.cross_entropy(module(feats, mask), targets[idx])
+                loss.backward()
+            if len(canary_idx):
+                for p, rows in zip(trainable, canaries.rows(canary_idx, trainable)):
+                    p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample.dtype)])
+            optimizer.step()
+            # A noiseless step on an empty batch (audits of a broken set-up only) cannot move.
+            _check_adapters(adapters, before, must_change=must_move or (cfg.dp and len(idx) + len(canary_idx) > 0))
+            report.steps += 1
+            report.examples += len(idx) + len(canary_idx)
+            if loss is not None:
+                report.losses.append(float(loss.detach()))
+            advance(1)
     report.seconds = time.perf_counter() - start
-    if engine is not None:
-        report.epsilon = float(engine.get_epsilon(cfg.delta))
-        # Detach Opacus hooks so the plain model can be evaluated and reused.
-        module._close()
-    if cfg.refresh_at_end:
-        refresh_items(model, item_features)
-    model.eval()
-    return report
 
 
 def _check_adapters(adapters: list[torch.Tensor], before: list[torch.Tensor], must_change: bool) -> None:

@@ -7,7 +7,8 @@ Mechanism, exactly as the accountant models it:
   L2 norm C; a client that is not included, refuses, fails or is rejected adds zero;
 - the clipped updates are summed, Gaussian noise N(0, (z C)^2) is added to every
   coordinate, and the sum is divided by the *expected* number of clients qN
-  (a fixed denominator, so the count itself is not released).
+  (a fixed denominator, so the count itself is not released). The noise comes from a
+  ChaCha20 stream keyed from the OS and is snapped to a grid (:mod:`common.secure_random`).
 Each round is one sampled Gaussian mechanism with sensitivity C under add/remove
 of one user; the rounds compose in Opacus' RDP accountant (steps = rounds).
 """
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from opacus.accountants import RDPAccountant
+
+from common.secure_random import SecureStream, add_gaussian_noise
 
 
 def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray], float]:
@@ -38,24 +41,18 @@ class CentralDP:
     delta: float
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (z, q, rounds)
 
-    def noisy_mean(self, deltas: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
-        """Sum of clipped updates plus Gaussian noise, over the expected number of clients."""
-        if not deltas:
-            raise ValueError("noisy_mean needs the shapes of at least one update")
-        total = [np.zeros_like(d, dtype=np.float64) for d in deltas[0]]
+    def noisy_mean(self, deltas: list[list[np.ndarray]], shapes: list[tuple[int, ...]],
+                   stream: SecureStream) -> list[np.ndarray]:
+        """Sum of clipped updates plus Gaussian noise (from ``stream``, snapped to a grid), over the
+        expected number of clients. With no update at all the release is the noise alone."""
+        total = [np.zeros(shape, dtype=np.float64) for shape in shapes]
         for d in deltas:
             clipped, _ = clip_update(d, self.clip)
             for t, c in zip(total, clipped):
                 t += c
         expected = self.sample_rate * self.population
         sigma = self.noise_multiplier * self.clip
-        return [((t + rng.normal(0.0, sigma, size=t.shape)) / expected).astype(np.float32) for t in total]
-
-    def noise_only(self, shapes: list[tuple[int, ...]], rng: np.random.Generator) -> list[np.ndarray]:
-        """The release of a round in which no sampled client contributed: noise alone."""
-        expected = self.sample_rate * self.population
-        sigma = self.noise_multiplier * self.clip
-        return [(rng.normal(0.0, sigma, size=s) / expected).astype(np.float32) for s in shapes]
+        return [(add_gaussian_noise(t, sigma, stream) / expected).astype(np.float32) for t in total]
 
     def record_round(self) -> None:
         """Compose one more round (called for every released aggregate)."""

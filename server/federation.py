@@ -10,6 +10,7 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from importlib.metadata import version
 from logging import INFO, WARNING
@@ -23,9 +24,11 @@ from flwr.serverapp import Grid
 
 from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
 from common.partition import dataset_from_source, split_for
-from common.privacy import interaction_group_size
+from common.privacy import client_schedule, interaction_group_size
+from common.secure_random import SecureStream
+from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, TRAIN_METRICS
 from common.results import result_record, write_json_atomic
-from common.run_config import ConfigError, resolve
+from common.run_config import DEFAULTS, ConfigError, resolve
 from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
                                 weighted_mean)
 from server.artefacts import RunFolder
@@ -33,26 +36,29 @@ from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import ServerEvaluator
-from server.validation import adapter_specs, describe_reply, validate_reply
+from server.validation import adapter_specs, describe_reply, validate_metrics, validate_reply
+
+CENTRAL_DP_LEDGER = "central-dp.json"  # the user-level accountant, written before each release is used
 
 # Keys whose change would make a resumed run a different experiment.
 _RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients"}
 
 
-def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.Generator) -> list[int]:
+def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.Generator,
+                   secure: SecureStream) -> list[int]:
     """The clients of round ``rnd`` (1-based) under the run's ``client-sampling`` scheme.
 
     cyclic: the population is walked in passes, each in a fresh order drawn from (seed, pass); round
     ``rnd`` takes the next ``clients-per-round`` positions, so no client trains twice before every client
     has trained once (a round that straddles two passes drops a repeated client). uniform: a fresh
     fixed-size sample from ``rng``. poisson: each client independently at rate clients-per-round / N
-    from ``rng`` (what the central-DP accountant models).
+    from the secure stream (what the central-DP accountant models; it must not be replayable).
     """
     n = len(node_ids)
     k = min(cfg["clients-per-round"], n)
     scheme = cfg["client-sampling"]
     if scheme == "poisson":
-        return [nid for nid in node_ids if rng.random() < k / n]
+        return [nid for nid, chosen in zip(node_ids, secure.bernoulli(k / n, n)) if chosen]
     # Choose positions, not ids: node ids are uint64 and numpy would round them through float64.
     if scheme == "uniform":
         return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
@@ -65,12 +71,6 @@ def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.r
         lo, hi = max(start, first_pass * n), min(start + k, (first_pass + 1) * n)
         chosen.update(int(i) for i in order[lo - first_pass * n: hi - first_pass * n])
     return sorted(node_ids[i] for i in chosen)
-
-
-def _mean_loss(losses: list[float], weights: list[float]) -> float | None:
-    """Example-weighted mean train loss over the replies that reported one (None if none did)."""
-    pairs = [(x, w) for x, w in zip(losses, weights) if np.isfinite(x)]
-    return float(np.average([x for x, _ in pairs], weights=[w for _, w in pairs])) if pairs else None
 
 
 def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
@@ -86,7 +86,10 @@ def _with_legacy_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run config with the keys added since filled in with the values that reproduce that run:
     a plain item bias, and the sampling used before client-sampling existed (uniform each round,
     Poisson under central DP)."""
-    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform"}
+    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
+              # added with the DP evaluation release and persistent simulated ledgers; neither changes
+              # what an older run did
+              "eval-noise-multiplier": DEFAULTS["eval-noise-multiplier"], "ledger-dir": ""}
     return {**legacy, **stored}
 
 
@@ -111,7 +114,7 @@ class Federation:
         self.client_epsilon: dict[str, float] = {}
         self.publisher = CataloguePublisher(self.runtime, self.folder.root, self.run_id) \
             if cfg["publish-catalogue"] else None
-        self._secret_rng = np.random.default_rng()  # OS entropy: central-DP sampling and noise
+        self._secure = SecureStream()  # central DP: Poisson client sampling and the server's noise
         self.central: CentralDP | None = None
         self.start_round = 1
         self.nodes: list[int] = []
@@ -144,11 +147,34 @@ class Federation:
         self.arrays = arrays
         load_optimizer_state(self.step, optimizer)
         self.client_epsilon = dict(meta["client_epsilon"])
-        if self.central is not None and meta.get("central_dp"):
-            self.central = CentralDP.from_json(meta["central_dp"])
+        if self.central is not None:
+            self._restore_central(meta)
         self.start_round = int(meta["round"]) + 1
         self.folder.keep_rounds_up_to(int(meta["round"]))
         log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
+
+    def _restore_central(self, meta: dict[str, Any]) -> None:
+        """The central-DP accountant as of the last release: ``central-dp.json`` is written before each
+        noisy aggregate is used, so it may hold one round more than the checkpoint (a release made
+        just before a crash), and it wins. A changed population re-derives the sampling rate; the
+        history keeps the rounds already released at the old rate."""
+        stored = [CentralDP.from_json(meta["central_dp"])] if meta.get("central_dp") else []
+        ledger = self.folder.root / CENTRAL_DP_LEDGER
+        if ledger.exists():
+            try:
+                stored.append(CentralDP.from_json(json.loads(ledger.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"resume: {ledger} cannot be read as the central-DP accountant ({exc}); "
+                                  f"refusing to continue without it") from None
+        if not stored:
+            return
+        restored = max(stored, key=lambda c: c.rounds)
+        fresh = self.central
+        if restored.population != fresh.population:
+            log(WARNING, "resume: %d clients instead of %d; central-DP sampling rate re-derived as %.4g",
+                fresh.population, restored.population, fresh.sample_rate)
+        restored.population, restored.sample_rate = fresh.population, fresh.sample_rate
+        self.central = restored
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -180,16 +206,14 @@ class Federation:
 
     def _train_round(self, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
-        # Under central DP, who is sampled and the noise must be secret: an rng derived from the
-        # (public) seed would let anyone replay them. Otherwise sampling is reproducible.
-        rng = self._secret_rng if cfg["central-dp"] else np.random.default_rng([cfg["seed"], rnd])
-        sampled = sample_clients(self.nodes, cfg, rnd, rng)
+        # Poisson sampling (central DP) draws from the secure stream: who is sampled must be secret.
+        # The other schemes are not part of a mechanism and stay reproducible from the seed.
+        sampled = sample_clients(self.nodes, cfg, rnd, np.random.default_rng([cfg["seed"], rnd]), self._secure)
         content = self._content(rnd)
         messages = [Message(content=RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN)
                     for nid in sampled]
         replies = list(self.grid.send_and_receive(messages, timeout=cfg["round-timeout"])) if messages else []
-        accepted, weights, losses = [], [], []
-        counts = {"failed": 0, "refused": 0, "rejected": 0}
+        accepted: list[list[np.ndarray]] = []
         participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
         bytes_received = 0
         destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
@@ -198,51 +222,34 @@ class Federation:
             # An error the SuperLink writes for a dead node comes from the SuperLink itself (node 1):
             # the node that owed the reply is the destination of the message it answers.
             node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+            if node not in sampled or any(node in part for part in participation.values()):
+                log(WARNING, "round %d: ignored a reply from node %d (not sampled, or a second reply)", rnd, node)
+                continue
             if self.cfg["wire-log"]:
                 wire.append({"round": rnd, "node": node, **describe_reply(reply)})
-            if reply.has_error():
-                counts["failed"] += 1
-                participation["failed"].append(node)
-                log(WARNING, "round %d: node %d failed: %s", rnd, node, reply.error.reason[:200])
-                continue
-            content = reply.content
-            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-            if "epsilon" in metrics:
-                self.client_epsilon[str(node)] = float(metrics["epsilon"])
-            if "status" in content.config_records:
-                counts["refused"] += 1
-                participation["refused"].append(node)
-                log(INFO, "round %d: node %d refused: %s", rnd, node, content["status"].get("reason", ""))
-                continue
-            names = list(content["arrays"].keys()) if "arrays" in content.array_records else []
-            arrays = [content["arrays"][k].numpy() for k in names]
-            bytes_received += state_bytes(arrays)
-            verdict = validate_reply(names, arrays, self.specs, self.arrays, cfg["max-update-norm"])
-            if not verdict.accepted:
-                counts["rejected"] += 1
-                participation["rejected"].append(node)
-                log(WARNING, "round %d: reply of node %d rejected: %s", rnd, node, verdict.reason)
-                continue
-            participation["trained"].append(node)
-            accepted.append(arrays)
-            weights.append(float(metrics.get("num-examples", 1.0)))
-            losses.append(float(metrics.get("train-loss", np.nan)))
+            outcome, arrays, reason = self._judge_train_reply(reply, node)
+            participation[outcome].append(node)
+            if outcome == "trained":
+                accepted.append(arrays)
+                bytes_received += state_bytes(arrays)
+            elif outcome != "refused":
+                log(WARNING, "round %d: node %d %s: %s", rnd, node, outcome, reason[:200])
+            else:
+                log(INFO, "round %d: node %d refused (%s)", rnd, node, reason)
         answered = {n for part in participation.values() for n in part}
         silent = [nid for nid in sampled if nid not in answered]
         if silent:  # no reply within round-timeout: a dead, disconnected or slow node
-            counts["failed"] += len(silent)
             participation["failed"] += silent
             log(WARNING, "round %d: %d node(s) sent no reply within round-timeout: %s", rnd, len(silent), silent[:20])
-        aggregated = self._aggregate(rnd, accepted, weights)
+        aggregated = self._aggregate(rnd, accepted)
         self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
         if wire:
             self.folder.append(self.folder.root / "wire.jsonl", *wire)
         eps = list(self.client_epsilon.values())
         return {
-            "clients_sampled": len(sampled), "clients_replied": len(sampled) - counts["failed"],
-            "clients_accepted": len(accepted), "clients_rejected": counts["rejected"],
-            "clients_refused": counts["refused"], "clients_failed": counts["failed"],
-            "train_loss": _mean_loss(losses, weights),
+            "clients_sampled": len(sampled), "clients_replied": len(sampled) - len(participation["failed"]),
+            "clients_accepted": len(accepted), "clients_rejected": len(participation["rejected"]),
+            "clients_refused": len(participation["refused"]), "clients_failed": len(participation["failed"]),
             "epsilon_max": max(eps) if eps else None,
             "epsilon_median": float(np.median(eps)) if eps else None,
             "clients_with_spend": len(eps),
@@ -250,6 +257,34 @@ class Federation:
             "bytes_sent": len(sampled) * self._content_bytes(), "bytes_received": bytes_received,
             "aggregated": aggregated,
         }
+
+    def _judge_train_reply(self, reply: Message, node: int) -> tuple[str, list[np.ndarray], str]:
+        """(outcome, arrays, reason) of one train reply: ``trained``, ``refused``, ``rejected`` or
+        ``failed``. Nothing in a reply is used before it is validated; a reply that cannot even be
+        parsed is rejected, never raised."""
+        if reply.has_error():
+            return "failed", [], str(reply.error.reason)
+        try:
+            content = reply.content
+            if set(content.keys()) - RECORD_NAMES:
+                return "rejected", [], f"unexpected record(s) {sorted(set(content.keys()) - RECORD_NAMES)[:5]}"
+            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+            if "status" in content.config_records:
+                reason = content["status"].get("reason", "")
+                return "refused", [], reason if reason in REFUSAL_REASONS else "unknown reason code"
+            verdict = validate_metrics("train", metrics, self.cfg)
+            if not verdict.accepted:
+                return "rejected", [], verdict.reason
+            if "epsilon" in metrics:  # validated: the update left the device, so its spend counts
+                self.client_epsilon[str(node)] = float(metrics["epsilon"])
+            if "arrays" not in content.array_records:
+                return "rejected", [], "no arrays record"
+            names = list(content["arrays"].keys())
+            arrays = [content["arrays"][k].numpy() for k in names]
+        except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
+            return "rejected", [], f"unreadable reply ({type(exc).__name__})"
+        verdict = validate_reply(names, arrays, self.specs, self.arrays, self.cfg["max-update-norm"])
+        return ("trained", arrays, "") if verdict.accepted else ("rejected", [], verdict.reason)
 
     def _content(self, rnd: int) -> dict[str, Any]:
         """What every message of this round carries: the global state, the round's config and, when
@@ -266,20 +301,24 @@ class Federation:
     def _content_bytes(self) -> int:
         return state_bytes(self.arrays) + (len(self.publisher.data) if self.publisher is not None else 0)
 
-    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]], weights: list[float]) -> bool:
-        """Update the global state; False when the round leaves it unchanged."""
+    def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]]) -> bool:
+        """Update the global state; False when the round leaves it unchanged.
+
+        Accepted updates are averaged with equal weights: a weight by example count would need
+        the count, which is private. Under central DP the accountant's step for this round is
+        made durable before the noisy aggregate is used, so a crash can only over-report."""
         if self.central is None and len(accepted) < self.cfg["min-replies"]:
             log(WARNING, "round %d: %d accepted updates < min-replies %d; global model unchanged", rnd,
                 len(accepted), self.cfg["min-replies"])
             return False
         if self.central is not None:
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
-            noisy = self.central.noisy_mean(deltas, self._secret_rng) if deltas else \
-                self.central.noise_only([a.shape for a in self.arrays], self._secret_rng)
+            noisy = self.central.noisy_mean(deltas, [a.shape for a in self.arrays], self._secure)
             self.central.record_round()
+            write_json_atomic(self.folder.root / CENTRAL_DP_LEDGER, self.central.to_json())
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         else:
-            mean = weighted_mean(self.names, accepted, weights)
+            mean = weighted_mean(self.names, accepted, [1.0] * len(accepted))
         self.arrays = server_step(self.step, rnd, self.names, self.arrays, mean)
         return True
 
@@ -291,18 +330,41 @@ class Federation:
             out.update({f"{prefix}_{k}": v for k, v in m.items()})
         k = min(cfg["evaluate-clients"], len(self.nodes))
         if k and rnd > 0:
-            rng = np.random.default_rng([cfg["seed"], rnd, 1])
-            chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
-            content = self._content(rnd)
-            msgs = [Message(content=RecordDict(content), dst_node_id=n, message_type=MessageType.EVALUATE)
-                    for n in chosen]
-            rows = [dict(r.content["metrics"]) for r in self.grid.send_and_receive(msgs, timeout=cfg["round-timeout"])
-                    if not r.has_error()]
-            rows = [r for r in rows if r.get("num-examples", 0) > 0]
-            if rows:
-                out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
-                out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
-                out["federated_clients"] = len(rows)
+            out.update(self._federated_evaluation(rnd, k))
+        return out
+
+    def _federated_evaluation(self, rnd: int, k: int) -> dict[str, Any]:
+        """Mean of the validated noisy (HR@10, NDCG@10) releases of ``k`` clients (see
+        :mod:`client.evaluation`); refusals, failures and invalid replies are counted, not used."""
+        rng = np.random.default_rng([self.cfg["seed"], rnd, 1])
+        chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
+        content = self._content(rnd)
+        msgs = [Message(content=RecordDict(content), dst_node_id=n, message_type=MessageType.EVALUATE)
+                for n in chosen]
+        rows, refused, rejected = [], 0, 0
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg["round-timeout"]):
+            if reply.has_error():
+                continue
+            try:
+                if "status" in reply.content.config_records:
+                    refused += 1
+                    continue
+                metrics = dict(reply.content["metrics"])
+            except Exception:  # noqa: BLE001 - a malformed reply is rejected, never raised
+                rejected += 1
+                continue
+            verdict = validate_metrics("evaluate", metrics, self.cfg)
+            if not verdict.accepted:
+                rejected += 1
+                log(WARNING, "round %d: evaluation reply rejected: %s", rnd, verdict.reason)
+                continue
+            rows.append(metrics)
+        out: dict[str, Any] = {"federated_clients": len(rows), "federated_refused": refused,
+                               "federated_rejected": rejected}
+        if rows:
+            out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
+            out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
+            out["federated_noise_std_of_mean"] = self.cfg["eval-noise-multiplier"] * math.sqrt(2.0 / len(rows))
         return out
 
     def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -313,8 +375,6 @@ class Federation:
             parts.append(f"clients {row['clients_accepted']}/{row['clients_sampled']} accepted "
                          f"({row['clients_refused']} refused, {row['clients_rejected']} rejected, "
                          f"{row['clients_failed']} failed)")
-        if row.get("train_loss") is not None:
-            parts.append(f"loss {row['train_loss']:.3f}")
         if "test_NDCG@10" in metrics:
             parts.append(f"test NDCG@10 {metrics['test_NDCG@10']:.4f} HR@10 {metrics['test_HR@10']:.4f}")
         if row.get("epsilon_max") is not None:
@@ -347,15 +407,28 @@ class Federation:
         return self.folder.root
 
     def privacy_statement(self) -> dict[str, Any]:
-        """PROTOCOL.md section 6: the unit(s) protected, with delta and accountant."""
+        """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust."""
         cfg = self.cfg
         eps = list(self.client_epsilon.values())
         out: dict[str, Any] = {"unit": "none"}
         if cfg["local-dp"]:
+            schedule = client_schedule(cfg)
             out = {"unit": "example", "epsilon": max(eps) if eps else 0.0, "delta": cfg["delta"],
-                   "accountant": cfg["accountant"], "epsilon_is": "max over clients of the composed per-client epsilon",
+                   "accountant": cfg["accountant"], "adjacency": "add-remove", "trust": "none",
+                   "epsilon_is": "max over clients of the composed per-client epsilon (every DP-SGD session and "
+                                 "every evaluation release in its ledger)",
                    "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
-                   "max_grad_norm": cfg["max-grad-norm"], "sampling": "poisson (per client, Opacus)",
+                   "max_grad_norm": cfg["max-grad-norm"], "sample_rate": schedule.sample_rate,
+                   "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,
+                   "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
+                   "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
+                   "released_fields": sorted(["arrays", *(f"metrics.{k}" for k in TRAIN_METRICS),
+                                              *(f"metrics.{k}" for k in EVALUATE_METRICS)]),
+                   "ledgers": (f"persistent folder {cfg['ledger-dir']}" if cfg["ledger-dir"] else
+                               "per run (simulation: clients/ in the run folder). Each simulated run is a "
+                               "separate deployment: budgets do not compose across runs on the same data; set "
+                               "ledger-dir to account for repeated runs. Deployed devices keep their ledger in "
+                               "their own state-dir."),
                    "note": (f"example-level per client; one rating changes up to "
                             f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} examples "
                             f"(its own, and the rewritten histories of later ones), so interaction-level DP "
@@ -363,10 +436,16 @@ class Federation:
         if self.central is not None:
             if out["unit"] == "none":
                 out = {"unit": "user", "epsilon": self.central.epsilon(), "delta": self.central.delta,
-                       "accountant": "rdp"}
+                       "accountant": "rdp", "adjacency": "add-remove", "trust": "the server (aggregator)"}
             out.update({"user_epsilon": self.central.epsilon(), "user_delta": self.central.delta,
-                        "user_accountant": "rdp", "user_sampling": f"poisson, q={self.central.sample_rate:.4g}",
-                        "user_noise_multiplier": self.central.noise_multiplier, "user_clip": self.central.clip})
+                        "user_accountant": "rdp", "user_adjacency": "add-remove (one whole client)",
+                        "user_trust": "the server (aggregator) adds the noise and keeps who was sampled secret",
+                        "user_sampling": f"poisson, q={self.central.sample_rate:.4g}",
+                        "user_noise_multiplier": self.central.noise_multiplier, "user_clip": self.central.clip,
+                        "outside_user_guarantee": ("metrics.jsonl and rounds.jsonl (who was sampled, per-round "
+                                                   "counts of accepted, refused, rejected and failed clients) are "
+                                                   "the trusted server's own records, not covered by the "
+                                                   "user-level epsilon: do not publish them")})
         return out
 
 

@@ -1,16 +1,23 @@
-"""Check every client reply before it may enter the aggregate.
+"""Check every client reply before it may enter the aggregate or a report.
 
 A reply must carry exactly the expected adapter tensors (names, order, shapes,
 dtypes), only finite values, and an update whose L2 norm (against the global
-adapters it was trained from) is within a bound. A failing reply is rejected with
-a reason and left out; the round goes on without it.
+adapters it was trained from) is within a bound; its metrics must be exactly the
+fields :mod:`common.wire` allows, each a finite number in its range, describing the
+mechanism the run configured. A failing reply is rejected with a reason and left
+out; the round goes on without it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
+
+from common.privacy import client_schedule
+from common.wire import EVALUATE_METRICS, TRAIN_METRICS
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,74 @@ def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[Tenso
                              for a, g in zip(arrays, global_arrays))))
     if not norm <= max_update_norm:
         return Verdict(False, f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}")
+    return Verdict(True)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def expected_mechanism(cfg: Mapping[str, Any]) -> dict[str, float]:
+    """What an honest client's DP-SGD session under ``cfg`` reports (steps: the planned maximum)."""
+    schedule = client_schedule(cfg)
+    return {"noise-multiplier": cfg["noise-multiplier"], "max-grad-norm": cfg["max-grad-norm"],
+            "sample-rate": schedule.sample_rate, "steps": schedule.steps,
+            "expected-batch-size": schedule.expected_batch_size, "delta": cfg["delta"]}
+
+
+def validate_metrics(kind: str, metrics: Mapping[str, Any], cfg: Mapping[str, Any]) -> Verdict:
+    """Check the metric record of a non-refused ``train`` or ``evaluate`` reply against the wire
+    contract and the run's configured mechanism."""
+    allowed = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
+    extra = sorted(set(metrics) - set(allowed))
+    if extra:
+        return Verdict(False, f"metrics: unexpected field(s) {extra[:5]}")
+    values = {}
+    for key, raw in metrics.items():
+        value = _number(raw)
+        if value is None:
+            return Verdict(False, f"metrics.{key}: {raw!r} is not a finite number")
+        values[key] = value
+    if values.get("refused", 0.0) != 0.0:
+        return Verdict(False, "metrics.refused: a reply with tensors must have refused = 0")
+    if not cfg["local-dp"]:
+        return Verdict(True)
+    required = ["epsilon", "delta"] + (["noise-multiplier", "max-grad-norm", "sample-rate", "steps",
+                                        "expected-batch-size"] if kind == "train" else
+                                       ["HR@10", "NDCG@10", "eval-noise-multiplier"])
+    missing = [k for k in required if k not in values]
+    if missing:
+        return Verdict(False, f"metrics: missing field(s) {missing}")
+    if not 0.0 <= values["epsilon"] <= cfg["client-epsilon-budget"] * (1 + 1e-6):
+        return Verdict(False, f"metrics.epsilon: {values['epsilon']:g} outside [0, {cfg['client-epsilon-budget']:g}]")
+    want = expected_mechanism(cfg)
+    if not _close(values["delta"], want["delta"]):
+        return Verdict(False, f"metrics.delta: {values['delta']:g}, the run's delta is {want['delta']:g}")
+    if kind == "train":
+        for key in ("noise-multiplier", "max-grad-norm", "sample-rate", "expected-batch-size"):
+            if not _close(values[key], want[key]):
+                return Verdict(False, f"metrics.{key}: {values[key]:g}, the run configured {want[key]:g}")
+        if not (values["steps"] == int(values["steps"]) and 1 <= values["steps"] <= want["steps"]):
+            return Verdict(False, f"metrics.steps: {values['steps']:g}, expected an integer in 1..{want['steps']}")
+        if values.get("adjacency-replace-one", 0.0) not in (0.0, 1.0):
+            return Verdict(False, "metrics.adjacency-replace-one: expected 0 or 1")
+        return Verdict(True)
+    z = cfg["eval-noise-multiplier"]
+    if not _close(values["eval-noise-multiplier"], z):
+        return Verdict(False, f"metrics.eval-noise-multiplier: {values['eval-noise-multiplier']:g}, the run "
+                              f"configured {z:g}")
+    bound = 1.0 + 40.0 * z * math.sqrt(2.0)  # 40 noise std: never reached by an honest reply
+    for key in ("HR@10", "NDCG@10"):
+        if abs(values[key]) > bound:
+            return Verdict(False, f"metrics.{key}: {values[key]:g} is beyond any honest noisy value (|x| <= {bound:g})")
     return Verdict(True)
 
 

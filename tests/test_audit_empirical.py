@@ -27,7 +27,7 @@ def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
     assert rows[2].shape == (2, 4) and rows[2][0][7 - 6] == 5.0 and rows[2].abs().sum() == 5.0
 
 
-# Noise 1.0 and batch 20, not the defaults 0.64 and 1000 (one full-batch step): there the audited session's accountant epsilon (about 1.6) is
+# Noise 1.0 and batch 20, not the defaults 0.64 and 50 (one full-batch step): there the audited session's accountant epsilon (about 1.6) is
 # below what 2,000 canaries can prove (largest reachable about 4.2; a broken setup scores about
 # 2.9), so a broken setup is caught. At 0.64 it is about 5.1, above the largest reachable bound.
 AUDITED_NOISE = 1.0
@@ -41,8 +41,8 @@ def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
     claimed = report["mechanism_claimed"]
     rows = report["training_rows"]["real_examples"] + report["training_rows"]["canary_rows"]
-    # Poisson rate and steps are the product's rule applied to real + canary rows.
-    assert claimed["sample_rate"] == pytest.approx(1 / np.ceil(rows / claimed["batch_size"]))
+    # The audited session's public size is its real + canary rows: rate batch / rows, ceil(1 / rate) steps.
+    assert claimed["sample_rate"] == pytest.approx(claimed["batch_size"] / rows)
     assert claimed["steps"] == report["training_rows"]["planned_steps"]
     assert report["mechanism_run"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 

@@ -26,7 +26,8 @@ def _run(cfg: dict, nodes: int = 6) -> Path:
 def dp_run(small_ml100k, tmp_path_factory):
     cfg = {"dataset": str(small_ml100k), "num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 0,
            "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
-           "max-update-norm": 1000.0, "output-dir": str(tmp_path_factory.mktemp("runs")), "run-name": "dp"}
+           "max-update-norm": 1000.0, "output-dir": str(tmp_path_factory.mktemp("runs")), "run-name": "dp",
+           "wire-log": True}
     return _run(cfg)
 
 
@@ -60,7 +61,8 @@ def test_a_correct_run_passes_every_check_and_reports_each_unit(run_copy):
     assert report["all_checks_passed"], [c for c in report["checks"] if c["status"] == "fail"]
     checks = _checks(report)
     for name in ("ledgers_readable", "ledger_epsilon_recomputes", "ledgers_match_rounds", "within_budget",
-                 "config_matches_records", "server_report_matches_ledgers"):
+                 "config_matches_records", "server_report_matches_ledgers", "policy_recorded", "ledger_storage",
+                 "wire_fields"):
         assert checks[name]["status"] == "pass", checks[name]
     assert checks["user_epsilon_recomputes"]["status"] == "n/a"
     units = {u["unit"]: u for u in report["units"]}
@@ -137,7 +139,7 @@ def test_an_unreadable_ledger_and_an_under_reporting_server_fail(run_copy):
     result["privacy"]["epsilon"] = 0.01
     (run_copy / "result.json").write_text(json.dumps(result))
     checks = _checks(write_audit(run_copy)[2])
-    assert checks["ledgers_readable"]["status"] == "fail" and "JSONDecodeError" in checks["ledgers_readable"]["problems"][0]
+    assert checks["ledgers_readable"]["status"] == "fail" and "unreadable privacy ledger" in checks["ledgers_readable"]["problems"][0]
     assert checks["server_report_matches_ledgers"]["status"] == "fail"
     assert "under-reports" in checks["server_report_matches_ledgers"]["problems"][0]
 
@@ -236,3 +238,29 @@ def test_a_malformed_round_record_is_a_clear_error(run_copy):
         f.write(json.dumps({"round": "3", "sampled": []}) + "\n")
     with pytest.raises(DataFormatError, match="rounds.jsonl.*line 3"):
         write_audit(run_copy)
+
+
+def test_a_ledger_without_a_policy_or_breaking_it_fails(run_copy):
+    client = _edit_ledger(run_copy, lambda raw: raw["policy"].update(min_noise_multiplier=5.0))
+    check = _checks(write_audit(run_copy)[2])["policy_recorded"]
+    assert check["status"] == "fail" and any(p.startswith(client) and "break" in p for p in check["problems"])
+    _edit_ledger(run_copy, lambda raw: raw.pop("policy"))
+    check = _checks(write_audit(run_copy)[2])["policy_recorded"]
+    assert any("no device policy recorded" in p for p in check["problems"])
+
+
+def test_a_ledger_not_written_by_the_locked_writer_fails_and_the_folder_is_stated(run_copy):
+    check = _checks(write_audit(run_copy)[2])["ledger_storage"]
+    assert check["status"] == "pass" and any("do not compose" in p for p in check["problems"])
+    next(iter((run_copy / "clients").glob("ledger-*.lock"))).unlink()
+    check = _checks(write_audit(run_copy)[2])["ledger_storage"]
+    assert check["status"] == "fail" and any(".lock" in p for p in check["problems"])
+
+
+def test_a_wire_log_with_an_unlisted_field_fails(run_copy):
+    path = run_copy / "wire.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[0]["metrics"]["metrics"]["train-loss"] = 4.2
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = _checks(write_audit(run_copy)[2])["wire_fields"]
+    assert check["status"] == "fail" and "train-loss" in check["problems"][0]

@@ -25,6 +25,7 @@ from client.feedback import record_feedback
 from client.recommend import DeviceRecommender
 from common.cli import app
 from common.errors import DataFormatError
+from common.wire import TRAIN_METRICS
 from server.deploy import (flwr_env, list_supernodes, make_certificates, register_supernode, run_and_wait,
                            superlink_command, write_connection)
 
@@ -76,8 +77,10 @@ class Cluster:
         return self.procs[name]
 
     def start_supernode(self, node: str) -> subprocess.Popen:
+        # The devices' own policy allows the budget these short runs ask for (the default is 8).
         return self.start(node, supernode_command(f"127.0.0.1:{self.port}", self.certs["ca_cert"], self.keys[node][0],
-                                                  self.data(node), self.state(node), self.node_ports[node], node))
+                                                  self.data(node), self.state(node), self.node_ports[node], node,
+                                                  policy={"privacy-epsilon-budget": 60.0}))
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -157,7 +160,7 @@ def test_two_rounds_over_tls_change_the_model_and_fill_every_ledger(cluster, fir
             assert (cluster.state(node) / name).is_file(), (node, name)
 
 
-def test_the_wire_carries_only_adapter_tensors_and_numbers(cluster, first_run, ml100k):
+def test_the_wire_carries_only_the_listed_fields(cluster, first_run, ml100k):
     rows = [json.loads(x) for x in (first_run / "wire.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     names = set(load_file(str(first_run / "adapters.safetensors")))
@@ -171,6 +174,7 @@ def test_the_wire_carries_only_adapter_tensors_and_numbers(cluster, first_run, m
         assert set(row["arrays"]) == {"arrays"} and set(row["arrays"]["arrays"]) == names
         assert all(dtype == "float32" for dtype, _ in row["arrays"]["arrays"].values())
         assert set(row["metrics"]) == {"metrics"} and row["configs"] == {}
+        assert set(row["metrics"]["metrics"]) == set(TRAIN_METRICS)  # the privacy statement's list, exactly
         assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row["metrics"]["metrics"].values())
         assert "text" not in json.dumps(row) and not any(
             isinstance(v, str) and v in secrets for v in row["metrics"]["metrics"].values())

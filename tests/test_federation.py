@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from common.ledger import composed_epsilon, Session
+from common.ledger import LedgerUnavailableError, PrivacyLedger
 from common.run_config import ConfigError, resolve
+from common.secure_random import SecureStream
+from common.wire import RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS, allowed_metrics
 from server.federation import Federation, sample_clients
 from simulations.inprocess_grid import InProcessGrid, state_of
 
@@ -52,29 +54,37 @@ def test_round_loop_trains_and_writes_artefacts(completed_run):
     ledgers = sorted((run_dir / "clients").glob("ledger-*.json"))
     assert ledgers
     for path in ledgers:
-        raw = json.loads(path.read_text())
-        sessions = [Session(**s) for s in raw["sessions"]]
-        assert raw["epsilon"] == pytest.approx(composed_epsilon(sessions, raw["delta"]))
+        ledger = PrivacyLedger.load(path)
+        assert ledger.epsilon == pytest.approx(ledger.recomputed_epsilon())
+        assert {s.kind for s in ledger.sessions} <= {"dp-sgd", "evaluation"}
 
 
-def _reply_content_is_only_tensors_and_numbers(content, expected_names):
+def _reply_holds_only_listed_fields(content, expected_names, kind):
+    """What the README's privacy statement lists (common.wire), and nothing else."""
+    assert set(content.keys()) <= RECORD_NAMES
     assert list(content.array_records) in ([], ["arrays"])
     if "arrays" in content.array_records:
-        assert list(content["arrays"].keys()) == expected_names
-    for record in content.metric_records.values():
-        assert all(isinstance(v, (int, float)) for v in record.values())
+        assert kind == "train" and list(content["arrays"].keys()) == expected_names
+    assert list(content.metric_records) == ["metrics"]
+    metrics = dict(content["metrics"])
+    assert set(metrics) <= set(allowed_metrics(kind)), set(metrics) - set(allowed_metrics(kind))
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     for name, record in content.config_records.items():
-        assert name == "status" and set(record.keys()) <= {"refused", "reason"}
+        assert name == "status" and set(record.keys()) <= set(STATUS_FIELDS)
+        assert record["reason"] in REFUSAL_REASONS
+    if "status" not in content.config_records and kind == "train":
+        assert set(metrics) == set(TRAIN_METRICS)
 
 
-def test_replies_hold_only_adapter_tensors_and_numbers(completed_run, ml100k):
+def test_replies_hold_only_the_listed_fields(completed_run):
     grid, fed, _, _ = completed_run
     assert grid.replies
-    titles = [it.title for it in ml100k.items]
+    seen = set()
     for reply in grid.replies:
-        _reply_content_is_only_tensors_and_numbers(reply.content, fed.names)
-        text = repr([dict(r) for r in reply.content.config_records.values()])
-        assert not any(t in text for t in titles if len(t) > 6)
+        kind = reply.metadata.message_type
+        seen.add(kind)
+        _reply_holds_only_listed_fields(reply.content, fed.names, kind)
+    assert seen == {"train", "evaluate"}
 
 
 def _tamper(node, content):
@@ -120,7 +130,7 @@ def test_client_at_its_budget_refuses_and_the_server_counts_it(small_run_config)
     assert row["clients_refused"] == 3 and row["clients_accepted"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))
     reasons = [r.content["status"]["reason"] for r in grid.replies if "status" in r.content.config_records]
-    assert reasons and all("budget" in r for r in reasons)
+    assert reasons and all(r == "privacy-budget" for r in reasons)
 
 
 def test_resume_continues_rounds_and_accounting(small_run_config):
@@ -155,7 +165,7 @@ def test_a_client_error_becomes_a_refusal_without_its_details(small_run_config):
     row = _rows(fed.folder.root)[1]
     assert row["clients_refused"] == 1 and row["clients_accepted"] == 6
     [reason] = [r.content["status"]["reason"] for r in grid.replies if "status" in r.content.config_records]
-    assert "ValueError" in reason and "partition-id" not in reason
+    assert reason == "client-error"  # a fixed code: the ValueError and its message stay on the device
 
 
 def test_a_run_stored_before_item_bias_scale_existed_resumes_only_at_scale_1(small_run_config):
@@ -175,16 +185,16 @@ def test_cyclic_sampling_trains_every_client_once_before_any_twice():
     nodes = [2**63 + 5 * i for i in range(10)]  # uint64 ids beyond float64's exact range
     cfg = resolve({"clients-per-round": 5, "seed": 3})
     assert cfg["client-sampling"] == "cyclic"
-    rounds = [sample_clients(nodes, cfg, rnd, np.random.default_rng(rnd)) for rnd in range(1, 5)]
+    rounds = [sample_clients(nodes, cfg, rnd, np.random.default_rng(rnd), None) for rnd in range(1, 5)]
     assert sorted(rounds[0] + rounds[1]) == sorted(nodes)  # first pass: every client exactly once
     assert sorted(rounds[2] + rounds[3]) == sorted(nodes)  # second pass, in a fresh order
     assert rounds[2:] != rounds[:2]
     # deterministic in (seed, round), whatever rng is passed: a resumed run samples the same clients
-    assert rounds == [sample_clients(nodes, cfg, rnd, None) for rnd in range(1, 5)]
-    assert rounds != [sample_clients(nodes, dict(cfg, seed=4), rnd, None) for rnd in range(1, 5)]
+    assert rounds == [sample_clients(nodes, cfg, rnd, None, None) for rnd in range(1, 5)]
+    assert rounds != [sample_clients(nodes, dict(cfg, seed=4), rnd, None, None) for rnd in range(1, 5)]
     # a round that straddles two passes has no repeated client, and the first pass still covers everyone
     cfg4 = dict(cfg, **{"clients-per-round": 4})
-    r1, r2, r3 = (sample_clients(nodes, cfg4, rnd, None) for rnd in (1, 2, 3))
+    r1, r2, r3 = (sample_clients(nodes, cfg4, rnd, None, None) for rnd in (1, 2, 3))
     assert len(set(r1 + r2)) == 8 and set(r1 + r2 + r3) == set(nodes) and len(r3) == len(set(r3))
 
 
@@ -194,7 +204,8 @@ def test_sampling_scheme_follows_central_dp():
     with pytest.raises(ConfigError, match="client-sampling.*Poisson"):
         resolve({"central-dp": True, "client-sampling": "cyclic"})
     nodes = list(range(1000))
-    picked = sample_clients(nodes, resolve({"central-dp": True, "clients-per-round": 100}), 1, np.random.default_rng(0))
+    picked = sample_clients(nodes, resolve({"central-dp": True, "clients-per-round": 100}), 1, np.random.default_rng(0),
+                            SecureStream())
     assert 50 < len(picked) < 150  # Poisson at rate 100 / 1000: the count varies
 
 
@@ -205,3 +216,73 @@ def test_resume_from_an_unreadable_stored_config_names_the_file(small_run_config
     cfg = dict(small_run_config, resume=True)
     with pytest.raises(ConfigError, match="config.json"):
         Federation(InProcessGrid(6, cfg), cfg)
+
+
+@pytest.mark.parametrize("asked", [{"local-dp": False}, {"noise-multiplier": 0.3}], ids=["dp-off", "less-noise"])
+def test_a_run_asking_for_less_privacy_is_refused_by_every_device(small_run_config, asked):
+    """Whoever submits the run chooses its config; every device still applies its own policy."""
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1, **asked})
+    grid = InProcessGrid(6, cfg)
+    fed = Federation(grid, cfg)
+    start = [a.copy() for a in fed.arrays]
+    fed.run()
+    train_replies = [r for r in grid.replies if "metrics" in r.content.metric_records
+                     and dict(r.content["metrics"]).get("refused") is not None and "HR@10" not in r.content["metrics"]]
+    assert len(train_replies) >= 6
+    for reply in grid.replies:
+        assert "arrays" not in reply.content.array_records  # nothing trained is sent
+        assert reply.content["status"]["reason"] == "privacy-policy"
+    assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))
+    assert not list((fed.folder.root / "clients").glob("ledger-*.json"))  # nothing spent
+    assert _rows(fed.folder.root)[1]["clients_refused"] == 6
+
+
+def test_federated_evaluation_is_a_noisy_release_each_ledger_counts(small_run_config):
+    cfg = dict(small_run_config, **{"num-server-rounds": 1, "clients-per-round": 1, "evaluate-clients": 6,
+                                    "eval-noise-multiplier": 2.0, "client-epsilon-budget": 8.0})
+    grid = InProcessGrid(6, cfg)
+    fed = Federation(grid, cfg)
+    fed.run()
+    evaluations = [dict(r.content["metrics"]) for r in grid.replies if "HR@10" in r.content["metrics"]]
+    assert len(evaluations) == 6
+    # noisy values on the noise's grid, never the exact 0 or 1 of a hit
+    assert all(v["HR@10"] not in (0.0, 1.0) and v["eval-noise-multiplier"] == 2.0 for v in evaluations)
+    ledgers = [PrivacyLedger.load(p) for p in (fed.folder.root / "clients").glob("ledger-*.json")]
+    assert sum(1 for led in ledgers for s in led.sessions if s.kind == "evaluation") == 6
+    row = _rows(fed.folder.root)[1]
+    assert row["federated_clients"] == 6 and np.isfinite(row["federated_NDCG@10"])
+    assert row["federated_noise_std_of_mean"] == pytest.approx(2.0 * np.sqrt(2 / 6))
+
+
+def test_a_central_dp_release_is_accounted_before_a_crash_can_lose_it(small_run_config, monkeypatch):
+    import server.federation as federation_mod
+
+    cfg = dict(small_run_config, **{"central-dp": True, "num-server-rounds": 2, "eval-every": 100})
+    real = federation_mod.save_checkpoint
+
+    def crash_in_round_2(folder, rnd, *args, **kwargs):
+        if rnd == 2:
+            raise KeyboardInterrupt("killed between the release and its checkpoint")
+        return real(folder, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(federation_mod, "save_checkpoint", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(InProcessGrid(6, cfg), cfg).run()
+    monkeypatch.undo()
+    run_dir = Path(cfg["output-dir"]) / cfg["run-name"]
+    assert json.loads((run_dir / "checkpoint" / "latest.json").read_text())["round"] == 1
+    assert sum(n for _, _, n in json.loads((run_dir / "central-dp.json").read_text())["history"]) == 2
+    resumed = dict(cfg, resume=True)
+    fed = Federation(InProcessGrid(6, resumed), resumed)
+    fed.run()
+    assert fed.central.rounds == 3  # round 2 was released twice: both count
+
+
+def test_resume_with_another_population_re_derives_the_sampling_rate(small_run_config):
+    cfg = dict(small_run_config, **{"central-dp": True, "num-server-rounds": 1, "clients-per-round": 3})
+    Federation(InProcessGrid(6, cfg), cfg).run()
+    more = dict(cfg, **{"num-server-rounds": 2, "resume": True})
+    fed = Federation(InProcessGrid(4, more), more)
+    fed.run()
+    assert fed.central.population == 4 and fed.central.sample_rate == pytest.approx(3 / 4)
+    assert [(q, n) for _, q, n in fed.central.history] == [(0.5, 1), (0.75, 1)]

@@ -1,70 +1,151 @@
-"""The client's privacy ledger: composition, monotonicity, budget, persistence and crashes."""
+"""The client's privacy ledger: composition, budget, persistence, crashes, locking and enrolment."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
+import time
 
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.errors import DataFormatError
-from common.ledger import PrivacyLedger, Session
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, composed_epsilon, ledger_paths
 
 
-def _session(steps: int = 50, sigma: float = 1.0, q: float = 0.05) -> Session:
-    return Session(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=1e-5)
+def _session(steps: int = 50, sigma: float = 1.0, q: float = 0.05, **kw) -> Session:
+    return Session(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=1e-5, **kw)
+
+
+def _open(folder, client="c", budget=50.0):
+    return PrivacyLedger.session(folder, client, budget_epsilon=budget, delta=1e-5)
 
 
 def test_epsilon_matches_the_accountant_on_the_history(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path / "c1.json", "c1", budget_epsilon=50.0, delta=1e-5)
-    for sigma in (1.0, 0.8, 1.2):
-        ledger.record(_session(sigma=sigma))
+    with _open(tmp_path, "c1") as ledger:
+        for sigma in (1.0, 0.8, 1.2):
+            ledger.record(_session(sigma=sigma))
     acc = RDPAccountant()
     acc.history = [(1.0, 0.05, 50), (0.8, 0.05, 50), (1.2, 0.05, 50)]
     assert ledger.epsilon == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
-    reloaded = PrivacyLedger.open(tmp_path / "c1.json", "c1", budget_epsilon=50.0, delta=1e-5)
-    assert reloaded.epsilon == ledger.epsilon == reloaded.recomputed_epsilon()
-    assert len(reloaded.sessions) == 3
+    with _open(tmp_path, "c1") as reloaded:
+        assert reloaded.epsilon == ledger.epsilon == reloaded.recomputed_epsilon()
+        assert len(reloaded.sessions) == 3
 
 
-def test_epsilon_is_monotone(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path / "c.json", "c", budget_epsilon=100.0, delta=1e-5)
-    previous = 0.0
-    for _ in range(5):
-        now = ledger.record(_session(steps=20))
-        assert now > previous
-        previous = now
+def test_epsilon_is_monotone_and_replace_one_costs_more(tmp_path):
+    with _open(tmp_path, budget=100.0) as ledger:
+        previous = 0.0
+        for _ in range(5):
+            now = ledger.record(_session(steps=20))
+            assert now > previous
+            previous = now
+    one = composed_epsilon([_session()], 1e-5)
+    assert composed_epsilon([_session(adjacency="replace-one")], 1e-5) == pytest.approx(
+        composed_epsilon([_session(sigma=0.5)], 1e-5))
+    assert composed_epsilon([_session(adjacency="replace-one")], 1e-5) > one
 
 
 def test_budget_caps_steps_and_refuses_at_the_cap(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path / "c.json", "c", budget_epsilon=2.0, delta=1e-5)
-    allowed = ledger.max_steps_within_budget(1.0, 0.05, max_steps=10_000)
-    assert 0 < allowed < 10_000
-    assert ledger.epsilon_after(_session(steps=allowed)) <= 2.0
-    assert ledger.epsilon_after(_session(steps=allowed + 1)) > 2.0
-    ledger.record(_session(steps=allowed))
-    assert ledger.max_steps_within_budget(1.0, 0.05, max_steps=10_000) == 0  # at its budget: refuse
+    with _open(tmp_path, budget=2.0) as ledger:
+        allowed = ledger.max_steps_within_budget(_session(steps=10_000))
+        assert 0 < allowed < 10_000
+        assert ledger.epsilon_after(_session(steps=allowed)) <= 2.0
+        assert ledger.epsilon_after(_session(steps=allowed + 1)) > 2.0
+        ledger.record(_session(steps=allowed))
+        assert ledger.max_steps_within_budget(_session(steps=10_000)) == 0  # at its budget: refuse
 
 
 def test_crash_after_the_write_never_under_reports(tmp_path):
-    path = tmp_path / "c.json"
-    ledger = PrivacyLedger.open(path, "c", budget_epsilon=10.0, delta=1e-5)
-    ledger.record(_session())
+    with _open(tmp_path, budget=10.0) as ledger:
+        ledger.record(_session())
     # a crash right after record() but before any reply: the spend is already on disk
-    after_crash = PrivacyLedger.open(path, "c", budget_epsilon=10.0, delta=1e-5)
-    assert after_crash.epsilon == ledger.epsilon > 0
-    # a crash in the middle of a write leaves only a temp file; the ledger itself stays whole
-    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+    with _open(tmp_path, budget=10.0) as after_crash:
+        assert after_crash.epsilon == ledger.epsilon > 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ledger-c.enrolled", "ledger-c.json", "ledger-c.lock"]  # no temp file left behind
+    assert os.stat(tmp_path / "ledger-c.json").st_mode & 0o077 == 0  # readable by its owner only
 
 
-def test_corrupt_or_foreign_ledger_is_refused(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text("{not json")
-    with pytest.raises(DataFormatError, match="unreadable privacy ledger"):
-        PrivacyLedger.open(path, "c", budget_epsilon=1.0, delta=1e-5)
-    ledger = PrivacyLedger.open(tmp_path / "d.json", "d", budget_epsilon=10.0, delta=1e-5)
-    ledger.record(_session())
-    with pytest.raises(DataFormatError, match="belongs to client 'd'"):
-        PrivacyLedger.open(tmp_path / "d.json", "e", budget_epsilon=10.0, delta=1e-5)
-    stored = json.loads((tmp_path / "d.json").read_text())
+def test_the_rename_is_made_durable_by_syncing_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with _open(tmp_path) as ledger:
+        synced.clear()
+        ledger.record(_session())
+    assert str(tmp_path.resolve()) in synced, synced  # the folder, after the rename
+
+
+def test_corrupt_foreign_or_missing_ledger_is_refused(tmp_path):
+    path, _, _ = ledger_paths(tmp_path, "c")
+    with _open(tmp_path) as ledger:
+        ledger.record(_session())
+    stored = json.loads(path.read_text())
     assert stored["sessions"][0]["noise_multiplier"] == 1.0 and stored["delta"] == 1e-5
+    path.write_text("{not json")
+    with pytest.raises(LedgerUnavailableError, match="unreadable privacy ledger"), _open(tmp_path):
+        pass
+    path.unlink()  # an enrolled client whose ledger is gone never starts again from 0
+    with pytest.raises(LedgerUnavailableError, match="refusing to start again from epsilon 0"), _open(tmp_path):
+        pass
+    with _open(tmp_path, "d") as other:
+        other.record(_session())
+    os.replace(ledger_paths(tmp_path, "d")[0], path)
+    with pytest.raises(LedgerUnavailableError, match="belongs to client 'd'"), _open(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("delta", [0.5, 0.0, float("nan")])
+def test_a_ledger_with_an_invalid_delta_is_refused(tmp_path, delta):
+    with _open(tmp_path) as ledger:
+        ledger.record(_session())
+    path = ledger_paths(tmp_path, "c")[0]
+    raw = json.loads(path.read_text())
+    raw["delta"] = delta
+    for s in raw["sessions"]:
+        s["delta"] = delta
+    path.write_text(json.dumps(raw))
+    with pytest.raises(LedgerUnavailableError), _open(tmp_path):
+        pass
+    with pytest.raises(ValueError, match="delta"):
+        composed_epsilon([_session()], 0.5)
+
+
+def _overlapping_session(folder: str, hold: float, sigma: float, started) -> None:
+    """Plan against the history, then hold the ledger for ``hold`` seconds before recording."""
+    with PrivacyLedger.session(folder, "c", budget_epsilon=100.0, delta=1e-5) as ledger:
+        started.set()
+        time.sleep(hold)
+        ledger.record(_session(steps=1, q=1.0, sigma=sigma))
+
+
+def test_overlapping_sessions_on_one_device_both_count(tmp_path):
+    """Two processes that each read, plan and write the same ledger: without the lock the second
+    write would drop the first session's spend."""
+    ctx = mp.get_context("spawn")
+    started, unused = ctx.Event(), ctx.Event()
+    first = ctx.Process(target=_overlapping_session, args=(str(tmp_path), 1.0, 0.64, started))
+    first.start()
+    assert started.wait(60)
+    second = ctx.Process(target=_overlapping_session, args=(str(tmp_path), 0.0, 0.8, unused))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert first.exitcode == second.exitcode == 0
+    with _open(tmp_path, budget=100.0) as ledger:
+        assert sorted(s.noise_multiplier for s in ledger.sessions) == [0.64, 0.8]
+        both = composed_epsilon([_session(steps=1, q=1.0, sigma=0.64), _session(steps=1, q=1.0, sigma=0.8)], 1e-5)
+        assert ledger.epsilon == pytest.approx(both)
+
+
+def test_a_held_lock_times_out_into_a_refusal(tmp_path):
+    with _open(tmp_path):
+        with pytest.raises(LedgerUnavailableError, match="held the ledger lock"):
+            with PrivacyLedger.session(tmp_path, "c", 50.0, 1e-5, lock_timeout=0.2):
+                pass

@@ -179,32 +179,104 @@ def test_unknown_items_are_scored_by_text_alone(encoder, feats):
 def test_empty_poisson_batches_still_add_noise(encoder, feats):
     user_feats, item_feats = feats
     model = Recommender(encoder, len(ITEMS), item_bias=True)
-    # expected batch 1 of 8 examples: P(empty batch) = (7/8)^8, about 0.34 per step
-    cfg = TrainConfig(epochs=3.0, batch_size=1, dp=True, noise_multiplier=1.0, seed=3, noise_seed=3)
+    # expected batch 1 of 8 examples: P(empty batch) = (7/8)^8, about 0.34 per step; 48 steps
+    cfg = TrainConfig(epochs=6.0, batch_size=1, dp=True, noise_multiplier=1.0, seed=3)
     report = train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
-    assert report.steps == 24
-    assert report.empty_batches > 0  # seed 3 draws empty batches; each still moved the weights (checked per step)
+    assert report.steps == 48
+    assert report.empty_batches > 0  # each still moved the weights (checked after every step)
 
 
-@pytest.mark.parametrize("noise, epochs, batch", [(1.0, 1.0, 4), (0.0, 2.0, 2)], ids=["noise", "sampling"])
-def test_dp_randomness_is_not_replayable_from_the_config(encoder, feats, noise, epochs, batch):
-    """The same TrainConfig (same public seed) must reproduce neither the DP noise nor, with no
-    noise at all, the Poisson batches (Opacus draws them from the loader's generator), unless
-    ``noise_seed`` pins both."""
-    from common.encoder import get_adapters, set_adapters
+def test_a_client_with_no_examples_takes_the_same_noise_only_steps(encoder, feats):
+    """Under DP the schedule comes from the public size: no examples still means every step."""
+    _, item_feats = feats
+    model = Recommender(encoder, len(ITEMS), item_bias=True)
+    before = get_adapters(encoder)
+    cfg = TrainConfig(epochs=1.0, batch_size=2, dp=True, noise_multiplier=1.0, public_size=4, seed=0)
+    from common.features import FeatureSet
+
+    empty = FeatureSet.empty(8, encoder.dim)
+    report = train(model, empty, np.zeros(0, dtype=np.int64), item_feats, cfg)
+    assert report.steps == 2 and report.empty_batches == 2 and report.expected_batch_size == 2
+    assert not any(torch.equal(a, b) for a, b in zip(before, get_adapters(encoder)))
+    set_adapters(encoder, before)
+
+
+def _dp_update(encoder, feats, noise: float, epochs: float, batch: int, seed_globals: bool) -> list[torch.Tensor]:
+    import random
 
     user_feats, item_feats = feats
     start = get_adapters(encoder)
-    outcomes = []
-    for noise_seed in (None, None, 7, 7):
-        set_adapters(encoder, start)
-        model = Recommender(encoder, len(ITEMS), item_bias=False)
-        cfg = TrainConfig(epochs=epochs, batch_size=batch, dp=True, noise_multiplier=noise, seed=5,
-                          noise_seed=noise_seed)
-        train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
-        outcomes.append(get_adapters(encoder))
+    if seed_globals:
+        torch.manual_seed(1234)
+        np.random.seed(1234)
+        random.seed(1234)
+    model = Recommender(encoder, len(ITEMS), item_bias=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, dp=True, noise_multiplier=noise, seed=5)
+    train(model, user_feats, np.arange(8) % 6, item_feats, cfg)
+    out = [a - b for a, b in zip(get_adapters(encoder), start)]
     set_adapters(encoder, start)
-    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
-    assert not same(outcomes[0], outcomes[1])
-    assert same(outcomes[2], outcomes[3])
+    return out
 
+
+@pytest.mark.parametrize("noise, epochs, batch", [(1.0, 1.0, 8), (0.0, 2.0, 2)], ids=["noise", "sampling"])
+@pytest.mark.parametrize("seed_globals", [True, False], ids=["globals-seeded-alike", "identical-inputs"])
+def test_dp_randomness_is_not_replayable(encoder, feats, noise, epochs, batch, seed_globals):
+    """The same config, state and data, with torch's, numpy's and Python's global generators seeded
+    identically (or not at all), never reproduce the DP noise nor, with no noise, the Poisson
+    batches: both come from secure streams keyed from the OS."""
+    first = _dp_update(encoder, feats, noise, epochs, batch, seed_globals)
+    second = _dp_update(encoder, feats, noise, epochs, batch, seed_globals)
+    assert not all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_noise_and_sampling_use_separate_secure_streams(encoder, feats):
+    from common.privacy import PublicSchedule, make_private
+    from common.secure_random import SecureStream
+
+    model = Recommender(encoder, len(ITEMS), item_bias=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    private = make_private(model, optimizer, 1.0, 1.0, PublicSchedule(0.5, 2, 4), "rdp")
+    try:
+        assert isinstance(private.sampling_stream, SecureStream)
+        assert isinstance(private.optimizer.noise_stream, SecureStream)
+        assert private.sampling_stream is not private.optimizer.noise_stream
+        assert private.optimizer.generator is None and not private.optimizer.secure_mode
+    finally:
+        private.close()
+
+
+def _lora_and_bias(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_opacus_per_sample_gradients_equal_each_examples_own_gradient(encoder, feats):
+    """In scale, not only direction: a module registered twice in the tree would double them."""
+    from opacus.grad_sample.utils import wrap_model
+
+    from common.training import refresh_items
+
+    user_feats, item_feats = feats
+    model = Recommender(encoder, len(ITEMS), item_bias=True, bias_scale=10.0)
+    refresh_items(model, item_feats)
+    targets = torch.as_tensor([2, 0, 5, 1])
+    rows = torch.arange(4)
+    own = []
+    for row in rows:
+        model.zero_grad()
+        f, m = user_feats.batch(row[None])
+        torch.nn.functional.cross_entropy(model(f, m), targets[row][None]).backward()
+        own.append({n: p.grad.detach().clone() for n, p in _lora_and_bias(model).items()})
+    model.zero_grad()
+    gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    try:
+        f, m = user_feats.batch(rows)
+        torch.nn.functional.cross_entropy(gsm(f, m), targets).backward()
+        for name, p in _lora_and_bias(model).items():
+            for row in range(4):
+                expected = own[row][name]
+                assert torch.allclose(p.grad_sample[row], expected, atol=1e-6, rtol=1e-4), (name, row)
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None

@@ -64,3 +64,12 @@ def test_every_federated_benchmark_preset_is_a_valid_run_config():
             assert cfg["client-epsilon-budget"] == DEFAULTS["client-epsilon-budget"], name
     with pytest.raises(ConfigError, match="num-server-round"):
         resolve(parse_overrides("num-server-round=3".split()))
+
+
+def test_the_readme_lists_every_field_a_device_sends():
+    from pathlib import Path
+
+    from common.wire import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataFormatError
-from common.ledger import Session, composed_epsilon
-from common.privacy import interaction_group_size
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, ledger_paths
+from common.privacy import client_schedule, interaction_group_size
+from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS
 from server.central_dp import CentralDP
 
 REL_TOL = 1e-6
-SESSION_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
 NO_DP_STATEMENT = ("This run used no differential privacy: neither local DP-SGD on the clients nor central DP "
                    "on the server. The released model carries no formal privacy guarantee for any unit "
                    "(example, interaction or user), and no epsilon applies.")
@@ -57,6 +57,7 @@ class LedgerRecord:
     sessions: list[Session] = field(default_factory=list)
     epsilon: float | None = None
     error: str = ""
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 def _close(a: float, b: float) -> bool:
@@ -91,26 +92,14 @@ def read_ledger(path: Path) -> LedgerRecord:
     """Parse a ledger without trusting it: problems are kept in ``error``, never raised."""
     rec = LedgerRecord(path=path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        rec.client_id = str(raw["client_id"])
-        rec.budget = float(raw["budget_epsilon"])
-        rec.delta = float(raw["delta"])
-        rec.accountant = str(raw["accountant"])
-        rec.stored_epsilon = float(raw["epsilon"])
-        rec.sessions = [Session(**s) for s in raw["sessions"]]
-        for i, s in enumerate(rec.sessions):
-            bad = [f for f in SESSION_FIELDS if not isinstance(getattr(s, f), (int, float))
-                   or isinstance(getattr(s, f), bool) or not math.isfinite(getattr(s, f)) or getattr(s, f) < 0]
-            if not bad:
-                bad += [f for f, ok in (("noise_multiplier", s.noise_multiplier > 0),
-                                        ("sample_rate", 0 < s.sample_rate <= 1), ("steps", s.steps == int(s.steps)),
-                                        ("delta", 0 < s.delta < 1)) if not ok]
-            if bad:
-                raise ValueError(f"session {i}: invalid {', '.join(bad)}")
-        rec.epsilon = composed_epsilon(rec.sessions, rec.delta, rec.accountant)
+        ledger = PrivacyLedger.load(path)
+        rec.client_id, rec.budget, rec.delta = ledger.client_id, ledger.budget_epsilon, ledger.delta
+        rec.accountant, rec.stored_epsilon, rec.sessions = ledger.accountant, ledger.epsilon, ledger.sessions
+        rec.policy = ledger.policy
+        rec.epsilon = ledger.recomputed_epsilon()
         if not math.isfinite(rec.epsilon):
             raise ValueError(f"the recorded history composes to epsilon {rec.epsilon}")
-    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
+    except (LedgerUnavailableError, ValueError, ArithmeticError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     return rec
 
@@ -236,7 +225,8 @@ class RunAudit:
             parts.append("No user-level guarantee: without central DP, a whole user's contribution is not bounded.")
         if int(self.cfg.get("evaluate-clients", 0)) > 0:
             parts.append("Federated evaluation replies (each evaluated client's HR@10 and NDCG@10 on its own "
-                         "held-out item) are sent without DP: no epsilon covers them.")
+                         "held-out item) are Gaussian DP releases recorded in the client's ledger, so the "
+                         "epsilons above include them.")
         return " ".join(parts)
 
     def units(self) -> list[dict[str, Any]]:
@@ -305,7 +295,82 @@ class RunAudit:
     # -- consistency ------------------------------------------------------------------------------
     def checks(self) -> list[Check]:
         return [self._check_readable(), self._check_recomputes(), self._check_server_rounds(),
-                self._check_caps(), self._check_config(), self._check_server_report(), self._check_central()]
+                self._check_caps(), self._check_config(), self._check_server_report(), self._check_central(),
+                self._check_policy(), self._check_ledger_storage(), self._check_wire()]
+
+    def _check_policy(self) -> Check:
+        title = "Every ledger records the device policy, and every session of this run satisfies it"
+        if not self.local:
+            return self._na("policy_recorded", title, "no local DP in this run")
+        bad = []
+        for led in self.ledgers:
+            if led.error:
+                continue
+            p = led.policy
+            needed = ("require_local_dp", "min_noise_multiplier", "max_clip", "delta", "epsilon_budget", "adjacency")
+            if not all(k in p for k in needed):
+                bad.append(f"{led.client_id}: no device policy recorded (missing {[k for k in needed if k not in p]})")
+                continue
+            if led.budget > float(p["epsilon_budget"]) * (1 + REL_TOL) or not _close(led.delta, float(p["delta"])):
+                bad.append(f"{led.client_id}: ledger budget/delta {led.budget:g}/{led.delta:g} exceed the policy's "
+                           f"{p['epsilon_budget']}/{p['delta']}")
+            for s in led.sessions:
+                if s.run_id != self.run_id:
+                    continue
+                clip_ok = s.kind == "evaluation" or s.max_grad_norm <= float(p["max_clip"]) * (1 + REL_TOL)
+                if s.noise_multiplier < float(p["min_noise_multiplier"]) * (1 - REL_TOL) or not clip_ok \
+                        or s.adjacency != p["adjacency"]:
+                    bad.append(f"{led.client_id} round {s.round}: noise {s.noise_multiplier:g}, clip "
+                               f"{s.max_grad_norm:g}, adjacency {s.adjacency} break the recorded policy {p}")
+        return _verdict("policy_recorded", title, bad, f"{len(bad)} ledgers lack a policy or break it",
+                        f"all {len(self.ledgers)} ledgers record a device policy that every session of this run meets")
+
+    def _check_ledger_storage(self) -> Check:
+        title = "Ledgers were written by the locked writer, and where they live is stated"
+        if not self.local:
+            return self._na("ledger_storage", title, "no local DP in this run")
+        bad, notes = [], []
+        for led in self.ledgers:
+            _, lock, marker = ledger_paths(led.path.parent, led.client_id or led.path.stem[len("ledger-"):])
+            missing = [p.name for p in (lock, marker) if not p.exists()]
+            if missing:
+                bad.append(f"{led.path.name}: no {' / '.join(missing)} beside it (not written by the locked, "
+                           f"enrolling ledger writer)")
+        for folder in sorted({led.path.parent for led in self.ledgers}):
+            stray = sorted(p.name for p in folder.glob(".ledger-*.tmp"))
+            if stray:
+                notes.append(f"{folder}: {len(stray)} temp file(s) left by an interrupted write, e.g. {stray[0]}")
+            inside = self.run_dir.resolve() in folder.resolve().parents or folder.resolve() == self.run_dir.resolve()
+            notes.append(f"{folder}: " + ("inside the run folder: this run is a separate simulated deployment, and "
+                                          "its budgets do not compose with other runs on the same data"
+                                          if inside else "outside the run folder: budgets persist across runs"))
+        reason = (f"{len(bad)} ledgers lack their lock or enrolment file" if bad else
+                  f"every ledger has its lock and enrolment files; {notes[-1] if notes else ''}")
+        return Check("ledger_storage", title, "fail" if bad else "pass", reason, bad + notes)
+
+    def _check_wire(self) -> Check:
+        title = "The wire log shows only the fields the privacy statement lists"
+        path = self.run_dir / "wire.jsonl"
+        if not path.exists():
+            return self._na("wire_fields", title, "wire-log was off in this run: no record of what devices sent")
+        bad = []
+        for number, row in enumerate(_read_jsonl(path), start=1):
+            if "error" in row:
+                continue
+            where = f"wire.jsonl line {number} (round {row.get('round')}, node {row.get('node')})"
+            records = set(row.get("arrays", {})) | set(row.get("metrics", {})) | set(row.get("configs", {}))
+            if records - RECORD_NAMES or set(row.get("arrays", {})) - {"arrays"} \
+                    or set(row.get("configs", {})) - {"status"}:
+                bad.append(f"{where}: records {sorted(records)} beyond arrays / metrics / status")
+            metrics = row.get("metrics", {}).get("metrics", {})
+            extra = sorted(set(metrics) - set(TRAIN_METRICS) - set(EVALUATE_METRICS))
+            if extra:
+                bad.append(f"{where}: metric fields {extra} are not in the released-field list")
+            status = row.get("configs", {}).get("status", {})
+            if set(status) - set(STATUS_FIELDS) or ("reason" in status and status["reason"] not in REFUSAL_REASONS):
+                bad.append(f"{where}: status {status} is not a fixed refusal code")
+        return _verdict("wire_fields", title, bad, f"{len(bad)} replies carried fields outside the list",
+                        "every logged reply carried only listed fields")
 
     def _na(self, name: str, title: str, why: str) -> Check:
         return Check(name, title, "n/a", why)
@@ -384,7 +449,10 @@ class RunAudit:
             return self._na("config_matches_records", title, "no DP claimed, none recorded")
         want = {"noise_multiplier": float(self.cfg["noise-multiplier"]), "max_grad_norm": float(self.cfg["max-grad-norm"]),
                 "delta": float(self.cfg["delta"])}
-        epochs = float(self.cfg.get("local-epochs", 1.0))
+        schedule = client_schedule({"examples-per-user": int(self.cfg.get("examples-per-user", 0)),
+                                     "batch-size": int(self.cfg.get("batch-size", 1)),
+                                     "local-epochs": float(self.cfg.get("local-epochs", 1.0))})
+        eval_noise = self.cfg.get("eval-noise-multiplier")
         bad = []
         if self.local:
             for led in self.ledgers:
@@ -396,16 +464,22 @@ class RunAudit:
                 for s in led.sessions:
                     if s.run_id != self.run_id:
                         continue
-                    where = f"{led.client_id} round {s.round}"
+                    where = f"{led.client_id} round {s.round} ({s.kind})"
+                    if s.kind == "evaluation":
+                        if eval_noise is None or not _close(s.noise_multiplier, float(eval_noise)) \
+                                or s.sample_rate != 1.0 or s.steps != 1:
+                            bad.append(f"{where}: noise {s.noise_multiplier:g}, rate {s.sample_rate:g}, steps "
+                                       f"{s.steps}; the config's evaluation release is noise {eval_noise}, rate 1, "
+                                       f"one step")
+                        continue
                     for key, value in want.items():
                         if not _close(float(getattr(s, key)), value):
                             bad.append(f"{where}: {key} {getattr(s, key):g}, config says {value:g}")
-                    inverse = 1.0 / s.sample_rate if s.sample_rate > 0 else math.inf
-                    if not (s.sample_rate <= 1 and _close(inverse, round(inverse))):
-                        bad.append(f"{where}: sample rate {s.sample_rate:g} is not 1/(number of batches)")
-                    elif s.steps > math.ceil(epochs * round(inverse) - 1e-9):
-                        bad.append(f"{where}: {s.steps} steps exceed local-epochs x batches "
-                                   f"= {math.ceil(epochs * round(inverse))}")
+                    if not _close(s.sample_rate, schedule.sample_rate):
+                        bad.append(f"{where}: sample rate {s.sample_rate:g}, the public schedule gives "
+                                   f"{schedule.sample_rate:g}")
+                    elif s.steps > schedule.steps:
+                        bad.append(f"{where}: {s.steps} steps exceed the public schedule's {schedule.steps}")
         if self.central_on:
             if self.central is None:
                 bad.append("central-dp=true but checkpoint/latest.json holds no central-DP accountant state")

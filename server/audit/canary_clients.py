@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from scipy import optimize, special
 
 from common.run_config import resolve
 from server.audit.estimator import audit_scores
 from server.audit.mechanism import reading
 from server.federation import Federation
+from server.validation import expected_mechanism
 from simulations.inprocess_grid import InProcessGrid
 
 CANARY_NODE_BASE = 10_000_001
@@ -54,16 +55,17 @@ class CanaryClientGrid(InProcessGrid):
             if node not in self.canary_updates:
                 continue
             if msg.metadata.message_type != MessageType.TRAIN:
-                out.append(Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0})}),
-                                   reply_to=msg))
+                out.append(Message(content=RecordDict({"metrics": MetricRecord({"refused": 1.0}), "status": ConfigRecord(
+                    {"refused": True, "reason": "client-error"})}), reply_to=msg))
                 continue
             record = msg.content["arrays"]
             names = list(record.keys())
             arrays = [record[k].numpy() for k in names]
             update = unflatten(self.canary_updates[node], arrays)
             state = ArrayRecord({k: Array((a + u).astype(a.dtype)) for k, a, u in zip(names, arrays, update)})
-            out.append(Message(content=RecordDict({"arrays": state, "metrics": MetricRecord({"num-examples": 1.0})}),
-                               reply_to=msg))
+            # The metrics an honest client of this run would report (the server validates them).
+            metrics = {"refused": 0.0, "epsilon": 0.0, **expected_mechanism(self.run_config)}
+            out.append(Message(content=RecordDict({"arrays": state, "metrics": MetricRecord(metrics)}), reply_to=msg))
         return out
 
 

@@ -27,7 +27,7 @@ from common.ledger import Session, composed_epsilon
 from common.model_state import ModelRuntime, ModelSettings, get_state
 from common.partition import client_data, dataset_from_source, split_for
 from common.run_config import resolve
-from common.training import TrainConfig, adapter_params, dp_sample_rate, planned_steps, train
+from common.training import TrainConfig, adapter_params, dp_schedule, planned_steps, train
 from server.audit.estimator import audit_scores
 
 BROKEN = ("none", "noise-off", "clip-off")
@@ -84,7 +84,9 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     if canaries > total:
         raise ValueError(f"{canaries} canaries need distinct coordinates; the adapters have {total}")
     coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
-    claimed = train_config(cfg, seed=cfg["seed"])
+    # The audited session's public size is its row count (real examples plus included canaries):
+    # the audit, not a client, chooses it.
+    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=len(client.train_targets) + int(included.sum()))
     run_cfg = with_broken(claimed, broken)
     injector = DiracCanaries(params, np.flatnonzero(included), coords, CANARY_NORM_FACTOR * claimed.max_grad_norm)
 
@@ -129,7 +131,7 @@ def session_report(kind: str, claimed: TrainConfig, run_cfg: TrainConfig, broken
                    scores: np.ndarray, included: np.ndarray, confidence: float) -> dict[str, Any]:
     """The fields every audit of one client DP-SGD session reports: the bound beside the accountant's
     epsilon for the *claimed* mechanism (Poisson rate from ``rows``, ``steps`` taken)."""
-    q = dp_sample_rate(rows, claimed.batch_size)
+    q = dp_schedule(rows, claimed).sample_rate
     claimed_eps = composed_epsilon([Session(claimed.noise_multiplier, q, steps, claimed.max_grad_norm,
                                             claimed.delta)], claimed.delta, claimed.accountant)
     bound = audit_scores(scores, included, claimed.delta, confidence)
@@ -144,7 +146,7 @@ def session_report(kind: str, claimed: TrainConfig, run_cfg: TrainConfig, broken
         "bound_exceeds_accountant": bound.epsilon_lower_bound > claimed_eps,
         "mechanism_claimed": {"noise_multiplier": claimed.noise_multiplier, "max_grad_norm": claimed.max_grad_norm,
                               "sample_rate": q, "steps": steps, "accountant": claimed.accountant,
-                              "sampling": "poisson (Opacus DPDataLoader)", "optimizer": claimed.optimizer,
+                              "sampling": "poisson (secure stream)", "optimizer": claimed.optimizer,
                               "batch_size": claimed.batch_size, "epochs": claimed.epochs},
         "mechanism_run": {"noise_multiplier": run_cfg.noise_multiplier, "max_grad_norm": run_cfg.max_grad_norm},
         "estimator": {"method": "Steinke, Nasr and Jagielski (NeurIPS 2023), one run, Theorem 5.2 with delta",

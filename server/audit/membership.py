@@ -13,6 +13,7 @@ mechanism audit, and a bound near 0 is the expected result under DP.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 import time
 from typing import Any
 
@@ -74,7 +75,7 @@ def run_membership_audit(overrides: dict[str, Any] | None = None, canaries: int 
     inc = np.flatnonzero(included)
     features = runtime.features(texts + [c_texts[i] for i in inc])
     all_targets = np.array(targets + c_targets[inc].tolist(), dtype=np.int64)
-    claimed = train_config(cfg, seed=cfg["seed"])
+    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=len(all_targets))
     run_cfg = with_broken(claimed, broken)
     report = train(runtime.model, features, all_targets, runtime.item_features, run_cfg)
     refresh_items(runtime.model, runtime.item_features)  # score with the trained adapters' catalogue

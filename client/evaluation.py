@@ -1,0 +1,66 @@
+"""A federated evaluation reply as a DP release: the device's HR@10 and NDCG@10 on its own
+held-out item, with Gaussian noise, recorded in its ledger before the reply is built.
+
+Each metric lies in [0, 1] and adding or removing one example (the held-out item, or an item
+in the history text it is scored from) moves each by at most 1, so the pair has L2
+sensitivity sqrt(2): the release is the Gaussian mechanism with noise std
+``eval-noise-multiplier * sqrt(2)``, composed in the ledger as one step at sample rate 1.
+A device without a held-out item releases noise around (0, 0), so the reply does not tell.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.session import SessionResult, refusal
+from common.device_policy import DevicePolicy
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
+from common.metrics import metrics_from_ranks, target_rank
+from common.model_state import ModelRuntime
+from common.partition import ClientData
+from common.secure_random import SecureStream, add_gaussian_noise
+
+SENSITIVITY = math.sqrt(2.0)
+
+
+def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float]:
+    """(HR@10, NDCG@10) of the loaded global state on the device's held-out item ((0, 0) without one)."""
+    if data.eval_target is None:
+        return 0.0, 0.0
+    feats = runtime.features([data.eval_text])
+    with torch.no_grad():
+        scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()
+    excluded = np.zeros(len(scores), dtype=bool)
+    excluded[data.eval_excluded] = True
+    m = metrics_from_ranks(np.array([target_rank(scores, data.eval_target, excluded)]))
+    return m["HR@10"], m["NDCG@10"]
+
+
+def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], ledger_dir: str | Path,
+                   client_id: str, run_id: str, server_round: int, node_id: int | None = None,
+                   policy: DevicePolicy | None = None) -> SessionResult:
+    """The noisy (HR@10, NDCG@10) pair, or a refusal (policy, budget, ledger)."""
+    policy = policy or DevicePolicy()
+    if policy.violations(cfg):
+        return refusal("privacy-policy")
+    z = cfg["eval-noise-multiplier"]
+    try:
+        with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
+                                   policy.delta, cfg["accountant"], policy.to_json()) as ledger:
+            release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,
+                              node_id=node_id, kind="evaluation", adjacency=policy.adjacency)
+            if ledger.epsilon_after(release) > ledger.budget_epsilon:
+                return refusal("privacy-budget")
+            exact = np.array(exact_metrics(runtime, data))
+            ledger.record(release)
+            noisy = add_gaussian_noise(exact, z * SENSITIVITY, SecureStream())
+            return SessionResult(metrics={"refused": 0.0, "HR@10": float(noisy[0]), "NDCG@10": float(noisy[1]),
+                                          "eval-noise-multiplier": z, "epsilon": ledger.epsilon,
+                                          "delta": ledger.delta})
+    except LedgerUnavailableError:
+        return refusal("ledger-unavailable")

@@ -1,0 +1,93 @@
+"""A device's own privacy policy: the least privacy it will ever accept from a run.
+
+Whoever submits a run chooses its run config; a device must not take its protection from
+there. The policy comes from the device's node config (``--node-config`` of its SuperNode,
+keys ``privacy-*``); simulated devices, which have no node config of their own, use the
+same object with its defaults. The ClientApp checks every run against it and refuses a run
+that asks for less: DP off, less noise, a larger clip, a larger delta or a larger budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+from common.ledger import ADJACENCIES, MAX_DELTA
+
+NODE_CONFIG_KEYS = {
+    "privacy-local-dp": "require_local_dp",
+    "privacy-min-noise-multiplier": "min_noise_multiplier",
+    "privacy-max-clip": "max_clip",
+    "privacy-delta": "delta",
+    "privacy-epsilon-budget": "epsilon_budget",
+    "privacy-adjacency": "adjacency",
+}
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """The device's floor on privacy; a run that asks for less is refused."""
+
+    require_local_dp: bool = True
+    min_noise_multiplier: float = 0.5
+    max_clip: float = 1.0
+    delta: float = 1e-5  # the delta this device accounts at; a run may not ask for a larger one
+    epsilon_budget: float = 8.0  # the most this device will ever spend (a run may ask for less)
+    adjacency: str = "add-remove"  # replace-one: accounted with twice the sensitivity
+
+    def __post_init__(self) -> None:
+        checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),
+                  ("max_clip", math.isfinite(self.max_clip) and self.max_clip > 0),
+                  ("delta", 0 < self.delta <= MAX_DELTA),
+                  ("epsilon_budget", math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0),
+                  ("adjacency", self.adjacency in ADJACENCIES))
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise ConfigError(f"device privacy policy: invalid {', '.join(bad)} in {asdict(self)} (noise, clip and "
+                              f"budget must be positive, delta in (0, {MAX_DELTA:g}], adjacency one of {ADJACENCIES})")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "DevicePolicy":
+        """The policy given by the node config's ``privacy-*`` keys (defaults for absent ones)."""
+        given = {k: v for k, v in node_config.items() if str(k).startswith("privacy-")}
+        unknown = sorted(set(given) - set(NODE_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"node config: unknown privacy key(s) {unknown}; allowed: {sorted(NODE_CONFIG_KEYS)}")
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            name = NODE_CONFIG_KEYS[key]
+            default = getattr(cls(), name)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"node config '{key}': expected true or false, got {value!r}")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"node config '{key}': expected a number, got {value!r}")
+                value = float(value)
+            elif not isinstance(value, str):
+                raise ConfigError(f"node config '{key}': expected a string, got {value!r}")
+            values[name] = value
+        return cls(**values)
+
+    def violations(self, cfg: Mapping[str, Any]) -> list[str]:
+        """The run config keys (resolved config) that ask for less privacy than this policy allows."""
+        out = []
+        if self.require_local_dp and not cfg["local-dp"]:
+            out.append("local-dp")
+        if cfg["local-dp"] or self.require_local_dp:
+            if cfg["noise-multiplier"] < self.min_noise_multiplier:
+                out.append("noise-multiplier")
+            if cfg["max-grad-norm"] > self.max_clip:
+                out.append("max-grad-norm")
+            if cfg["delta"] != self.delta:
+                out.append("delta")
+            if cfg["client-epsilon-budget"] > self.epsilon_budget:
+                out.append("client-epsilon-budget")
+            if cfg["evaluate-clients"] > 0 and cfg["eval-noise-multiplier"] < self.min_noise_multiplier:
+                out.append("eval-noise-multiplier")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
