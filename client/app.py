@@ -21,7 +21,7 @@ from flwr.common.logger import log
 
 from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.evaluation import run_evaluation
-from client.session import SessionResult, run_session
+from client.session import SessionResult, refusal, run_session
 from common.dataset import Dataset
 from common.errors import DataFormatError
 from common.device_policy import DevicePolicy
@@ -143,6 +143,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> SessionResult:
     cfg = resolve(context.run_config)
     policy = DevicePolicy.from_node_config(context.node_config)
+    if policy.violations(cfg):  # before anything is loaded or stored
+        return refusal("privacy-policy")
     server_config = msg.content["config"]
     client_id, data, ledgers, runtime = _prepare(msg, context, cfg)
     return run_session(runtime, data, cfg, ledgers, client_id, run_id=str(server_config["run-id"]),
@@ -152,6 +154,8 @@ def _train(msg: Message, context: Context) -> SessionResult:
 def _evaluate(msg: Message, context: Context) -> SessionResult:
     cfg = resolve(context.run_config)
     policy = DevicePolicy.from_node_config(context.node_config)
+    if policy.violations(cfg):
+        return refusal("privacy-policy")
     server_config = msg.content["config"]
     client_id, data, ledgers, runtime = _prepare(msg, context, cfg)
     return run_evaluation(runtime, data, cfg, ledgers, client_id, run_id=str(server_config["run-id"]),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.session import SessionResult, refusal
+from client.session import PAD_TEXT, SessionResult, refusal
 from common.device_policy import DevicePolicy
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.metrics import metrics_from_ranks, target_rank
@@ -29,12 +29,17 @@ SENSITIVITY = math.sqrt(2.0)
 
 
 def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float]:
-    """(HR@10, NDCG@10) of the loaded global state on the device's held-out item ((0, 0) without one)."""
-    if data.eval_target is None:
-        return 0.0, 0.0
-    feats = runtime.features([data.eval_text])
+    """(HR@10, NDCG@10) of the loaded global state on the device's held-out item.
+
+    Total by design: without a held-out item, or when the received model scores it with a
+    non-finite value, the pair is (0, 0) (a device does the same work either way). A reply or
+    refusal that depended on the data would be a release outside the mechanism.
+    """
+    feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT])
     with torch.no_grad():
         scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()
+    if data.eval_target is None or not np.isfinite(scores).all():
+        return 0.0, 0.0
     excluded = np.zeros(len(scores), dtype=bool)
     excluded[data.eval_excluded] = True
     m = metrics_from_ranks(np.array([target_rank(scores, data.eval_target, excluded)]))
@@ -46,12 +51,14 @@ def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any],
                    policy: DevicePolicy | None = None) -> SessionResult:
     """The noisy (HR@10, NDCG@10) pair, or a refusal (policy, budget, ledger)."""
     policy = policy or DevicePolicy()
-    if policy.violations(cfg):
-        return refusal("privacy-policy")
     z = cfg["eval-noise-multiplier"]
+    if policy.violations(cfg):  # includes the noise floor on evaluation releases
+        return refusal("privacy-policy")
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
+            if ledger.accountant != cfg["accountant"]:
+                return refusal("privacy-policy")
             release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,
                               node_id=node_id, kind="evaluation", adjacency=policy.adjacency)
             if ledger.epsilon_after(release) > ledger.budget_epsilon:

@@ -25,6 +25,8 @@ from common.partition import ClientData
 from common.privacy import client_public_size
 from common.training import TrainConfig, dp_schedule, train
 
+PAD_TEXT = "no history yet"  # public: what a user with no history is rendered as
+
 
 @dataclass
 class SessionResult:
@@ -82,6 +84,8 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
+            if ledger.accountant != cfg["accountant"]:
+                return refusal("privacy-policy")  # its ledger composes with the other accountant
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency)
@@ -90,11 +94,12 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
                 return refusal("privacy-budget")
             session = replace(planned, steps=allowed)
             tcfg.max_steps = allowed
-            features = _features(runtime, data.train_texts)
+            texts, targets, weights = padded_rows(data, cfg["examples-per-user"])
+            features = _features(runtime, texts)
             # The session never re-encodes the catalogue: item embeddings stay those of the global
             # state, so the runtime's catalogue cache stays valid for the next client of the round.
-            report = train(runtime.model, features, data.train_targets, None, tcfg,
-                           on_start=lambda: ledger.record(session))
+            report = train(runtime.model, features, targets, None, tcfg, on_start=lambda: ledger.record(session),
+                           row_weights=weights)
             if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
                 # Opacus' own accounting of this session exceeds what the ledger composed.
                 raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
@@ -103,6 +108,18 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
                                  metrics=mechanism_metrics(ledger, session, schedule.expected_batch_size))
     except LedgerUnavailableError:
         return refusal("ledger-unavailable")
+
+
+def padded_rows(data: ClientData, cap: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The session's rows: the real examples, then padding rows (a fixed public text, weight 0) up to
+    the public cap, so encoding and every Poisson batch cost the same whatever the client holds
+    (the server sees when a reply arrives). Without a cap (0) there is nothing to pad to."""
+    n = len(data.train_targets)
+    pad = max(0, cap - n) if cap > 0 else 0
+    texts = [*data.train_texts, *[PAD_TEXT] * pad]
+    targets = np.concatenate([data.train_targets, np.zeros(pad, dtype=np.int64)])
+    weights = np.concatenate([np.ones(n, dtype=np.float32), np.zeros(pad, dtype=np.float32)])
+    return texts, targets, weights
 
 
 def _features(runtime: ModelRuntime, texts: list[str]) -> FeatureSet:

@@ -123,7 +123,8 @@ def audit(
 ) -> None:
     """Accounting audit of a run: write RUN_DIR/audit.json and RUN_DIR/audit.html.
 
-    Exits 1 when a consistency check fails (the report is still written), 2 on unreadable input.
+    Exits 1 when a consistency check fails (the report is still written), 2 on unreadable or
+    malformed input (the message names the file), 3 when the report cannot be written.
     """
     from common.errors import DataFormatError
     from server.audit.accounting import write_audit
@@ -131,8 +132,11 @@ def audit(
     try:
         json_path, html_path, report = write_audit(run_dir, ledgers)
     except DataFormatError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error (input):[/red] {exc}")
         raise typer.Exit(2)
+    except OSError as exc:
+        console.print(f"[red]error (output):[/red] cannot write the audit into {run_dir}: {exc}")
+        raise typer.Exit(3)
     console.print(report["statement"])
     table = Table(title=f"consistency checks of {report['run_id']}")
     for col in ("result", "check", "reason"):
@@ -179,15 +183,15 @@ def audit_empirical(
         if kind == "mechanism":
             from server.audit.mechanism import run_mechanism_audit
 
-            report = run_mechanism_audit(overrides, canaries or 2000, broken=broken, confidence=confidence)
+            report = run_mechanism_audit(overrides, 2000 if canaries is None else canaries, broken=broken, confidence=confidence)
         elif kind == "membership":
             from server.audit.membership import run_membership_audit
 
-            report = run_membership_audit(overrides, canaries or 500, users, broken=broken, confidence=confidence)
+            report = run_membership_audit(overrides, 500 if canaries is None else canaries, users, broken=broken, confidence=confidence)
         else:
             from server.audit.canary_clients import run_client_audit
 
-            report = run_client_audit(overrides, out, real_clients, canaries or 200, confidence=confidence)
+            report = run_client_audit(overrides, out, real_clients, 200 if canaries is None else canaries, confidence=confidence)
     except (ConfigError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -375,6 +379,9 @@ def feedback(state_dir: Path = typer.Option(..., help="the device's state folder
     except (DataFormatError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
+    except OSError as exc:  # e.g. a full disk: nothing was recorded
+        console.print(f"[red]error:[/red] feedback not recorded: {exc}")
+        raise typer.Exit(3)
     console.print(f"recorded {event} on this device")
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+RATING_MIN, RATING_MAX = 1.0, 5.0  # every format's rating scale (MovieLens stars; feedback uses the same)
+_INTEGER_ID = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,9 @@ class Dataset:
 
 
 def sort_ids(ids: set[str] | list[str]) -> list[str]:
-    """Ascending order: numeric when every id is an integer, else lexicographic."""
+    """Ascending order: numeric when every id is an ASCII integer (``-?[0-9]+``), else lexicographic."""
     ids = list(set(ids))
-    if all(i.lstrip("-").isdigit() for i in ids):
-        return sorted(ids, key=int)
+    if all(_INTEGER_ID.fullmatch(i) for i in ids):
+        # The string breaks ties between spellings of one number ("7" and "007"), keeping the order total.
+        return sorted(ids, key=lambda i: (int(i), i))
     return sorted(ids)

@@ -33,7 +33,7 @@ class DevicePolicy:
     require_local_dp: bool = True
     min_noise_multiplier: float = 0.5
     max_clip: float = 1.0
-    delta: float = 1e-5  # the delta this device accounts at; a run may not ask for a larger one
+    delta: float = 1e-5  # the delta this device accounts at; a run must state the same delta
     epsilon_budget: float = 8.0  # the most this device will ever spend (a run may ask for less)
     adjacency: str = "add-remove"  # replace-one: accounted with twice the sensitivity
 
@@ -85,7 +85,7 @@ class DevicePolicy:
                 out.append("delta")
             if cfg["client-epsilon-budget"] > self.epsilon_budget:
                 out.append("client-epsilon-budget")
-            if cfg["evaluate-clients"] > 0 and cfg["eval-noise-multiplier"] < self.min_noise_multiplier:
+            if cfg["eval-noise-multiplier"] < self.min_noise_multiplier:
                 out.append("eval-noise-multiplier")
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.metrics import metrics_from_ranks, target_rank
+from common.metrics import check_finite, metrics_from_ranks, rank_checked
 from common.split import Split
 from common.text import user_text
 
@@ -17,13 +17,17 @@ def eval_texts(split: Split, which: str, history_len: int, users: np.ndarray | N
 
 
 def rank_targets(scores: np.ndarray, split: Split, which: str, users: np.ndarray) -> np.ndarray:
-    """0-based rank of each user's target; excluded candidates are the user's allowed history items."""
+    """0-based rank of each user's target; excluded candidates are the user's allowed history items.
+
+    Raises :class:`~common.metrics.NonFiniteScoresError` if any score is NaN or +-inf.
+    """
+    check_finite(scores)
     data = split.data
     ranks = np.empty(len(users), dtype=np.int64)
     for k, u in enumerate(users):
         excluded = np.zeros(data.num_items, dtype=bool)
         excluded[data.item[split.history_rows(int(u), which)]] = True
-        ranks[k] = target_rank(scores[k], int(data.item[split.target_row(int(u), which)]), excluded)
+        ranks[k] = rank_checked(scores[k], int(data.item[split.target_row(int(u), which)]), excluded)
     return ranks
 
 

@@ -34,11 +34,30 @@ class FeatureSet:
         return self.features[idx, :length], mask[:, :length]
 
 
+# Characters kept per allowed token before tokenising. Real text averages a few characters per
+# WordPiece token, so the first max_length tokens of any text lie well inside the cut (ids are
+# unchanged) while a 20 MB text costs no more than a short one. A text longer than the budget is
+# counted as truncated without tokenising the rest (only pathological texts, e.g. long runs of
+# blanks, would have fit in max_length tokens).
+CHARS_PER_TOKEN_BUDGET = 32
+
+
+def char_budget(max_length: int) -> int:
+    """Characters of a text that are tokenised at most (far more than ``max_length`` tokens need)."""
+    return max_length * CHARS_PER_TOKEN_BUDGET
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token ids and masks padded to ``max_length``; also counts texts that were truncated."""
-    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-    truncated = sum(1 for ids in full if len(ids) > max_length)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    """Token ids and masks padded to ``max_length``; also counts texts that were truncated.
+
+    Each text is first cut to :func:`char_budget` characters; a text counts as truncated if that
+    cut happened or its tokens exceed ``max_length``.
+    """
+    budget = char_budget(max_length)
+    capped = [t[:budget] for t in texts]
+    full = tokenizer(capped, add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = sum(1 for t, ids in zip(texts, full) if len(t) > budget or len(ids) > max_length)
+    enc = tokenizer(capped, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"], truncated
 
 

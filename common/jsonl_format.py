@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dataset import Dataset, Item, sort_ids
+from common.dataset import RATING_MAX, RATING_MIN, Dataset, Item, sort_ids
 from common.errors import DataFormatError
 
 
@@ -32,6 +32,8 @@ def _json_lines(path: Path):
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(path, f"unparsable JSON ({exc.msg})", no) from None
+            except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, or nesting too deep
+                raise DataFormatError(path, f"unparsable JSON ({type(exc).__name__}: {str(exc)[:80]})", no) from None
             if not isinstance(obj, dict):
                 raise DataFormatError(path, "expected a JSON object", no)
             yield no, obj
@@ -52,9 +54,23 @@ def _number(path: Path, no: int, obj: dict, key: str, required: bool) -> float:
             raise DataFormatError(path, f"missing field {key!r}", no)
         return math.nan
     value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
         raise DataFormatError(path, f"field {key!r} must be a finite number, got {value!r}", no)
-    return float(value)
+    return number
+
+
+def _rating(path: Path, no: int, obj: dict) -> float:
+    """The optional rating: NaN when absent, else a finite number within 1..5."""
+    rating = _number(path, no, obj, "rating", required=False)
+    if not math.isnan(rating) and not RATING_MIN <= rating <= RATING_MAX:
+        raise DataFormatError(
+            path, f"field 'rating' must be within {RATING_MIN:g}..{RATING_MAX:g}, got {obj['rating']!r}", no
+        )
+    return rating
 
 
 def load_catalogue(path: str | Path) -> list[Item]:
@@ -91,7 +107,7 @@ def load_jsonl(events_path: str | Path, catalogue_path: str | Path) -> Dataset:
         users.append(user)
         item_idx.append(index[item])
         stamps.append(_number(events_path, no, obj, "timestamp", required=True))
-        ratings.append(_number(events_path, no, obj, "rating", required=False))
+        ratings.append(_rating(events_path, no, obj))
         texts.append(text)
     if not users:
         raise DataFormatError(events_path, "no events")

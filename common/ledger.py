@@ -16,7 +16,6 @@ the recorded history with an Opacus accountant, never summed by hand.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import DataFormatError
-from common.results import write_bytes_atomic
+from common.results import exclusive_lock, write_bytes_atomic
 
 LEDGER_VERSION = 2
 ADJACENCIES = ("add-remove", "replace-one")
@@ -118,23 +117,16 @@ def ledger_paths(folder: str | Path, client_id: str) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def _exclusive_lock(lock_path: Path, timeout: float) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+def _held(lock: Path, timeout: float) -> Iterator[None]:
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LedgerUnavailableError(f"{lock_path}: another session has held the ledger lock for "
-                                                 f"more than {timeout:g} s") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        with exclusive_lock(lock, timeout, holder="another session"):
+            yield
+    except TimeoutError as exc:
+        raise LedgerUnavailableError(str(exc)) from None
+
+
+def _enrol(marker: Path, client_id: str) -> None:
+    write_bytes_atomic(marker, f"{client_id} {time.time():.3f}\n".encode(), private=True)
 
 
 @dataclass
@@ -159,17 +151,19 @@ class PrivacyLedger:
         train, reply). A new client is enrolled; an enrolled client whose ledger is gone or
         unreadable raises :class:`LedgerUnavailableError`."""
         path, lock, marker = ledger_paths(folder, client_id)
-        with _exclusive_lock(lock, lock_timeout):
+        with _held(lock, lock_timeout):
             if path.exists():
                 ledger = cls.load(path, client_id, budget_epsilon)
+                if not marker.exists():  # enrolled before the marker existed, or a crash between the two
+                    _enrol(marker, client_id)
             elif marker.exists():
                 raise LedgerUnavailableError(f"{path}: missing, but {marker.name} shows this client has a ledger; "
                                              f"refusing to start again from epsilon 0")
             else:
+                _enrol(marker, client_id)  # first the marker: from here on a lost ledger is noticed
                 ledger = cls(path=path, client_id=client_id, budget_epsilon=budget_epsilon, delta=delta,
                              accountant=accountant, policy=dict(policy or {}))
                 ledger._write()
-                write_bytes_atomic(marker, f"{client_id} {time.time():.3f}\n".encode(), private=True)
             if policy is not None:
                 ledger.policy = dict(policy)
             yield ledger
@@ -182,6 +176,8 @@ class PrivacyLedger:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw.get("version", 1), int) or raw.get("version", 1) > LEDGER_VERSION:
+                raise ValueError(f"ledger version {raw.get('version')!r}; this privrec reads up to {LEDGER_VERSION}")
             sessions = [session_from_json(s) for s in raw["sessions"]]
             for s in sessions:
                 validate_session(s)

@@ -7,13 +7,31 @@ import numpy as np
 CUTOFFS = {"HR@10": 10, "NDCG@10": 10, "MRR@10": 10, "HR@20": 20}
 
 
+class NonFiniteScoresError(ValueError):
+    """Scores hold NaN or +-inf: comparisons with NaN are false, so ranking them would count hits."""
+
+
+def check_finite(scores: np.ndarray) -> None:
+    """Raise :class:`NonFiniteScoresError` if any score is NaN or +-inf."""
+    bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
+    if bad:
+        raise NonFiniteScoresError(f"{bad} of {np.size(scores)} scores are not finite (NaN or +-inf); "
+                                   f"refusing to rank them")
+
+
 def target_rank(scores: np.ndarray, target: int, excluded: np.ndarray) -> int:
     """0-based rank of ``target`` among the candidates (all items not ``excluded``).
 
     rank = #candidates scoring strictly higher + #candidates scoring equal with a
     smaller item index. ``excluded`` is a boolean mask; the target itself always
-    stays a candidate.
+    stays a candidate. Raises :class:`NonFiniteScoresError` if any score is not finite.
     """
+    check_finite(scores)
+    return rank_checked(scores, target, excluded)
+
+
+def rank_checked(scores: np.ndarray, target: int, excluded: np.ndarray) -> int:
+    """:func:`target_rank` for scores the caller has already passed through :func:`check_finite`."""
     candidate = ~excluded
     candidate[target] = True
     s = scores[target]

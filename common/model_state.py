@@ -41,8 +41,22 @@ def get_state(model: Recommender) -> tuple[list[str], list[np.ndarray]]:
     return state_names(model), arrays
 
 
+STATE_BOUND = 1e3  # no honest adapter or item-bias value comes near it
+
+
+def check_state_values(names: list[str], arrays: list[np.ndarray]) -> None:
+    """Raise ValueError unless every received value is finite and within ``STATE_BOUND``: a state
+    built to overflow for some inputs only would make training fail for some data only."""
+    for name, a in zip(names, arrays):
+        a = np.asarray(a)
+        if not np.isfinite(a).all() or (a.size and float(np.abs(a).max()) > STATE_BOUND):
+            raise ValueError(f"received state tensor {name}: non-finite values or |x| > {STATE_BOUND:g}")
+
+
 def set_state(model: Recommender, names: list[str], arrays: list[np.ndarray]) -> None:
-    """Load exchanged tensors; names must be exactly :func:`state_names` in order."""
+    """Load exchanged tensors; names must be exactly :func:`state_names` in order, every value finite
+    and bounded (:func:`check_state_values`)."""
+    check_state_values(names, arrays)
     expected = state_names(model)
     if list(names) != expected:
         raise ValueError(f"model state keys differ from the expected {len(expected)} keys "
@@ -129,6 +143,10 @@ class ModelRuntime:
         if embeddings.shape != tuple(self.model.head.item_emb.shape):
             raise ValueError(f"published item embeddings have shape {embeddings.shape}, "
                              f"the model expects {tuple(self.model.head.item_emb.shape)}")
+        norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)
+        if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > 1e-3:
+            raise ValueError("published item embeddings must be finite unit vectors (the encoder's output); "
+                             "refusing a catalogue that is not")
         self.model.head.item_emb.copy_(torch.as_tensor(embeddings, dtype=torch.float32))
         self._items_for = digest
 

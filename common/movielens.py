@@ -6,12 +6,13 @@ in file order, items with title (year suffix removed), release year and genres.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from common.dataset import Dataset, Item, sort_ids
+from common.dataset import RATING_MAX, RATING_MIN, Dataset, Item, sort_ids
 from common.errors import DataFormatError
 
 GENRES = (
@@ -23,6 +24,8 @@ GENRES = (
 _YEAR_SUFFIX = re.compile(r"\s*\((\d{4})\)(\s*\(V\))?\s*$")
 # RecBole 1.2.1 spells the placeholder of item 267 "unkonwn"; GroupLens says "unknown".
 _RECBOLE_MISSING = {"unkonwn", "unknown", ""}
+_INT = re.compile(r"-?[0-9]+")
+_NUMBER = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 def recbole_ml100k_dir() -> Path:
@@ -59,18 +62,50 @@ def _read_lines(path: Path, encoding: str) -> list[str]:
     return out
 
 
-def _int(path: Path, no: int, value: str, field: str) -> int:
+def _check_not_utf8(path: Path) -> None:
+    """Refuse a latin-1 file that is really UTF-8 with non-ASCII text (it would load as mojibake).
+
+    Latin-1 accents are single bytes (0xE9 for "e acute") that are almost never valid UTF-8, so
+    a file that decodes as UTF-8 and holds multi-byte sequences was almost surely saved as UTF-8.
+    """
+    raw = path.read_bytes()
+    if raw.isascii():
+        return
     try:
-        return int(value)
-    except ValueError:
-        raise DataFormatError(path, f"field {field!r} must be an integer, got {value!r}", no) from None
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    no = next(k for k, line in enumerate(raw.split(b"\n"), start=1) if not line.isascii())
+    raise DataFormatError(
+        path, "looks UTF-8 encoded (valid UTF-8 with non-ASCII characters), but GroupLens "
+              f"{path.name} is latin-1; convert it, e.g. `iconv -f utf-8 -t latin-1`", no
+    )
+
+
+def _int(path: Path, no: int, value: str, field: str) -> int:
+    # int() also takes " 3 ", "1_000" and non-ASCII digits such as "\u0663"; ids must be plain ASCII.
+    if not _INT.fullmatch(value):
+        raise DataFormatError(
+            path, f"field {field!r} must be an integer (ASCII digits, optional leading '-'), got {value!r}", no
+        )
+    return int(value)
 
 
 def _float(path: Path, no: int, value: str, field: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise DataFormatError(path, f"field {field!r} must be a number, got {value!r}", no) from None
+    """A finite decimal number (``nan``, ``inf`` and non-ASCII digits are refused)."""
+    number = float(value) if _NUMBER.fullmatch(value) else math.nan
+    if not math.isfinite(number):
+        raise DataFormatError(path, f"field {field!r} must be a finite number, got {value!r}", no)
+    return number
+
+
+def _rating(path: Path, no: int, value: str) -> float:
+    rating = _float(path, no, value, "rating")
+    if not RATING_MIN <= rating <= RATING_MAX:
+        raise DataFormatError(
+            path, f"field 'rating' must be within {RATING_MIN:g}..{RATING_MAX:g}, got {value!r}", no
+        )
+    return rating
 
 
 def _build(
@@ -106,7 +141,9 @@ def load_grouplens(folder: str | Path) -> Dataset:
         raise DataFormatError(folder, "expected a GroupLens ml-100k folder holding u.data and u.item")
     items: dict[str, Item] = {}
     item_path = folder / "u.item"
-    for no, line in enumerate(_read_lines(item_path, "latin-1"), start=1):
+    lines = _read_lines(item_path, "latin-1")
+    _check_not_utf8(item_path)
+    for no, line in enumerate(lines, start=1):
         if not line.strip():
             raise DataFormatError(item_path, "empty line; expected `id|title|date|video date|url|19 genre flags`", no)
         parts = line.split("|")
@@ -151,7 +188,7 @@ def load_grouplens(folder: str | Path) -> Dataset:
         i = str(_int(data_path, no, parts[1], "item id"))
         if i not in items:
             raise DataFormatError(data_path, f"unknown item id {i} (not in {item_path.name})", no)
-        rows.append((u, i, _float(data_path, no, parts[2], "rating"), _float(data_path, no, parts[3], "timestamp")))
+        rows.append((u, i, _rating(data_path, no, parts[2]), _float(data_path, no, parts[3], "timestamp")))
     return _build(items, rows, data_path, user_ids, first_line=1, user_file="u.user")
 
 
@@ -201,8 +238,12 @@ def load_recbole(folder: str | Path | None = None, name: str = "ml-100k") -> Dat
     if user_path.exists():
         ulines = _read_lines(user_path, "utf-8")
         ucol = _header(user_path, ulines[0], ("user_id",)) if ulines else {}
-        user_ids = [str(_int(user_path, no, ln.split("\t")[ucol["user_id"]], "user_id"))
-                    for no, ln in enumerate(ulines[1:], start=2)]
+        user_ids = []
+        for no, ln in enumerate(ulines[1:], start=2):
+            parts = ln.split("\t")
+            if len(parts) != len(ucol):
+                raise DataFormatError(user_path, f"expected {len(ucol)} tab-separated fields, got {len(parts)}", no)
+            user_ids.append(str(_int(user_path, no, parts[ucol["user_id"]], "user_id")))
 
     inter_path = folder / f"{name}.inter"
     lines = _read_lines(inter_path, "utf-8")
@@ -218,7 +259,7 @@ def load_recbole(folder: str | Path | None = None, name: str = "ml-100k") -> Dat
         i = str(_int(inter_path, no, parts[col["item_id"]], "item_id"))
         if i not in items:
             raise DataFormatError(inter_path, f"unknown item id {i} (not in {item_path.name})", no)
-        rows.append((u, i, _float(inter_path, no, parts[col["rating"]], "rating"),
+        rows.append((u, i, _rating(inter_path, no, parts[col["rating"]]),
                      _float(inter_path, no, parts[col["timestamp"]], "timestamp")))
     return _build(items, rows, inter_path, user_ids, first_line=2, user_file=user_path.name)
 

@@ -79,6 +79,9 @@ def device_client_data(data_path: str | Path, history_len: int, examples_per_use
     ``catalogue.jsonl``) or a MovieLens slice in GroupLens format (``u.data`` + ``u.item``).
     ``data`` is that folder already loaded with :func:`device_dataset`, if the caller has it."""
     data = device_dataset(data_path) if data is None else data
+    if data.num_interactions == 0:  # a new user: trains (noise only) like any other device
+        return ClientData(train_texts=[], train_targets=np.zeros(0, dtype=np.int64), eval_text=None,
+                          eval_target=None, eval_excluded=np.zeros(0, dtype=np.int64))
     if data.num_users != 1:
         where = Path(data_path) / ("events.jsonl" if (Path(data_path) / "events.jsonl").exists() else "u.data")
         raise DataFormatError(where, f"expected the events of exactly one user, found {data.num_users}")
@@ -104,5 +107,12 @@ def device_dataset(data_path: str | Path) -> Dataset:
             if not f.exists():
                 raise DataFormatError(f, "missing: a device data folder needs events.jsonl and catalogue.jsonl "
                                          "(or a GroupLens u.data + u.item slice)")
+        if not (folder / "events.jsonl").read_bytes().strip():
+            # No events yet: the device still takes part, so that its replies do not tell it apart.
+            from common.jsonl_format import load_catalogue
+
+            empty = np.zeros(0, dtype=np.int64)
+            return Dataset(items=load_catalogue(folder / "catalogue.jsonl"), user_ids=[], user=empty, item=empty,
+                           rating=np.zeros(0), timestamp=np.zeros(0))
         return load_jsonl(folder / "events.jsonl", folder / "catalogue.jsonl")
     return load_grouplens(folder)

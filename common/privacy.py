@@ -6,7 +6,8 @@ with three differences that the guarantee depends on:
 
 - the noise comes from a :class:`~common.secure_random.SecureStream` and is snapped to a
   grid (:mod:`common.secure_random`), never from torch's global generator;
-- Poisson batches are drawn from a second, independent secure stream (``poisson_batches``);
+- Poisson batches are drawn from a second, independent secure stream
+  (:meth:`PrivateTraining.batches`);
 - the sample rate and the denominator of the averaged noisy gradient are *public* numbers
   given by the caller. ``PrivacyEngine`` derives both from the dataset size, which on a
   client is private: under add/remove adjacency a mechanism that divides by the exact
@@ -84,6 +85,19 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.noise_stream = noise_stream
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' flat clipping, except that an example whose per-sample gradient is not finite
+        contributes zero: Opacus would turn it into a NaN sum, and a client failing only for some
+        data would tell the server something about that data."""
+        if len(self.grad_samples[0]):
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1)
+            finite = torch.isfinite(norms).all(dim=1)
+            if not bool(finite.all()):
+                for p in self.params:
+                    keep = finite.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+                    p.grad_sample = torch.where(keep, p.grad_sample, torch.zeros_like(p.grad_sample))
+        super().clip_and_accumulate()
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm

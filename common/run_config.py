@@ -9,11 +9,14 @@ what is allowed.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from common.errors import ConfigError
 
 __all__ = ["ConfigError", "DEFAULTS", "HELP", "resolve"]
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 48,
@@ -151,6 +154,12 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
             bound = f"{'>=' if lo_inclusive else '>'} {lo:g} and <= {hi:g}"
             raise ConfigError(f"run config '{key}': {v!r} is out of range (expected {bound})")
     cfg["client-sampling"] = _sampling_scheme(cfg)
+    if cfg["min-replies"] > cfg["clients-per-round"]:
+        raise ConfigError(f"run config 'min-replies': {cfg['min-replies']} is more than clients-per-round "
+                          f"{cfg['clients-per-round']}, so no round could ever update the model")
+    if cfg["run-name"] and not _PLAIN_NAME.fullmatch(cfg["run-name"]):
+        raise ConfigError(f"run config 'run-name': {cfg['run-name']!r} must be a plain folder name (letters, digits, "
+                          f"'.', '_' and '-', not starting with '.' or '-'): it names a folder inside output-dir")
     if cfg["dataset"] != "recbole" and not cfg["dataset"]:
         raise ConfigError("run config 'dataset': expected 'recbole' or a path to an ml-100k folder")
     return cfg

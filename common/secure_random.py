@@ -7,8 +7,10 @@ either can be replayed from one release and subtracted. Each :class:`SecureStrea
 ChaCha20 keystream (``cryptography``) under a fresh 256-bit key from ``os.urandom``; it is
 never seeded, printed or stored. Noise and sampling use separate streams.
 
-Gaussian construction (``gaussian`` + ``snap``): Box-Muller in float64 on 53-bit uniforms
-that are never 0 or 1, then the *noisy value* is rounded to a power-of-two grid at most
+Gaussian construction (``gaussian`` + ``snap``): Box-Muller in float64 (the radius from a
+106-bit uniform, so draws reach 12.1 standard deviations: the cut tail has probability below
+1e-32 and, at a noise multiplier of 0.3, a neighbouring input's mass beyond it below 1e-18),
+then the *noisy value* is rounded to a power-of-two grid at most
 ``std / 2**10`` (Mironov's snapping, CCS 2012, applied to the Gaussian). Rounding
 is post-processing of ``x + Z``, so the released value is a function of an (almost ideal)
 Gaussian mechanism; the float64 sampler resolves every grid cell about 2**40 times more
@@ -56,8 +58,16 @@ class SecureStream:
         return raw >> np.uint64(11)
 
     def uniform_open(self, n: int) -> np.ndarray:
-        """``n`` uniforms on the open interval (0, 1): (k + 1/2) / 2**53 for uniform 53-bit k."""
+        """``n`` uniforms in (0, 1]: (k + 1/2) / 2**53 for uniform 53-bit k (the largest rounds to 1.0)."""
         return (self.uint53(n).astype(np.float64) + 0.5) / _TWO_53
+
+    def uniform_fine(self, n: int) -> np.ndarray:
+        """``n`` uniforms in (0, 1] from 106 random bits: (k + (j + 1/2) / 2**53) / 2**53. Near 0 (where
+        Box-Muller's radius comes from) float64 keeps the low bits, so the smallest value is about
+        2**-106 instead of 2**-54: the radius reaches 12.1 standard deviations instead of 8.6."""
+        high = self.uint53(n).astype(np.float64)
+        low = self.uint53(n).astype(np.float64)
+        return (high + (low + 0.5) / _TWO_53) / _TWO_53
 
     def bernoulli(self, p: float, n: int) -> np.ndarray:
         """``n`` independent draws that are True with probability floor(p * 2**53) / 2**53 (exactly p
@@ -70,9 +80,9 @@ class SecureStream:
         return self.uint53(n) < threshold
 
     def gaussian(self, n: int) -> np.ndarray:
-        """``n`` standard normal float64 draws (Box-Muller on open 53-bit uniforms)."""
+        """``n`` standard normal float64 draws (Box-Muller; the radius from 106-bit uniforms)."""
         half = (n + 1) // 2
-        u1, u2 = self.uniform_open(half), self.uniform_open(half)
+        u1, u2 = self.uniform_fine(half), self.uniform_open(half)
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = 2.0 * np.pi * u2
         return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]

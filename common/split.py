@@ -10,6 +10,11 @@ from common.dataset import Dataset
 
 COLD_START_FRACTION = 0.1
 COLD_START_SEED = 0
+MIN_EVENTS = 3  # train (at least one), validation and test
+
+
+class NoEvaluationUsersError(ValueError):
+    """No user has the :data:`MIN_EVENTS` events the leave-one-out split needs to evaluate anyone."""
 
 
 @dataclass
@@ -31,8 +36,15 @@ class Split:
         return int(sum(len(t) for t in self.train))
 
     def eval_users(self) -> np.ndarray:
-        """Users with both a validation and a test target."""
-        return np.flatnonzero(self.test >= 0)
+        """Users with both a validation and a test target; raises :class:`NoEvaluationUsersError` if none."""
+        users = np.flatnonzero(self.test >= 0)
+        if users.size == 0:
+            raise NoEvaluationUsersError(
+                f"no user has the {MIN_EVENTS} events the leave-one-out split needs (train, validation and "
+                f"test): all {self.data.num_users} users have fewer than {MIN_EVENTS} interactions, so there "
+                f"is nobody to evaluate"
+            )
+        return users
 
     def all_rows(self, user: int) -> np.ndarray:
         """Every row of the user, oldest first (train, then the validation and test targets)."""
@@ -66,7 +78,7 @@ def leave_one_out(data: Dataset) -> Split:
     train, valid, test = [], np.full(data.num_users, -1), np.full(data.num_users, -1)
     for u in range(data.num_users):
         rows = order[bounds[u]: bounds[u + 1]]
-        if len(rows) >= 3:
+        if len(rows) >= MIN_EVENTS:
             train.append(rows[:-2])
             valid[u], test[u] = rows[-2], rows[-1]
         else:

@@ -126,8 +126,12 @@ def planned_steps(num_rows: int, cfg: TrainConfig) -> int:
 
 def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_features: FeatureSet | None,
           cfg: TrainConfig, label: str | None = None, canaries: GradientCanaries | None = None,
-          on_start: Callable[[], object] | None = None) -> TrainReport:
+          on_start: Callable[[], object] | None = None, row_weights: np.ndarray | None = None) -> TrainReport:
     """Train ``model`` in place on cached user features and their target items.
+
+    ``row_weights`` (0 or 1 per row) marks padding rows (weight 0): they are sampled, run forward
+    and backward like real rows, so a session's work does not depend on how many real examples
+    it holds, but their loss is multiplied by 0, so their per-example gradient is exactly zero.
 
     ``on_start`` is called once everything is set up and before the first step (a client
     records its spend there, so a session that cannot start records nothing).
@@ -150,6 +154,9 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     targets_t = torch.as_tensor(targets, dtype=torch.long)
+    weights_t = torch.ones(n) if row_weights is None else torch.as_tensor(row_weights, dtype=torch.float32)
+    if weights_t.shape != (n,) or not bool(((weights_t == 0) | (weights_t == 1)).all()):
+        raise ValueError(f"row_weights must be {n} values of 0 or 1")
     steps = planned_steps(n + extra, cfg)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
@@ -177,8 +184,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     try:
         if on_start is not None:
             on_start()
-        _run_steps(model, module, optimizer, batches, steps, features, targets_t, item_features, cfg, report,
-                   n, canaries, must_move=cfg.dp and sigma > 0, label=label)
+        _run_steps(model, module, optimizer, batches, steps, features, targets_t, weights_t, item_features, cfg,
+                   report, n, canaries, must_move=cfg.dp and sigma > 0, label=label)
         if private is not None:
             report.epsilon = private.epsilon(cfg.delta)
     finally:
@@ -199,8 +206,9 @@ def _shuffled_batches(n: int, batch_size: int, seed: int):
 
 
 def _run_steps(model: Recommender, module: nn.Module, optimizer, batches, steps: int, features: FeatureSet,
-               targets: torch.Tensor, item_features: FeatureSet | None, cfg: TrainConfig, report: TrainReport,
-               n: int, canaries: GradientCanaries | None, must_move: bool, label: str | None) -> None:
+               targets: torch.Tensor, weights: torch.Tensor, item_features: FeatureSet | None, cfg: TrainConfig,
+               report: TrainReport, n: int, canaries: GradientCanaries | None, must_move: bool,
+               label: str | None) -> None:
     adapters = adapter_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.refresh_at_start:
@@ -225,7 +233,10 @@ def _run_steps(model: Recommender, module: nn.Module, optimizer, batches, steps:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             else:
                 feats, mask = features.batch(idx)
-                loss = nn.functional.cross_entropy(module(feats, mask), targets[idx])
+                # The mean over the batch's rows, padding included: Opacus' "mean" reduction then
+                # recovers each row's own gradient (zero for a padding row).
+                per_row = nn.functional.cross_entropy(module(feats, mask), targets[idx], reduction="none")
+                loss = (per_row * weights[idx]).sum() / len(idx)
                 loss.backward()
             if len(canary_idx):
                 for p, rows in zip(trainable, canaries.rows(canary_idx, trainable)):
@@ -234,7 +245,7 @@ def _run_steps(model: Recommender, module: nn.Module, optimizer, batches, steps:
             # A noiseless step on an empty batch (audits of a broken set-up only) cannot move.
             _check_adapters(adapters, before, must_change=must_move or (cfg.dp and len(idx) + len(canary_idx) > 0))
             report.steps += 1
-            report.examples += len(idx) + len(canary_idx)
+            report.examples += int(weights[idx].sum()) + len(canary_idx)
             if loss is not None:
                 report.losses.append(float(loss.detach()))
             advance(1)

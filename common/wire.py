@@ -22,13 +22,14 @@ TRAIN_METRICS: dict[str, str] = {
     "refused": "0 or 1: whether the device declined the round (depends on the run config, the device policy "
                "and its budget history, all public to the server)",
     "epsilon": "the device's composed epsilon after this session: a function of the public mechanism "
-               "parameters of the rounds it took part in",
+               "parameters of every release in its ledger (which also tells the server how much the device "
+               "spent in other runs: its participation, not its data)",
     "delta": "the delta of that epsilon (the device policy's)",
     "noise-multiplier": "public mechanism parameter (run config, checked against the device policy)",
     "max-grad-norm": "public mechanism parameter (run config, checked against the device policy)",
     "sample-rate": "public Poisson rate: min(1, batch-size / examples-per-user), never from the device's data",
     "steps": "public step count: ceil(local-epochs / sample-rate), or fewer when the budget truncates the "
-             "session (a function of the public budget history)",
+             "session (a function of the device's budget history, as for epsilon)",
     "expected-batch-size": "public denominator of the averaged noisy gradient (never the device's example count)",
     "adjacency-replace-one": "0 or 1: the device policy's adjacency (1: accounted as replace-one)",
 }

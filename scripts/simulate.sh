@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: federated DP training with every MovieLens-100K user as a Flower client.
 # Runs `flwr run .` against Flower's managed local SuperLink (simulation runtime, Ray
-# backend). Extra arguments go to `flwr run`, e.g. --run-config 'num-server-rounds=20'.
+# backend) through simulations/simulate.py; pass overrides as --run-config 'num-server-rounds=20'.
 # PRIVREC_SUPERNODES sets the number of simulated clients (default: all 943 users).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,14 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1  # no network here; skip the version check
 export RAY_USAGE_STATS_ENABLED=0
 mkdir -p "$FLWR_HOME"
+# Flower's managed local SuperLink listens on fixed ports (39091/39093) by default, so two FLWR_HOMEs
+# (two checkouts, a test beside a benchmark) would share one SuperLink and run on each other's
+# installation. Each FLWR_HOME gets its own pair of ports unless they are set explicitly.
+if [ -z "${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-}" ]; then
+  slot=$(( $(printf '%s' "$FLWR_HOME" | cksum | cut -d' ' -f1) % 4000 ))
+  export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=$(( 41000 + 2 * slot ))
+  export FLWR_LOCAL_CONTROL_API_PORT=$(( 41001 + 2 * slot ))
+fi
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
 default = "local"
@@ -28,4 +36,6 @@ TOML
 if [ -z "${RAY_ADDRESS:-}" ]; then
   echo "options.backend.init-args.num-cpus = ${PRIVREC_CPUS:-$(nproc)}" >> "$FLWR_HOME/config.toml"
 fi
-exec .venv/bin/flwr run . local --stream --run-config "output-dir='$PWD/runs'" "$@"
+# The launcher checks the run config before Flower does (naming a bad key) and exits non-zero
+# unless the run completed: `flwr run --stream` alone exits 0 when the ServerApp fails.
+exec .venv/bin/python -m simulations.simulate --run-config "output-dir='$PWD/runs'" "$@"

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from common.results import write_json_atomic
+from common.errors import DataFormatError
+from common.results import read_jsonl, write_json_atomic, write_text_atomic
 
 
 class RunFolder:
@@ -31,32 +32,25 @@ class RunFolder:
         write_json_atomic(self.config, cfg)
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics.exists():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.metrics)
 
     def keep_rounds_up_to(self, last_round: int) -> None:
         """On resume, drop records of rounds after the checkpoint (they will be re-run)."""
         for path in (self.metrics, self.rounds):
+            rows = read_jsonl(path)
+            bad = [k for k, r in enumerate(rows, start=1) if not isinstance(r.get("round"), int)]
+            if bad:
+                raise DataFormatError(path, "expected an integer 'round' in every record", bad[0])
             if path.exists():
-                rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
                 self._write_lines(path, [r for r in rows if r["round"] <= last_round])
 
     def append(self, path: Path, *new_rows: dict) -> None:
         """Add rows to a JSONL file (rewritten whole, atomically)."""
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] \
-            if path.exists() else []
-        self._write_lines(path, [*rows, *new_rows])
+        self._write_lines(path, [*read_jsonl(path), *new_rows])
 
     @staticmethod
     def _write_lines(path: Path, rows: list[dict]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
 
     def write_final_state(self, names: list[str], arrays: list[np.ndarray], metadata: dict[str, str]) -> None:
         from safetensors.numpy import save_file

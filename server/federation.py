@@ -101,16 +101,19 @@ class Federation:
         self.cfg = resolve(run_config)
         cfg = self.cfg
         self.run_id = cfg["run-name"] or f"run-{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg['seed']}"
+        # The data first: a bad dataset path must not leave a run folder that blocks a retry.
+        data = dataset_from_source(cfg["dataset"])
+        split = split_for(cfg["dataset"])
+        split.eval_users()  # raises NoEvaluationUsersError when no user has the 3 events the split needs
         self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
         self._check_resume()
         self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
             p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
-        data = dataset_from_source(cfg["dataset"])
         self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
         self.names, self.arrays = get_state(self.runtime.model)
         self.specs = adapter_specs(self.names, self.arrays)
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
-        self.evaluator = ServerEvaluator(self.runtime, split_for(cfg["dataset"]))
+        self.evaluator = ServerEvaluator(self.runtime, split)
         self.client_epsilon: dict[str, float] = {}
         self.publisher = CataloguePublisher(self.runtime, self.folder.root, self.run_id) \
             if cfg["publish-catalogue"] else None
@@ -189,6 +192,8 @@ class Federation:
             self._restore()
         elif cfg["resume"]:
             self.folder.keep_rounds_up_to(-1)  # stopped before its first checkpoint: start over
+            if self.central is not None:
+                self._restore_central({})  # but a release made before the crash still counts
         log(INFO, "privrec run %s: %d clients, rounds %d..%d, strategy %s, local DP %s, central DP %s",
             self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"], cfg["strategy"],
             cfg["local-dp"], cfg["central-dp"])
@@ -276,7 +281,8 @@ class Federation:
             if not verdict.accepted:
                 return "rejected", [], verdict.reason
             if "epsilon" in metrics:  # validated: the update left the device, so its spend counts
-                self.client_epsilon[str(node)] = float(metrics["epsilon"])
+                self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0),
+                                                     float(metrics["epsilon"]))
             if "arrays" not in content.array_records:
                 return "rejected", [], "no arrays record"
             names = list(content["arrays"].keys())
@@ -319,7 +325,12 @@ class Federation:
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         else:
             mean = weighted_mean(self.names, accepted, [1.0] * len(accepted))
-        self.arrays = server_step(self.step, rnd, self.names, self.arrays, mean)
+        new = server_step(self.step, rnd, self.names, self.arrays, mean)
+        bad = [n for n, a in zip(self.names, new) if not np.isfinite(a).all()]
+        if bad:  # validated replies cannot cause this; stop before a corrupt state is checkpointed or used
+            raise FloatingPointError(f"round {rnd}: the aggregated global state has non-finite values in "
+                                     f"{bad[:3]}; the run stops at the last good checkpoint")
+        self.arrays = new
         return True
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
@@ -342,9 +353,13 @@ class Federation:
         msgs = [Message(content=RecordDict(content), dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in chosen]
         rows, refused, rejected = [], 0, 0
+        destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs if m.metadata.message_id}
+        answered: set[int] = set()
         for reply in self.grid.send_and_receive(msgs, timeout=self.cfg["round-timeout"]):
-            if reply.has_error():
-                continue
+            node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+            if reply.has_error() or node not in chosen or node in answered:
+                continue  # failed, unsolicited or a second reply
+            answered.add(node)
             try:
                 if "status" in reply.content.config_records:
                     refused += 1
@@ -358,6 +373,8 @@ class Federation:
                 rejected += 1
                 log(WARNING, "round %d: evaluation reply rejected: %s", rnd, verdict.reason)
                 continue
+            if "epsilon" in metrics:  # the release is part of the device's spend
+                self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), float(metrics["epsilon"]))
             rows.append(metrics)
         out: dict[str, Any] = {"federated_clients": len(rows), "federated_refused": refused,
                                "federated_rejected": rejected}
@@ -400,7 +417,7 @@ class Federation:
         method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
         result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
                                time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"]})
-        write_json_atomic(self.folder.result, result)
+        write_json_atomic(self.folder.result, result, strict=True)
         self.folder.write_plots()
         log(INFO, "[privrec] run %s done: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
             metrics["NDCG@10"], metrics["HR@10"], self.folder.root)

@@ -62,7 +62,7 @@ def test_unparsable_value(tmp_path):
     (folder / "u.data").write_text("1\t1\t5\t100\n1\t2\tfive\t101\n", encoding="utf-8")
     with pytest.raises(DataFormatError) as info:
         load_grouplens(folder)
-    _expect("u.data", 2, "'rating' must be a number")(info.value)
+    _expect("u.data", 2, "'rating' must be a finite number")(info.value)
 
 
 def test_unknown_item_id(tmp_path):

@@ -141,3 +141,53 @@ def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_dat
                        epsilon_budget=100.0)
     assert not session_mod.run_session(runtime, data, asked, tmp_path, "user-0", "run", 1, policy=lax).refused
     runtime.load_state(names, start)
+
+
+def test_every_session_encodes_and_samples_the_public_number_of_rows(runtime_and_data, tmp_path, monkeypatch):
+    """The server sees when a reply arrives: the work must not depend on how many examples a client holds."""
+    runtime, data, cfg = runtime_and_data
+    names, start = get_state(runtime.model)
+    seen = []
+    real_train = session_mod.train
+
+    def spy(model, features, targets, item_features, tcfg, **kw):
+        seen.append((len(features), float(kw["row_weights"].sum())))
+        return real_train(model, features, targets, item_features, tcfg, **kw)
+
+    monkeypatch.setattr(session_mod, "train", spy)
+    for keep in (4, 1, 0):
+        fewer = ClientData(data.train_texts[:keep], data.train_targets[:keep], None, None, data.eval_excluded)
+        runtime.load_state(names, start)
+        session_mod.run_session(runtime, fewer, cfg, tmp_path / str(keep), "user-0", "run", 1)
+    runtime.load_state(names, start)
+    assert seen == [(4, 4.0), (4, 1.0), (4, 0.0)]  # always the cap's rows, padding rows weigh 0
+
+
+def test_a_ledger_kept_with_the_other_accountant_refuses_before_recording(runtime_and_data, tmp_path):
+    runtime, data, cfg = runtime_and_data
+    names, start = get_state(runtime.model)
+    assert not session_mod.run_session(runtime, data, cfg, tmp_path, "user-0", "run", 1).refused
+    other = dict(cfg, accountant="prv")
+    result = session_mod.run_session(runtime, data, other, tmp_path, "user-0", "run", 2)
+    assert result.refused and result.reason == "privacy-policy"
+    assert len(_ledger(tmp_path).sessions) == 1
+    runtime.load_state(names, start)
+
+
+def test_an_example_with_a_non_finite_gradient_contributes_nothing():
+    """A model crafted to overflow for some inputs only must not make the step fail for those data."""
+    import torch
+
+    from common.privacy import PublicSchedule, make_private
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    private = make_private(model, optimizer, 1.0, 1.0, PublicSchedule(1.0, 1, 4), "rdp")
+    try:
+        x = torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, 0.0, 1.0]])
+        private.module(x).sum().backward()
+        private.optimizer.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    finally:
+        private.close()

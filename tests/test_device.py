@@ -87,12 +87,12 @@ def test_a_stored_catalogue_is_verified_on_every_read(tmp_path):
 
 
 def test_min_replies_leaves_the_model_unchanged(small_run_config):
-    cfg = {**small_run_config, "num-server-rounds": 1, "min-replies": 4}  # 3 clients per round
-    fed = Federation(InProcessGrid(6, cfg), cfg)
+    cfg = {**small_run_config, "num-server-rounds": 1, "clients-per-round": 6, "min-replies": 6}
+    fed = Federation(InProcessGrid(6, cfg, drop={106}), cfg)  # one of the six never answers
     start = [a.copy() for a in fed.arrays]
     run_dir = fed.run()
     row = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
-    assert row["clients_accepted"] == 3 and row["aggregated"] is False
+    assert row["clients_accepted"] == 5 and row["aggregated"] is False
     assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))
 
 
@@ -106,3 +106,15 @@ def test_a_grouplens_slice_of_one_user_is_device_data(ml100k, tmp_path):
     folder = write_grouplens(one, tmp_path / "slice")
     data = device_client_data(folder, history_len=3, examples_per_user=0)
     assert len(data.train_targets) == int(keep.sum()) - 1 and data.eval_target is not None
+
+
+def test_a_device_with_no_events_yet_trains_like_any_other(ml100k, global_state, tmp_path):
+    """An empty history must not make the device refuse: the refusal would tell the server it is empty."""
+    data = tmp_path / "data"
+    export_user(ml100k, "7", data)
+    (data / "events.jsonl").write_text("")
+    assert len(device_client_data(data, 5, 50).train_targets) == 0
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                  node_config={"data-path": str(data), "state-dir": str(tmp_path / "state")})
+    reply = client_app.train(_train_message(*global_state), ctx)
+    assert "status" not in reply.content.config_records and "arrays" in reply.content.array_records

@@ -286,3 +286,44 @@ def test_resume_with_another_population_re_derives_the_sampling_rate(small_run_c
     fed.run()
     assert fed.central.population == 4 and fed.central.sample_rate == pytest.approx(3 / 4)
     assert [(q, n) for _, q, n in fed.central.history] == [(0.5, 1), (0.75, 1)]
+
+
+def test_a_central_dp_release_before_the_first_checkpoint_still_counts(small_run_config, monkeypatch):
+    import server.federation as federation_mod
+
+    cfg = dict(small_run_config, **{"central-dp": True, "num-server-rounds": 1, "eval-every": 100})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the first checkpoint")
+
+    monkeypatch.setattr(federation_mod, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(InProcessGrid(6, cfg), cfg).run()
+    monkeypatch.undo()
+    resumed = dict(cfg, resume=True)
+    fed = Federation(InProcessGrid(6, resumed), resumed)
+    fed.run()
+    assert fed.central.rounds == 2  # the lost round 1 release, and round 1 again
+
+
+def test_a_non_finite_global_state_is_refused_by_every_client_before_any_spend(small_run_config):
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client.app as client_app
+
+    cfg = dict(small_run_config, **{"num-server-rounds": 1})
+    fed = Federation(InProcessGrid(6, cfg), cfg)
+    arrays = [a.copy() for a in fed.arrays]
+    arrays[-1][0] = np.nan  # a tripwire in one item's bias
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(content=RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in zip(fed.names, arrays)}),
+                                      "config": ConfigRecord({"server-round": 1, "run-id": "t",
+                                                              "run-dir": str(fed.folder.root)})}),
+                  dst_node_id=101, message_type=MessageType.TRAIN)
+    for user in range(6):
+        ctx = Context(run_id=1, node_id=101 + user, node_config={"partition-id": user, "num-partitions": 6},
+                      state=RecordDict(), run_config=cfg)
+        reply = client_app.train(msg, ctx)
+        assert reply.content["status"]["reason"] == "client-error" and "arrays" not in reply.content.array_records
+    assert not list((fed.folder.root / "clients").glob("ledger-*.json"))

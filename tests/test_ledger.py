@@ -146,6 +146,6 @@ def test_overlapping_sessions_on_one_device_both_count(tmp_path):
 
 def test_a_held_lock_times_out_into_a_refusal(tmp_path):
     with _open(tmp_path):
-        with pytest.raises(LedgerUnavailableError, match="held the ledger lock"):
+        with pytest.raises(LedgerUnavailableError, match="another session has held the lock"):
             with PrivacyLedger.session(tmp_path, "c", 50.0, 1e-5, lock_timeout=0.2):
                 pass

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataFormatError
+from common.results import read_jsonl
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, ledger_paths
 from common.privacy import client_schedule, interaction_group_size
 from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS
@@ -73,19 +74,6 @@ def _read_json(path: Path, required: bool = True) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataFormatError(path, f"not valid JSON ({exc})") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise DataFormatError(path, f"line {number}: not valid JSON ({exc})") from None
-    return rows
 
 
 def read_ledger(path: Path) -> LedgerRecord:
@@ -141,14 +129,14 @@ class RunAudit:
             if key not in self.cfg:
                 raise DataFormatError(self.run_dir / "config.json", f"missing field {key!r}")
         self.run_id = str(self.cfg.get("run-id", self.run_dir.name))
-        self.rounds = _read_jsonl(self.run_dir / "rounds.jsonl")
+        self.rounds = read_jsonl(self.run_dir / "rounds.jsonl")
         for number, row in enumerate(self.rounds, start=1):
             ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed")]
             if not isinstance(row.get("round"), int) or not all(
                     isinstance(x, list) and all(isinstance(n, int) for n in x) for x in ids):
                 raise DataFormatError(self.run_dir / "rounds.jsonl", "line {}: expected an integer 'round' and "
                                       "lists of integer node ids".format(number))
-        self.metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
+        self.metrics = read_jsonl(self.run_dir / "metrics.jsonl")
         self.result = _read_json(self.run_dir / "result.json", required=False)
         self.checkpoint = _read_json(self.run_dir / "checkpoint" / "latest.json", required=False)
         dirs = [Path(d) for d in (ledger_dirs or [self.run_dir / "clients"])]
@@ -296,7 +284,33 @@ class RunAudit:
     def checks(self) -> list[Check]:
         return [self._check_readable(), self._check_recomputes(), self._check_server_rounds(),
                 self._check_caps(), self._check_config(), self._check_server_report(), self._check_central(),
-                self._check_policy(), self._check_ledger_storage(), self._check_wire()]
+                self._check_policy(), self._check_ledger_storage(), self._check_wire(), self._check_server_epsilon()]
+
+    def _check_server_epsilon(self) -> Check:
+        title = "Each node's ledger holds at least the epsilon the server recorded for it"
+        if not self.local:
+            return self._na("ledgers_match_server_epsilon", title, "no local DP in this run")
+        recorded = (self.checkpoint or {}).get("client_epsilon")
+        if not isinstance(recorded, dict):
+            return Check("ledgers_match_server_epsilon", title, "fail",
+                         "checkpoint/latest.json holds no per-node epsilon to compare the ledgers with")
+        by_node: dict[int, LedgerRecord] = {}
+        for led in self.ledgers:
+            for s in led.sessions:
+                if s.run_id == self.run_id and s.node_id is not None:
+                    by_node[int(s.node_id)] = led
+        bad = []
+        for node, eps in sorted(recorded.items()):
+            led = by_node.get(int(node))
+            if led is None:
+                bad.append(f"node {node}: the server recorded epsilon {float(eps):.6g}, but no ledger has a session "
+                           f"of this run for that node (under-reported spend)")
+            elif led.epsilon is not None and led.epsilon < float(eps) * (1 - REL_TOL):
+                bad.append(f"{led.client_id} (node {node}): ledger history gives epsilon {led.epsilon:.6g}, below the "
+                           f"{float(eps):.6g} the server recorded from its reply (the ledger under-reports)")
+        return _verdict("ledgers_match_server_epsilon", title, bad, f"{len(bad)} ledgers under-report what the "
+                        f"server received", f"every one of the {len(recorded)} nodes the server recorded has a "
+                        f"ledger at or above that epsilon")
 
     def _check_policy(self) -> Check:
         title = "Every ledger records the device policy, and every session of this run satisfies it"
@@ -354,7 +368,7 @@ class RunAudit:
         if not path.exists():
             return self._na("wire_fields", title, "wire-log was off in this run: no record of what devices sent")
         bad = []
-        for number, row in enumerate(_read_jsonl(path), start=1):
+        for number, row in enumerate(read_jsonl(path), start=1):
             if "error" in row:
                 continue
             where = f"wire.jsonl line {number} (round {row.get('round')}, node {row.get('node')})"
@@ -541,8 +555,14 @@ def write_audit(run_dir: str | Path, ledger_dirs: list[str | Path] | None = None
     from common.results import write_json_atomic, write_text_atomic
     from server.audit.html_report import render_html
 
-    audit = RunAudit(run_dir, ledger_dirs)
-    report = audit.report()
+    try:
+        audit = RunAudit(run_dir, ledger_dirs)
+        report = audit.report()
+    except DataFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise DataFormatError(run_dir, f"malformed run records ({type(exc).__name__}: {exc}); expected the files "
+                                       f"a privrec run writes") from None
     json_path = write_json_atomic(audit.run_dir / "audit.json", report)
     html_path = write_text_atomic(audit.run_dir / "audit.html", render_html(report, audit.metrics))
     return json_path, html_path, report

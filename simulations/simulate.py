@@ -1,0 +1,66 @@
+"""The main job's launcher: check the run config, run ``flwr run`` on the managed local SuperLink,
+follow its log, and exit with the run's outcome.
+
+``flwr run --stream`` exits 0 even when the ServerApp fails, and Flower refuses an unknown
+run-config key without naming it. This launcher checks every key and value before Flower sees
+them (exit 2, naming the key), then reads the run's final status from the SuperLink and exits 0
+only for ``finished:completed`` (1 otherwise, with the status printed).
+
+    python -m simulations.simulate [--run-config 'key=value ...'] ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.run_config import DEFAULTS, ConfigError, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_overrides(run_configs: list[str]) -> dict:
+    """The overrides Flower will read from the ``--run-config`` strings (with Flower's own parser),
+    resolved against the defaults; raises ConfigError naming the first unknown or invalid key."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        merged = parse_config_args(run_configs)
+    except (click.ClickException, ValueError) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        raise ConfigError(f"--run-config {run_configs!r}: {message}") from None
+    unknown = sorted(set(merged) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"--run-config: unknown key(s) {unknown}; the keys are those of [tool.flwr.app.config] "
+                          f"in pyproject.toml ({len(DEFAULTS)} keys, e.g. num-server-rounds, noise-multiplier)")
+    resolve(merged)
+    return merged
+
+
+def main(run_config: Optional[list[str]] = typer.Option(None, help="run-config overrides, as for flwr run"),
+         connection: str = typer.Option("local", help="the SuperLink connection in $FLWR_HOME/config.toml"),
+         timeout: float = typer.Option(6 * 3600, help="seconds to wait for the run to end")) -> None:
+    """Run the federation and exit 0 only if it completed."""
+    from server.deploy import run_and_wait
+
+    configs = list(run_config or [])
+    try:
+        check_overrides(configs)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    run_id, status = run_and_wait(ROOT, configs, connection, os.environ.get("FLWR_HOME"), timeout=timeout,
+                                  stream=sys.stdout)
+    typer.echo(f"run {run_id}: {status}")
+    if not status.startswith("finished:completed"):
+        typer.echo(f"error: run {run_id} did not complete ({status}); see the log above", err=True)
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    typer.run(main)
