@@ -41,7 +41,8 @@ from server.validation import adapter_specs, describe_reply, validate_metrics, v
 CENTRAL_DP_LEDGER = "central-dp.json"  # the user-level accountant, written before each release is used
 
 # Keys whose change would make a resumed run a different experiment.
-_RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients"}
+_RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients",
+                      "output-dir"}  # a run folder may be moved and resumed where it now is
 
 
 def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.Generator,
@@ -220,6 +221,7 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=cfg["round-timeout"])) if messages else []
         accepted: list[list[np.ndarray]] = []
         participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
+        rejected_reasons: list[str] = []  # in the order of participation["rejected"]
         bytes_received = 0
         destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
         wire: list[dict] = []
@@ -234,6 +236,8 @@ class Federation:
                 wire.append({"round": rnd, "node": node, **describe_reply(reply)})
             outcome, arrays, reason = self._judge_train_reply(reply, node)
             participation[outcome].append(node)
+            if outcome == "rejected":
+                rejected_reasons.append(reason[:200])
             if outcome == "trained":
                 accepted.append(arrays)
                 bytes_received += state_bytes(arrays)
@@ -247,7 +251,8 @@ class Federation:
             participation["failed"] += silent
             log(WARNING, "round %d: %d node(s) sent no reply within round-timeout: %s", rnd, len(silent), silent[:20])
         aggregated = self._aggregate(rnd, accepted)
-        self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation})
+        self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation,
+                                                "rejected_reasons": rejected_reasons})
         if wire:
             self.folder.append(self.folder.root / "wire.jsonl", *wire)
         eps = list(self.client_epsilon.values())

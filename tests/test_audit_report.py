@@ -153,6 +153,34 @@ def test_the_cli_exits_1_on_a_failed_check_and_2_on_a_missing_run(run_copy, tmp_
     assert bad.exit_code == 1 and "fail" in bad.output
     missing = runner.invoke(app, ["audit", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "nope" in missing.output
+    (run_copy / "rounds.jsonl").write_text('{"round": 1, "sampled": [1]}\n{"round": 2, "sam')  # cut short
+    malformed = runner.invoke(app, ["audit", str(run_copy)])
+    assert malformed.exit_code == 2 and "rounds.jsonl:2" in malformed.output, malformed.output
+
+
+@pytest.mark.parametrize("edit", ["steps-0", "sample-rate"])
+def test_a_ledger_edited_to_under_report_fails_against_the_servers_records(run_copy, edit):
+    """The edit recomputes the stored epsilon so that the ledger agrees with itself; the server's
+    checkpoint still holds what that node reported when its update arrived."""
+    from common.ledger import PrivacyLedger
+
+    def under_report(raw):
+        for s in raw["sessions"]:
+            if edit == "steps-0":
+                s["steps"] = 0
+            else:
+                s["sample_rate"] = 0.01
+        raw.pop("version", None)
+
+    client = _edit_ledger(run_copy, under_report)
+    path = run_copy / "clients" / f"ledger-{client}.json"
+    raw = json.loads(path.read_text())
+    raw["epsilon"] = PrivacyLedger.load(path).recomputed_epsilon()
+    path.write_text(json.dumps(raw))
+    checks = _checks(write_audit(run_copy)[2])
+    assert checks["ledger_epsilon_recomputes"]["status"] == "pass"  # consistent with itself
+    check = checks["ledgers_match_server_epsilon"]
+    assert check["status"] == "fail" and any(client in p and "under-reports" in p for p in check["problems"])
 
 
 def _numbers_under_epsilon_keys(obj, path=""):
