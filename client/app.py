@@ -23,8 +23,8 @@ from client.device_state import save_global_state, store_catalogue, write_device
 from client.evaluation import run_evaluation
 from client.session import SessionResult, refusal, run_session
 from common.dataset import Dataset
-from common.errors import DataFormatError
 from common.device_policy import DevicePolicy
+from common.errors import DataFormatError
 from common.model_state import ModelRuntime, ModelSettings, state_digest
 from common.partition import ClientData, client_data, dataset_from_source, device_client_data, device_dataset, split_for
 from common.run_config import resolve

@@ -4,18 +4,16 @@ SuperNode with TLS, that key, and ``--node-config`` pointing at the device's dat
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-
 from typing import Any, Mapping
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.device_policy import DevicePolicy
-from common.results import write_text_atomic
-from server.deploy import flwr_env
+from common.flower_env import flwr_env
+from common.io import write_bytes_atomic, write_text_atomic
 
 
 def make_node_key(out: str | Path, name: str) -> tuple[Path, Path]:
@@ -30,11 +28,7 @@ def make_node_key(out: str | Path, name: str) -> tuple[Path, Path]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     priv_path, pub_path = out / name, out / f"{name}.pub"
-    tmp = priv_path.with_name(f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    tmp.replace(priv_path)
+    write_bytes_atomic(priv_path, private, private=True)
     write_text_atomic(pub_path, public.decode() + f" {name}\n")
     return priv_path, pub_path
 

@@ -13,19 +13,16 @@ Every file is written atomically (temp file, then rename). Nothing here is ever 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from common.catalogue_file import PublishedCatalogue, read_catalogue, sha256_hex
 from common.errors import DataFormatError
+from common.io import load_tensors, save_tensors, write_bytes_atomic, write_json_atomic, write_text_atomic
 from common.model_state import ModelSettings
-from common.results import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 GLOBAL_STATE = "global-state.safetensors"
 CATALOGUE = "catalogue.safetensors"
@@ -36,13 +33,10 @@ DEVICE = "device.json"
 def save_global_state(state_dir: Path, names: list[str], arrays: list[np.ndarray], settings: ModelSettings,
                       run_id: str, server_round: int) -> Path:
     """Keep the latest global state (the exchange order is kept in the metadata)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / GLOBAL_STATE
-    tmp = state_dir / f".{GLOBAL_STATE}.{os.getpid()}.tmp"
+    path = Path(state_dir) / GLOBAL_STATE
     meta = {"names": json.dumps(names), "settings": json.dumps(asdict(settings)), "run_id": run_id,
             "round": str(server_round)}
-    save_file({n: np.ascontiguousarray(a) for n, a in zip(names, arrays)}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_tensors(path, dict(zip(names, arrays)), meta, private=True)
     return path
 
 
@@ -51,11 +45,10 @@ def load_global_state(state_dir: Path) -> tuple[list[str], list[np.ndarray], Mod
     path = Path(state_dir) / GLOBAL_STATE
     if not path.is_file():
         raise DataFormatError(path, "missing: this device has not received a global model yet (join a run first)")
+    tensors, meta = load_tensors(path)
     try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata()
-            names = json.loads(meta["names"])
-            arrays = [f.get_tensor(n) for n in names]
+        names = json.loads(meta["names"])
+        arrays = [tensors[n] for n in names]
         settings = ModelSettings(**json.loads(meta["settings"]))
     except Exception as exc:  # noqa: BLE001
         raise DataFormatError(path, f"unreadable global state ({type(exc).__name__}: {exc})") from None

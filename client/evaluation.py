@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from client.session import PAD_TEXT, SessionResult, refusal
 from common.device_policy import DevicePolicy
+from common.evaluation import user_scores
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.metrics import metrics_from_ranks, target_rank
 from common.model_state import ModelRuntime
@@ -36,8 +36,7 @@ def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float
     refusal that depended on the data would be a release outside the mechanism.
     """
     feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT])
-    with torch.no_grad():
-        scores = runtime.model.head.score(runtime.encoder.forward_features(feats.features, feats.mask))[0].numpy()
+    scores = user_scores(runtime.model, feats)[0]
     if data.eval_target is None or not np.isfinite(scores).all():
         return 0.0, 0.0
     excluded = np.zeros(len(scores), dtype=bool)

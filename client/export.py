@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.dataset import Dataset
-from common.results import write_text_atomic
+from common.io import write_text_atomic
 
 
 def export_user(data: Dataset, user_id: str, out: str | Path) -> tuple[Path, int]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from client.device_state import read_device_info
 from common.dataset import RATING_MAX, RATING_MIN
 from common.errors import DataFormatError
+from common.io import exclusive_lock
 from common.partition import device_dataset
-from common.results import exclusive_lock
 
 ACCEPT_RATING = 5.0  # "loved": the user asked for more of this
 REJECT_RATING = 1.0  # "hated": shown, and turned down

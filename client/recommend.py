@@ -14,6 +14,7 @@ from client.device_state import load_catalogue, load_global_state, read_device_i
 from common.dataset import Dataset
 from common.encoder import LoraSettings, TextEncoder, load_tokenizer
 from common.errors import DataFormatError
+from common.evaluation import user_scores
 from common.features import compute_features
 from common.model import Recommender
 from common.model_state import set_state, state_digest
@@ -79,7 +80,9 @@ class DeviceRecommender:
         if text and text.strip():
             query = f"{text.strip()}; {query}"
         feats = compute_features(self.encoder, self.tokenizer, [query], self.settings.max_length)
-        scores = self.model.head.score(self.encoder.forward_features(feats.features, feats.mask))[0].numpy()
+        scores = user_scores(self.model, feats)[0]
+        if not np.isfinite(scores).all():
+            raise ValueError("the stored global model scores items with non-finite values; refusing to recommend")
         seen = np.unique(data.item[rows])
         scores[seen] = -np.inf
         k = min(k, int(np.isfinite(scores).sum()))

@@ -146,26 +146,23 @@ def set_adapters(encoder: TextEncoder, tensors: list[torch.Tensor]) -> None:
 
 def save_adapters(encoder: TextEncoder, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapters (and optional extra named tensors) as safetensors, atomically."""
-    from safetensors.torch import save_file
+    from common.io import save_tensors
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.contiguous() for n, t in zip(encoder.adapter_names(), get_adapters(encoder))}
+    tensors = {n: t.numpy() for n, t in zip(encoder.adapter_names(), get_adapters(encoder))}
     for k, v in (extra or {}).items():
-        tensors[f"extra.{k}"] = v.detach().contiguous()
+        tensors[f"extra.{k}"] = v.detach().numpy()
     meta = {"rank": str(encoder.lora.rank), "alpha": str(encoder.lora.alpha),
             "target_modules": ",".join(encoder.lora.target_modules)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_tensors(path, tensors, meta)
     return path
 
 
 def load_adapters(encoder: TextEncoder, path: str | Path) -> dict[str, torch.Tensor]:
     """Load adapters saved by :func:`save_adapters`; returns the extra tensors, if any."""
-    from safetensors.torch import load_file
+    from common.io import load_tensors
 
-    tensors = load_file(str(path))
+    tensors = {k: torch.from_numpy(v) for k, v in load_tensors(path)[0].items()}
     names = encoder.adapter_names()
     missing = [n for n in names if n not in tensors]
     if missing:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,10 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-
-from common.errors import DataFormatError
-from common.results import exclusive_lock, write_bytes_atomic
+from common.io import exclusive_lock, write_bytes_atomic
+from common.privacy import epsilon_of_history
 
 LEDGER_VERSION = 2
 ADJACENCIES = ("add-remove", "replace-one")
@@ -101,12 +98,7 @@ def composed_epsilon(sessions: list[Session], delta: float, accountant: str = "r
     """Epsilon at ``delta`` of the composition of every session (0 when there are none)."""
     if not 0 < delta <= MAX_DELTA:
         raise ValueError(f"delta must be in (0, {MAX_DELTA:g}], got {delta}")
-    history = [(s.accounted_noise, s.sample_rate, int(s.steps)) for s in sessions if s.steps > 0]
-    if not history:
-        return 0.0
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = history
-    return float(acc.get_epsilon(delta))
+    return epsilon_of_history([(s.accounted_noise, s.sample_rate, s.steps) for s in sessions], delta, accountant)
 
 
 def ledger_paths(folder: str | Path, client_id: str) -> tuple[Path, Path, Path]:

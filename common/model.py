@@ -20,6 +20,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from common.encoder import TextEncoder
+from common.features import FeatureSet
 
 
 class ItemBias(nn.Module):
@@ -104,3 +105,17 @@ class Recommender(nn.Module):
         if self.head.residual is not None:
             out["item_residual"] = self.head.residual.weight.detach().clone()
         return out
+
+
+@torch.no_grad()
+def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 512) -> None:
+    """Re-encode the catalogue with the current adapters into the head's cached item embeddings."""
+    was_training = model.training
+    model.eval()
+    # Chunks of similar length pad less (batch() trims each chunk to its longest text).
+    order = torch.argsort(item_features.mask.sum(1))
+    for start in range(0, len(item_features), chunk):
+        idx = order[start: start + chunk]
+        feats, mask = item_features.batch(idx)
+        model.head.item_emb[idx] = model.encoder.forward_features(feats, mask)
+    model.train(was_training)

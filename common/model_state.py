@@ -19,8 +19,7 @@ import torch
 from common.dataset import Dataset
 from common.encoder import LoraSettings, TextEncoder, get_adapters, load_tokenizer, set_adapters
 from common.features import FeatureSet, compute_features
-from common.model import Recommender
-from common.training import refresh_items
+from common.model import Recommender, refresh_items
 
 ITEM_BIAS_KEY = "item_bias"
 

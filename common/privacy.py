@@ -34,6 +34,19 @@ from common.secure_random import SecureStream, add_gaussian_noise
 ACCOUNTANTS = ("rdp", "prv")
 
 
+def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of composed sampled Gaussian mechanisms (noise multiplier, sample rate,
+    steps), with an Opacus accountant from its registry (0 for an empty history)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    history = [(float(z), float(q), int(n)) for z, q, n in history if n > 0]
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta))
+
+
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest noise multiplier whose composed (epsilon, delta) over ``steps`` meets the target."""
     if accountant not in ACCOUNTANTS:

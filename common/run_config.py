@@ -1,108 +1,169 @@
-"""Every knob of a federated run: defaults, types, allowed values, and validation.
+"""Every knob of a federated run: one table of fields, each with its group, default, help, range and
+choices, and the validation of a run config against it.
 
-The defaults here are the ones in ``pyproject.toml`` ``[tool.flwr.app.config]``
-(a test keeps the two identical). Flower hands the apps ``context.run_config``
-(pyproject values overridden by ``--run-config``); :func:`resolve` merges it over
-the defaults and checks each key, raising one clear error that names the key and
-what is allowed.
+The defaults here are the ones in ``pyproject.toml`` ``[tool.flwr.app.config]`` (a test keeps the
+two identical; the external key names never change). Flower hands the apps ``context.run_config``
+(pyproject values overridden by ``--run-config``); :func:`resolve` merges it over the defaults and
+checks each key, raising one clear error that names the key and what is allowed.
+:func:`stored_config` is the one place that fills keys an older run folder's config lacks.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from common.errors import ConfigError
 
-__all__ = ["ConfigError", "DEFAULTS", "HELP", "resolve"]
+__all__ = ["ConfigError", "DEFAULTS", "FIELDS", "GROUPS", "HELP", "resolve", "stored_config"]
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
-DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 48,
-    "clients-per-round": 20,
-    "client-sampling": "auto",
-    "evaluate-clients": 0,
-    "eval-every": 12,
-    "local-epochs": 1.0,
-    "batch-size": 50,
-    "local-optimizer": "sgd",
-    "learning-rate": 1.0,
-    "item-learning-rate": 1.0,
-    "lora-rank": 8,
-    "lora-alpha": 16,
-    "item-bias": True,
-    "item-bias-scale": 10.0,
-    "history-len": 5,
-    "max-length": 64,
-    "item-max-length": 32,
-    "examples-per-user": 50,
-    "local-dp": True,
-    "noise-multiplier": 0.64,
-    "eval-noise-multiplier": 4.0,
-    "max-grad-norm": 1.0,
-    "delta": 1e-5,
-    "accountant": "rdp",
-    "client-epsilon-budget": 8.0,
-    "budget-policy": "truncate",
-    "central-dp": False,
-    "central-noise-multiplier": 1.0,
-    "central-clip": 0.5,
-    "central-delta": 1e-4,
-    "max-update-norm": 50.0,
-    "strategy": "fedadam",
-    "server-learning-rate": 0.01,
-    "seed": 0,
-    "output-dir": "runs",
-    "ledger-dir": "",
-    "run-name": "",
-    "resume": False,
-    "dataset": "recbole",
-    "round-timeout": 600.0,
-    "min-replies": 1,
-    "publish-catalogue": False,
-    "wire-log": False,
-}
 
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "accountant": ("rdp", "prv"),
-    "budget-policy": ("truncate", "refuse"),
-    "strategy": ("fedavg", "fedadam"),
-    "local-optimizer": ("adam", "sgd"),
-    "client-sampling": ("auto", "cyclic", "uniform", "poisson"),
-}
+@dataclass(frozen=True)
+class Field:
+    """One run-config key: its default (whose type is the key's type), group and help, and either the
+    allowed choices or a numeric range [low, high] (low excluded when ``low_inclusive`` is False)."""
 
-# (lower bound, upper bound, lower inclusive) for numeric keys
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "num-server-rounds": (1, 1e6, True),
-    "clients-per-round": (1, 1e7, True),
-    "evaluate-clients": (0, 1e7, True),
-    "eval-every": (1, 1e6, True),
-    "local-epochs": (0, 1e3, False),
-    "batch-size": (1, 1e6, True),
-    "learning-rate": (0, 1000, False),
-    "item-learning-rate": (0, 1000, True),
-    "item-bias-scale": (0, 1e4, False),
-    "lora-rank": (1, 384, True),
-    "lora-alpha": (1, 1e4, True),
-    "history-len": (1, 1000, True),
-    "max-length": (8, 512, True),
-    "item-max-length": (8, 512, True),
-    "examples-per-user": (0, 1e6, True),
-    "noise-multiplier": (0, 1e4, False),
-    "eval-noise-multiplier": (0, 1e4, False),
-    "max-grad-norm": (0, 1e6, False),
-    "delta": (0, 0.01, False),
-    "client-epsilon-budget": (0, 1e6, False),
-    "central-noise-multiplier": (0, 1e4, False),
-    "central-clip": (0, 1e6, False),
-    "central-delta": (0, 1, False),
-    "max-update-norm": (0, 1e9, False),
-    "server-learning-rate": (0, 10, False),
-    "seed": (0, 2**31 - 1, True),
-    "round-timeout": (1, 1e6, True),
-    "min-replies": (1, 1e7, True),
+    default: Any
+    group: str
+    help: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise ConfigError naming ``key`` when ``value`` is outside the choices or the range."""
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"run config '{key}': {value!r} is not one of {list(self.choices)}")
+        if self.low is not None:
+            ok = (value >= self.low if self.low_inclusive else value > self.low) and value <= self.high
+            if not ok:
+                bound = f"{'>=' if self.low_inclusive else '>'} {self.low:g} and <= {self.high:g}"
+                raise ConfigError(f"run config '{key}': {value!r} is out of range (expected {bound})")
+
+
+FIELDS: dict[str, Field] = {
+    # -- model -------------------------------------------------------------------------------------
+    "lora-rank": Field(8, "model", "LoRA rank", low=1, high=384),
+    "lora-alpha": Field(16, "model", "LoRA alpha", low=1, high=10000.0),
+    "item-bias": Field(True, "model", "train and exchange a per-item bias (new items fall back to text only)"),
+    "item-bias-scale": Field(
+        10.0, "model",
+        ("the item bias is this times the exchanged parameter; under DP-SGD's joint per-example clipping "
+         "it sets the bias's share of the clip norm"), low=0, high=10000.0, low_inclusive=False),
+    "history-len": Field(5, "model", "interactions in a user's text (newest first)", low=1, high=1000),
+    "max-length": Field(64, "model", "token limit of a user text (longer ones are cut and counted)", low=8, high=512),
+    "item-max-length": Field(32, "model", "token limit of an item text", low=8, high=512),
+    # -- local training ----------------------------------------------------------------------------
+    "local-epochs": Field(
+        1.0, "local training",
+        ("passes over a client's examples per session"), low=0, high=1000.0, low_inclusive=False),
+    "batch-size": Field(
+        50, "local training",
+        ("expected local batch size and the public denominator of the averaged noisy gradient; the Poisson"
+         " rate is min(1, batch-size / examples-per-user) (1 when examples-per-user is 0)"), low=1, high=1000000.0),
+    "examples-per-user": Field(
+        50, "local training",
+        ("a client's most recent training targets used (0: all); the public session size the DP schedule "
+         "is derived from"), low=0, high=1000000.0),
+    "local-optimizer": Field("sgd", "local training", "adam or sgd on the client", choices=("adam", "sgd")),
+    "learning-rate": Field(
+        1.0, "local training",
+        ("client learning rate for the LoRA adapters"), low=0, high=1000, low_inclusive=False),
+    "item-learning-rate": Field(
+        1.0, "local training",
+        ("client learning rate for the item bias parameter (in logit units the step is item-bias-scale "
+         "squared times this with SGD)"), low=0, high=1000),
+    # -- local DP ----------------------------------------------------------------------------------
+    "local-dp": Field(True, "local DP", "Opacus DP-SGD on every client (example-level DP)"),
+    "noise-multiplier": Field(
+        0.64, "local DP",
+        ("DP-SGD noise multiplier on the client"), low=0, high=10000.0, low_inclusive=False),
+    "max-grad-norm": Field(
+        1.0, "local DP",
+        ("DP-SGD per-example clipping norm"), low=0, high=1000000.0, low_inclusive=False),
+    "delta": Field(1e-05, "local DP", "delta of the example-level guarantee", low=0, high=0.01, low_inclusive=False),
+    "accountant": Field("rdp", "local DP", "rdp or prv (Opacus) for the client ledgers", choices=("rdp", "prv")),
+    "client-epsilon-budget": Field(
+        8.0, "local DP",
+        ("a client's cap on its composed example-level epsilon"), low=0, high=1000000.0, low_inclusive=False),
+    "budget-policy": Field(
+        "truncate", "local DP",
+        ("truncate (fewer steps, refuse at 0) or refuse when a session would exceed the cap"),
+        choices=("truncate", "refuse")),
+    "eval-noise-multiplier": Field(
+        4.0, "local DP",
+        ("noise multiplier of a federated evaluation reply (Gaussian on HR@10 and NDCG@10, L2 sensitivity "
+         "sqrt(2))"), low=0, high=10000.0, low_inclusive=False),
+    # -- central DP --------------------------------------------------------------------------------
+    "central-dp": Field(
+        False, "central DP",
+        ("user-level central DP on client updates (DP-FedAvg, Poisson client sampling)")),
+    "central-noise-multiplier": Field(
+        1.0, "central DP",
+        ("noise multiplier of the server's Gaussian mechanism"), low=0, high=10000.0, low_inclusive=False),
+    "central-clip": Field(
+        0.5, "central DP",
+        ("L2 bound on each client's update under central DP"), low=0, high=1000000.0, low_inclusive=False),
+    "central-delta": Field(
+        0.0001, "central DP",
+        ("delta of the user-level guarantee"), low=0, high=1, low_inclusive=False),
+    # -- server ------------------------------------------------------------------------------------
+    "num-server-rounds": Field(48, "server", "federated rounds", low=1, high=1000000.0),
+    "clients-per-round": Field(
+        20, "server",
+        ("clients sampled per round (the expected number under Poisson sampling)"), low=1, high=10000000.0),
+    "client-sampling": Field(
+        "auto", "server",
+        ("auto (poisson under central DP, else cyclic), cyclic (every client once per pass over the "
+         "population, in a fresh random order each pass), uniform (a fresh uniform sample each round) or "
+         "poisson (each client independently at rate clients-per-round / N)"),
+        choices=("auto", "cyclic", "uniform", "poisson")),
+    "min-replies": Field(
+        1, "server",
+        ("a round with fewer accepted updates leaves the global model unchanged (without central DP; with "
+         "it the noisy aggregate is always released, as the accountant assumes)"), low=1, high=10000000.0),
+    "round-timeout": Field(600.0, "server", "seconds the server waits for a round's replies", low=1, high=1000000.0),
+    "max-update-norm": Field(
+        50.0, "server",
+        ("replies whose update norm exceeds this are rejected"), low=0, high=1000000000.0, low_inclusive=False),
+    "strategy": Field("fedadam", "server", "fedavg or fedadam (Flower strategies)", choices=("fedavg", "fedadam")),
+    "server-learning-rate": Field(
+        0.01, "server",
+        ("FedAdam's server learning rate (eta)"), low=0, high=10, low_inclusive=False),
+    "evaluate-clients": Field(
+        0, "server",
+        ("clients asked to score their own held-out item when the model is evaluated; each reply is a DP "
+         "release (eval-noise-multiplier) that the client's ledger counts"), low=0, high=10000000.0),
+    "eval-every": Field(
+        12, "server",
+        ("server-side PROTOCOL evaluation every this many rounds (and after the last)"), low=1, high=1000000.0),
+    "publish-catalogue": Field(
+        False, "server",
+        ("publish the catalogue's item embeddings for the current global model each round and send them, "
+         "with their SHA-256, to the clients (for on-device recommendations)")),
+    "wire-log": Field(
+        False, "server",
+        ("write wire.jsonl in the run folder: the structure of every reply received and each of its non-"
+         "tensor values, to check what devices send")),
+    # -- run ---------------------------------------------------------------------------------------
+    "seed": Field(0, "run", "seed of sampling, LoRA initialisation and local training", low=0, high=2147483647),
+    "dataset": Field("recbole", "run", "recbole (the wheel's MovieLens-100K) or a GroupLens ml-100k folder"),
+    "output-dir": Field("runs", "run", "where run folders go"),
+    "run-name": Field("", "run", "run folder name (default: run-<time>-seed<seed>)"),
+    "resume": Field(False, "run", "continue the run folder run-name from its latest checkpoint"),
+    "ledger-dir": Field(
+        "", "run",
+        ("simulation only: folder of the simulated clients' ledgers, kept across runs (default: the run "
+         "folder's clients/, so each run is a separate simulated deployment whose budgets do not compose "
+         "with other runs on the same data)")),
 }
+GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS.values()))
+DEFAULTS: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
+HELP: dict[str, str] = {k: f.help for k, f in FIELDS.items()}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -144,15 +205,8 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {unknown}; allowed keys are {sorted(DEFAULTS)}")
     cfg = {k: _coerce(k, given.get(k, v)) for k, v in DEFAULTS.items()}
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"run config '{key}': {cfg[key]!r} is not one of {list(allowed)}")
-    for key, (lo, hi, lo_inclusive) in RANGES.items():
-        v = cfg[key]
-        ok = (v >= lo if lo_inclusive else v > lo) and v <= hi
-        if not ok:
-            bound = f"{'>=' if lo_inclusive else '>'} {lo:g} and <= {hi:g}"
-            raise ConfigError(f"run config '{key}': {v!r} is out of range (expected {bound})")
+    for key, field in FIELDS.items():
+        field.check(key, cfg[key])
     cfg["client-sampling"] = _sampling_scheme(cfg)
     if cfg["min-replies"] > cfg["clients-per-round"]:
         raise ConfigError(f"run config 'min-replies': {cfg['min-replies']} is more than clients-per-round "
@@ -165,64 +219,13 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-HELP: dict[str, str] = {
-    "num-server-rounds": "federated rounds",
-    "clients-per-round": "clients sampled per round (the expected number under Poisson sampling)",
-    "client-sampling": ("auto (poisson under central DP, else cyclic), cyclic (every client once per pass over "
-                        "the population, in a fresh random order each pass), uniform (a fresh uniform sample "
-                        "each round) or poisson (each client independently at rate clients-per-round / N)"),
-    "evaluate-clients": ("clients asked to score their own held-out item when the model is evaluated; each reply "
-                         "is a DP release (eval-noise-multiplier) that the client's ledger counts"),
-    "eval-every": "server-side PROTOCOL evaluation every this many rounds (and after the last)",
-    "local-epochs": "passes over a client's examples per session",
-    "batch-size": ("expected local batch size and the public denominator of the averaged noisy gradient; the "
-                   "Poisson rate is min(1, batch-size / examples-per-user) (1 when examples-per-user is 0)"),
-    "local-optimizer": "adam or sgd on the client",
-    "learning-rate": "client learning rate for the LoRA adapters",
-    "item-learning-rate": ("client learning rate for the item bias parameter (in logit units the step is "
-                           "item-bias-scale squared times this with SGD)"),
-    "lora-rank": "LoRA rank",
-    "lora-alpha": "LoRA alpha",
-    "item-bias": "train and exchange a per-item bias (new items fall back to text only)",
-    "item-bias-scale": ("the item bias is this times the exchanged parameter; under DP-SGD's joint "
-                        "per-example clipping it sets the bias's share of the clip norm"),
-    "history-len": "interactions in a user's text (newest first)",
-    "max-length": "token limit of a user text (longer ones are cut and counted)",
-    "item-max-length": "token limit of an item text",
-    "examples-per-user": ("a client's most recent training targets used (0: all); the public session size the "
-                          "DP schedule is derived from"),
-    "local-dp": "Opacus DP-SGD on every client (example-level DP)",
-    "noise-multiplier": "DP-SGD noise multiplier on the client",
-    "eval-noise-multiplier": ("noise multiplier of a federated evaluation reply (Gaussian on HR@10 and NDCG@10, "
-                              "L2 sensitivity sqrt(2))"),
-    "max-grad-norm": "DP-SGD per-example clipping norm",
-    "delta": "delta of the example-level guarantee",
-    "accountant": "rdp or prv (Opacus) for the client ledgers",
-    "client-epsilon-budget": "a client's cap on its composed example-level epsilon",
-    "budget-policy": "truncate (fewer steps, refuse at 0) or refuse when a session would exceed the cap",
-    "central-dp": "user-level central DP on client updates (DP-FedAvg, Poisson client sampling)",
-    "central-noise-multiplier": "noise multiplier of the server's Gaussian mechanism",
-    "central-clip": "L2 bound on each client's update under central DP",
-    "central-delta": "delta of the user-level guarantee",
-    "max-update-norm": "replies whose update norm exceeds this are rejected",
-    "strategy": "fedavg or fedadam (Flower strategies)",
-    "server-learning-rate": "FedAdam's server learning rate (eta)",
-    "seed": "seed of sampling, LoRA initialisation and local training",
-    "output-dir": "where run folders go",
-    "ledger-dir": ("simulation only: folder of the simulated clients' ledgers, kept across runs (default: the run "
-                   "folder's clients/, so each run is a separate simulated deployment whose budgets do not "
-                   "compose with other runs on the same data)"),
-    "run-name": "run folder name (default: run-<time>-seed<seed>)",
-    "resume": "continue the run folder run-name from its latest checkpoint",
-    "dataset": "recbole (the wheel's MovieLens-100K) or a GroupLens ml-100k folder",
-    "round-timeout": "seconds the server waits for a round's replies",
-    "min-replies": ("a round with fewer accepted updates leaves the global model unchanged (without central "
-                    "DP; with it the noisy aggregate is always released, as the accountant assumes)"),
-    "publish-catalogue": ("publish the catalogue's item embeddings for the current global model each round "
-                          "and send them, with their SHA-256, to the clients (for on-device recommendations)"),
-    "wire-log": ("write wire.jsonl in the run folder: the structure of every reply received and each of its "
-                 "non-tensor values, to check what devices send"),
-}
+def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config read back from a run folder, with every key that privrec version lacked filled in:
+    the value that reproduces what that run did where a key's default has changed since (a plain
+    item bias; the sampling used before client-sampling existed: uniform, Poisson under central
+    DP), the current default otherwise. The one place that knows about older run folders."""
+    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform"}
+    return {**DEFAULTS, **legacy, **stored}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -241,3 +244,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key] = raw.strip()
     return out
+
+
+def markdown_table() -> str:
+    """The README's configuration table, by group (a test keeps the README in step with it)."""
+    rows = ["| group | key | default | meaning |", "|---|---|---|---|"]
+    for key, f in FIELDS.items():
+        default = f'"{f.default}"' if isinstance(f.default, str) else str(f.default).lower() \
+            if isinstance(f.default, bool) else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        rows.append(f"| {f.group} | `{key}` | `{default}` | {f.help} |")
+    return "\n".join(rows)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.features import FeatureSet
-from common.model import Recommender
+from common.model import Recommender, refresh_items
 from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 
@@ -69,7 +69,7 @@ class GradientCanaries(Protocol):
     """Extra rows of the training set whose per-example gradients an audit chooses.
 
     They are Poisson-sampled, clipped and noised by the same Opacus objects as the real
-    examples: only their gradient is made up (see :mod:`server.audit.mechanism`).
+    examples: only their gradient is made up (see :mod:`simulations.audits.mechanism`).
     """
 
     count: int
@@ -81,20 +81,6 @@ class GradientCanaries(Protocol):
 
 class AdapterCorruptionError(RuntimeError):
     """A DP step left the LoRA weights unchanged or non-finite (see opacus issue 820)."""
-
-
-@torch.no_grad()
-def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 512) -> None:
-    """Re-encode the catalogue with the current adapters into the head's cached item embeddings."""
-    was_training = model.training
-    model.eval()
-    # Chunks of similar length pad less (batch() trims each chunk to its longest text).
-    order = torch.argsort(item_features.mask.sum(1))
-    for start in range(0, len(item_features), chunk):
-        idx = order[start: start + chunk]
-        feats, mask = item_features.batch(idx)
-        model.head.item_emb[idx] = model.encoder.forward_features(feats, mask)
-    model.train(was_training)
 
 
 def adapter_params(model: Recommender) -> list[torch.Tensor]:

@@ -35,12 +35,18 @@ class FedAdamStep(FedAdam, _GivenMean):
     pass
 
 
+# strategy name -> the Flower server step, given FedAdam's server learning rate (eta)
+STRATEGIES = {
+    "fedavg": lambda eta: _GivenMean(),
+    "fedadam": lambda eta: FedAdamStep(eta=eta, eta_l=eta, tau=1e-3),
+}
+
+
 def make_server_step(name: str, server_learning_rate: float):
-    if name == "fedavg":
-        return _GivenMean()
-    if name == "fedadam":
-        return FedAdamStep(eta=server_learning_rate, eta_l=server_learning_rate, tau=1e-3)
-    raise ValueError(f"strategy must be 'fedavg' or 'fedadam', got {name!r}")
+    """The server step of strategy ``name`` (see :data:`STRATEGIES`)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+    return STRATEGIES[name](server_learning_rate)
 
 
 def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from common.catalogue_file import PublishedCatalogue, catalogue_bytes, sha256_hex
+from common.io import write_bytes_atomic, write_text_atomic
 from common.model_state import ModelRuntime, state_digest
-from common.results import write_bytes_atomic, write_text_atomic
 
 
 class CataloguePublisher:

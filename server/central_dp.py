@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
+from common.privacy import epsilon_of_history
 from common.secure_random import SecureStream, add_gaussian_noise
 
 
@@ -68,11 +68,7 @@ class CentralDP:
 
     def epsilon(self) -> float:
         """User-level epsilon at ``delta`` after the recorded rounds (0 before any)."""
-        if not self.history:
-            return 0.0
-        acc = RDPAccountant()
-        acc.history = list(self.history)
-        return float(acc.get_epsilon(self.delta))
+        return epsilon_of_history(self.history, self.delta, "rdp")
 
     def to_json(self) -> dict:
         return {"noise_multiplier": self.noise_multiplier, "clip": self.clip, "sample_rate": self.sample_rate,

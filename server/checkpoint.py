@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
 from common.errors import DataFormatError
-from common.results import write_bytes_atomic, write_json_atomic
+from common.io import save_tensors, write_json_atomic
 
 LATEST = "latest.json"
 
@@ -31,8 +30,8 @@ def save_checkpoint(folder: Path, server_round: int, names: list[str], arrays: l
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"state.{n}": np.ascontiguousarray(a) for n, a in zip(names, arrays)}
     tensors.update({f"optimizer.{k}": np.ascontiguousarray(v) for k, v in optimizer.items()})
-    data = save_safetensors(tensors, metadata={"round": str(server_round)})
-    weights = write_bytes_atomic(folder / f"round-{server_round:04d}.safetensors", data)
+    weights = folder / f"round-{server_round:04d}.safetensors"
+    data = save_tensors(weights, tensors, {"round": str(server_round)})
     meta = {"round": server_round, "weights": weights.name, "weights_sha256": hashlib.sha256(data).hexdigest(),
             "names": names, **state}
     write_json_atomic(folder / LATEST, meta, strict=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,28 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.results import write_text_atomic
-
-DEFAULT_FLWR_HOME = ".flwr-deploy"
-
-
-def flwr_env(flwr_home: str | Path | None = None) -> dict[str, str]:
-    """Environment for Flower processes: the venv's binaries first (Flower starts flower-superexec by
-    name), no runtime dependency installation (it would pull a CUDA torch), no update checks."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["FLWR_HOME"] = str(Path(flwr_home or env.get("FLWR_HOME") or DEFAULT_FLWR_HOME).resolve())
-    env.update({"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_TELEMETRY_ENABLED": "0"})
-    return env
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
+from common.flower_env import DEFAULT_FLWR_HOME, flwr_env  # noqa: F401  (DEFAULT_FLWR_HOME re-exported)
+from common.io import write_bytes_atomic, write_text_atomic
 
 
 def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
@@ -92,8 +70,8 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dic
     private = dict(encoding=pem, format=serialization.PrivateFormat.TraditionalOpenSSL,
                    encryption_algorithm=serialization.NoEncryption())
     paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
-    _write_private(paths["ca_key"], ca_key.private_bytes(**private))
-    _write_private(paths["key"], key.private_bytes(**private))
+    write_bytes_atomic(paths["ca_key"], ca_key.private_bytes(**private), private=True)
+    write_bytes_atomic(paths["key"], key.private_bytes(**private), private=True)
     write_text_atomic(paths["ca_cert"], ca_cert.public_bytes(pem).decode())
     write_text_atomic(paths["cert"], cert.public_bytes(pem).decode())
     return paths

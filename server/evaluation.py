@@ -1,16 +1,24 @@
-"""Server-side evaluation of the global state on the full PROTOCOL split (validation and test).
+"""Evaluation of the global state: server-side on the full PROTOCOL split (validation and test), and
+the mean of the clients' noisy federated-evaluation releases.
 
-In simulation the server holds the public benchmark split for measurement only;
-it never sends it to clients and clients never send it anything but tensors.
+In simulation the server holds the public benchmark split for measurement only; it never sends it
+to clients, and clients never send it anything outside :mod:`common.wire`.
 """
 
 from __future__ import annotations
 
+import math
+from logging import WARNING
+from typing import Any, Iterable
+
 import numpy as np
+from flwr.app import Message
+from flwr.common.logger import log
 
 from common.evaluation import eval_texts, evaluate_scores, user_scores
 from common.model_state import ModelRuntime
 from common.split import Split
+from server.validation import validate_metrics
 
 
 class ServerEvaluator:
@@ -27,3 +35,44 @@ class ServerEvaluator:
         self.runtime.load_state(names, arrays)
         return {w: evaluate_scores(user_scores(self.runtime.model, f), self.split, w, self.users)
                 for w, f in self._features.items()}
+
+
+def federated_evaluation(replies: Iterable[Message], sent: list[Message],
+                         cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[int, float]]:
+    """(metrics row, node -> reported epsilon) from the replies to ``sent`` evaluation messages: the mean
+    of the validated noisy (HR@10, NDCG@10) releases (see :mod:`client.evaluation`) and the noise std
+    of that mean; refusals and invalid replies are counted, never used; failed, unsolicited and
+    second replies are ignored."""
+    chosen = {int(m.metadata.dst_node_id) for m in sent}
+    destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
+    rows, refused, rejected = [], 0, 0
+    answered: set[int] = set()
+    epsilons: dict[int, float] = {}
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        if reply.has_error() or node not in chosen or node in answered:
+            continue
+        answered.add(node)
+        try:
+            if "status" in reply.content.config_records:
+                refused += 1
+                continue
+            metrics = dict(reply.content["metrics"])
+        except Exception:  # noqa: BLE001 - a malformed reply is rejected, never raised
+            rejected += 1
+            continue
+        verdict = validate_metrics("evaluate", metrics, cfg)
+        if not verdict.accepted:
+            rejected += 1
+            log(WARNING, "evaluation reply of node %d rejected: %s", node, verdict.reason)
+            continue
+        if "epsilon" in metrics:
+            epsilons[node] = float(metrics["epsilon"])
+        rows.append(metrics)
+    out: dict[str, Any] = {"federated_clients": len(rows), "federated_refused": refused,
+                           "federated_rejected": rejected}
+    if rows:
+        out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
+        out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
+        out["federated_noise_std_of_mean"] = cfg["eval-noise-multiplier"] * math.sqrt(2.0 / len(rows))
+    return out, epsilons

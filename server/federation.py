@@ -9,8 +9,6 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from importlib.metadata import version
 from logging import INFO, WARNING
@@ -22,56 +20,33 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.errors import DataFormatError
+from common.io import write_json_atomic
 from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
 from common.partition import dataset_from_source, split_for
-from common.privacy import client_schedule, interaction_group_size
+from common.results import result_record
+from common.run_config import ConfigError, resolve
 from common.secure_random import SecureStream
-from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, TRAIN_METRICS
-from common.results import result_record, write_json_atomic
-from common.run_config import DEFAULTS, ConfigError, resolve
-from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_step, to_record,
-                                weighted_mean)
-from server.artefacts import RunFolder
+from server.aggregation import (
+    load_optimizer_state,
+    make_server_step,
+    optimizer_state,
+    server_step,
+    to_record,
+    weighted_mean,
+)
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.evaluation import ServerEvaluator
-from server.validation import adapter_specs, describe_reply, validate_metrics, validate_reply
-
-CENTRAL_DP_LEDGER = "central-dp.json"  # the user-level accountant, written before each release is used
+from server.evaluation import ServerEvaluator, federated_evaluation
+from server.privacy_statement import privacy_statement
+from server.run_folder import RunFolder
+from server.sampling import sample_clients
+from server.validation import adapter_specs, describe_reply, judge_train_reply
 
 # Keys whose change would make a resumed run a different experiment.
 _RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients",
                       "output-dir"}  # a run folder may be moved and resumed where it now is
-
-
-def sample_clients(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.Generator,
-                   secure: SecureStream) -> list[int]:
-    """The clients of round ``rnd`` (1-based) under the run's ``client-sampling`` scheme.
-
-    cyclic: the population is walked in passes, each in a fresh order drawn from (seed, pass); round
-    ``rnd`` takes the next ``clients-per-round`` positions, so no client trains twice before every client
-    has trained once (a round that straddles two passes drops a repeated client). uniform: a fresh
-    fixed-size sample from ``rng``. poisson: each client independently at rate clients-per-round / N
-    from the secure stream (what the central-DP accountant models; it must not be replayable).
-    """
-    n = len(node_ids)
-    k = min(cfg["clients-per-round"], n)
-    scheme = cfg["client-sampling"]
-    if scheme == "poisson":
-        return [nid for nid, chosen in zip(node_ids, secure.bernoulli(k / n, n)) if chosen]
-    # Choose positions, not ids: node ids are uint64 and numpy would round them through float64.
-    if scheme == "uniform":
-        return sorted(node_ids[i] for i in rng.choice(n, size=k, replace=False))
-    if scheme != "cyclic":
-        raise ConfigError(f"run config 'client-sampling': {scheme!r} is not a concrete scheme")
-    start = (rnd - 1) * k
-    chosen: set[int] = set()
-    for first_pass in range(start // n, (start + k - 1) // n + 1):
-        order = np.random.default_rng([cfg["seed"], first_pass, 2]).permutation(n)
-        lo, hi = max(start, first_pass * n), min(start + k, (first_pass + 1) * n)
-        chosen.update(int(i) for i in order[lo - first_pass * n: hi - first_pass * n])
-    return sorted(node_ids[i] for i in chosen)
 
 
 def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
@@ -81,17 +56,6 @@ def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
         if nodes or time.time() > deadline:
             return nodes
         time.sleep(1.0)
-
-
-def _with_legacy_keys(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored run config with the keys added since filled in with the values that reproduce that run:
-    a plain item bias, and the sampling used before client-sampling existed (uniform each round,
-    Poisson under central DP)."""
-    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
-              # added with the DP evaluation release and persistent simulated ledgers; neither changes
-              # what an older run did
-              "eval-noise-multiplier": DEFAULTS["eval-noise-multiplier"], "ledger-dir": ""}
-    return {**legacy, **stored}
 
 
 class Federation:
@@ -133,13 +97,9 @@ class Federation:
                 raise ConfigError(f"resume=true but {self.folder.config} does not exist (run-name "
                                   f"{self.cfg['run-name']!r})")
             try:
-                old = json.loads(self.folder.config.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"resume: {self.folder.config} cannot be read as the stored run config "
-                                  f"(expected a JSON object): {exc}") from exc
-            if not isinstance(old, dict):
-                raise ConfigError(f"resume: {self.folder.config} holds {type(old).__name__}, expected a JSON object")
-            old = _with_legacy_keys(old)
+                old = self.folder.read_config()
+            except DataFormatError as exc:
+                raise ConfigError(f"resume: the stored run config cannot be read: {exc}") from None
             changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
             if changed:
                 raise ConfigError(f"resume: run config differs from the stored run in {changed}")
@@ -163,13 +123,13 @@ class Federation:
         just before a crash), and it wins. A changed population re-derives the sampling rate; the
         history keeps the rounds already released at the old rate."""
         stored = [CentralDP.from_json(meta["central_dp"])] if meta.get("central_dp") else []
-        ledger = self.folder.root / CENTRAL_DP_LEDGER
-        if ledger.exists():
+        raw = self.folder.read_central_dp()  # a DataFormatError naming the file when unreadable
+        if raw is not None:
             try:
-                stored.append(CentralDP.from_json(json.loads(ledger.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"resume: {ledger} cannot be read as the central-DP accountant ({exc}); "
-                                  f"refusing to continue without it") from None
+                stored.append(CentralDP.from_json(raw))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataFormatError(self.folder.central_dp, f"not a central-DP accountant ({exc}); refusing to "
+                                                              f"continue without it") from None
         if not stored:
             return
         restored = max(stored, key=lambda c: c.rounds)
@@ -234,7 +194,9 @@ class Federation:
                 continue
             if self.cfg["wire-log"]:
                 wire.append({"round": rnd, "node": node, **describe_reply(reply)})
-            outcome, arrays, reason = self._judge_train_reply(reply, node)
+            outcome, arrays, reason, epsilon = judge_train_reply(reply, self.cfg, self.specs, self.arrays)
+            if epsilon is not None:  # validated metrics: the update left the device, so its spend counts
+                self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), epsilon)
             participation[outcome].append(node)
             if outcome == "rejected":
                 rejected_reasons.append(reason[:200])
@@ -268,35 +230,6 @@ class Federation:
             "aggregated": aggregated,
         }
 
-    def _judge_train_reply(self, reply: Message, node: int) -> tuple[str, list[np.ndarray], str]:
-        """(outcome, arrays, reason) of one train reply: ``trained``, ``refused``, ``rejected`` or
-        ``failed``. Nothing in a reply is used before it is validated; a reply that cannot even be
-        parsed is rejected, never raised."""
-        if reply.has_error():
-            return "failed", [], str(reply.error.reason)
-        try:
-            content = reply.content
-            if set(content.keys()) - RECORD_NAMES:
-                return "rejected", [], f"unexpected record(s) {sorted(set(content.keys()) - RECORD_NAMES)[:5]}"
-            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-            if "status" in content.config_records:
-                reason = content["status"].get("reason", "")
-                return "refused", [], reason if reason in REFUSAL_REASONS else "unknown reason code"
-            verdict = validate_metrics("train", metrics, self.cfg)
-            if not verdict.accepted:
-                return "rejected", [], verdict.reason
-            if "epsilon" in metrics:  # validated: the update left the device, so its spend counts
-                self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0),
-                                                     float(metrics["epsilon"]))
-            if "arrays" not in content.array_records:
-                return "rejected", [], "no arrays record"
-            names = list(content["arrays"].keys())
-            arrays = [content["arrays"][k].numpy() for k in names]
-        except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
-            return "rejected", [], f"unreadable reply ({type(exc).__name__})"
-        verdict = validate_reply(names, arrays, self.specs, self.arrays, self.cfg["max-update-norm"])
-        return ("trained", arrays, "") if verdict.accepted else ("rejected", [], verdict.reason)
-
     def _content(self, rnd: int) -> dict[str, Any]:
         """What every message of this round carries: the global state, the round's config and, when
         publishing, the catalogue file with its SHA-256."""
@@ -326,7 +259,7 @@ class Federation:
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
             noisy = self.central.noisy_mean(deltas, [a.shape for a in self.arrays], self._secure)
             self.central.record_round()
-            write_json_atomic(self.folder.root / CENTRAL_DP_LEDGER, self.central.to_json())
+            write_json_atomic(self.folder.central_dp, self.central.to_json())
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         else:
             mean = weighted_mean(self.names, accepted, [1.0] * len(accepted))
@@ -357,36 +290,10 @@ class Federation:
         content = self._content(rnd)
         msgs = [Message(content=RecordDict(content), dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in chosen]
-        rows, refused, rejected = [], 0, 0
-        destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs if m.metadata.message_id}
-        answered: set[int] = set()
-        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg["round-timeout"]):
-            node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
-            if reply.has_error() or node not in chosen or node in answered:
-                continue  # failed, unsolicited or a second reply
-            answered.add(node)
-            try:
-                if "status" in reply.content.config_records:
-                    refused += 1
-                    continue
-                metrics = dict(reply.content["metrics"])
-            except Exception:  # noqa: BLE001 - a malformed reply is rejected, never raised
-                rejected += 1
-                continue
-            verdict = validate_metrics("evaluate", metrics, self.cfg)
-            if not verdict.accepted:
-                rejected += 1
-                log(WARNING, "round %d: evaluation reply rejected: %s", rnd, verdict.reason)
-                continue
-            if "epsilon" in metrics:  # the release is part of the device's spend
-                self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), float(metrics["epsilon"]))
-            rows.append(metrics)
-        out: dict[str, Any] = {"federated_clients": len(rows), "federated_refused": refused,
-                               "federated_rejected": rejected}
-        if rows:
-            out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
-            out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
-            out["federated_noise_std_of_mean"] = self.cfg["eval-noise-multiplier"] * math.sqrt(2.0 / len(rows))
+        out, epsilons = federated_evaluation(self.grid.send_and_receive(msgs, timeout=self.cfg["round-timeout"]),
+                                             msgs, self.cfg)
+        for node, eps in epsilons.items():  # each release is part of that device's spend
+            self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), eps)
         return out
 
     def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -417,59 +324,16 @@ class Federation:
         self.folder.write_final_state(self.names, self.arrays, {"run-id": self.run_id, "round": str(last["round"]),
                                                                 "lora-rank": str(cfg["lora-rank"])})
         metrics = {k: last[f"test_{k}"] for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")}
-        privacy = self.privacy_statement()
+        privacy = privacy_statement(self.cfg, self.client_epsilon, self.central)
         started = rows[0]["time"] if rows else time.time()
         method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
         result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
                                time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"]})
-        write_json_atomic(self.folder.result, result, strict=True)
+        self.folder.write_result(result)
         self.folder.write_plots()
         log(INFO, "[privrec] run %s done: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
             metrics["NDCG@10"], metrics["HR@10"], self.folder.root)
         return self.folder.root
-
-    def privacy_statement(self) -> dict[str, Any]:
-        """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust."""
-        cfg = self.cfg
-        eps = list(self.client_epsilon.values())
-        out: dict[str, Any] = {"unit": "none"}
-        if cfg["local-dp"]:
-            schedule = client_schedule(cfg)
-            out = {"unit": "example", "epsilon": max(eps) if eps else 0.0, "delta": cfg["delta"],
-                   "accountant": cfg["accountant"], "adjacency": "add-remove", "trust": "none",
-                   "epsilon_is": "max over clients of the composed per-client epsilon (every DP-SGD session and "
-                                 "every evaluation release in its ledger)",
-                   "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
-                   "max_grad_norm": cfg["max-grad-norm"], "sample_rate": schedule.sample_rate,
-                   "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,
-                   "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
-                   "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
-                   "released_fields": sorted(["arrays", *(f"metrics.{k}" for k in TRAIN_METRICS),
-                                              *(f"metrics.{k}" for k in EVALUATE_METRICS)]),
-                   "ledgers": (f"persistent folder {cfg['ledger-dir']}" if cfg["ledger-dir"] else
-                               "per run (simulation: clients/ in the run folder). Each simulated run is a "
-                               "separate deployment: budgets do not compose across runs on the same data; set "
-                               "ledger-dir to account for repeated runs. Deployed devices keep their ledger in "
-                               "their own state-dir."),
-                   "note": (f"example-level per client; one rating changes up to "
-                            f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} examples "
-                            f"(its own, and the rewritten histories of later ones), so interaction-level DP "
-                            f"follows only by group privacy with that group size")}
-        if self.central is not None:
-            if out["unit"] == "none":
-                out = {"unit": "user", "epsilon": self.central.epsilon(), "delta": self.central.delta,
-                       "accountant": "rdp", "adjacency": "add-remove", "trust": "the server (aggregator)"}
-            out.update({"user_epsilon": self.central.epsilon(), "user_delta": self.central.delta,
-                        "user_accountant": "rdp", "user_adjacency": "add-remove (one whole client)",
-                        "user_trust": "the server (aggregator) adds the noise and keeps who was sampled secret",
-                        "user_sampling": f"poisson, q={self.central.sample_rate:.4g}",
-                        "user_noise_multiplier": self.central.noise_multiplier, "user_clip": self.central.clip,
-                        "outside_user_guarantee": ("metrics.jsonl and rounds.jsonl (who was sampled, per-round "
-                                                   "counts of accepted, refused, rejected and failed clients) are "
-                                                   "the trusted server's own records, not covered by the "
-                                                   "user-level epsilon: do not publish them")})
-        return out
-
 
 def run_federation(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Entry point used by the ServerApp (and tests): runs or resumes, returns the run folder."""

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from common.privacy import client_schedule
-from common.wire import EVALUATE_METRICS, TRAIN_METRICS
+from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, TRAIN_METRICS
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,34 @@ def describe_reply(reply) -> dict:
         out["configs"][name] = {k: (v if isinstance(v, (int, float, str, bool)) else f"<{type(v).__name__}>")
                                 for k, v in record.items()}
     return out
+
+
+def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec],
+                      global_arrays: list[np.ndarray]) -> tuple[str, list[np.ndarray], str, float | None]:
+    """(outcome, arrays, reason, epsilon) of one train reply: outcome ``trained``, ``refused``,
+    ``rejected`` or ``failed``; epsilon is the device's reported spend once its metrics are valid
+    (also when its tensors are then rejected: the update left the device). Nothing in a reply is
+    used before it is validated; a reply that cannot even be parsed is rejected, never raised."""
+    if reply.has_error():
+        return "failed", [], str(reply.error.reason), None
+    epsilon = None
+    try:
+        content = reply.content
+        if set(content.keys()) - RECORD_NAMES:
+            return "rejected", [], f"unexpected record(s) {sorted(set(content.keys()) - RECORD_NAMES)[:5]}", None
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        if "status" in content.config_records:
+            reason = content["status"].get("reason", "")
+            return "refused", [], reason if reason in REFUSAL_REASONS else "unknown reason code", None
+        verdict = validate_metrics("train", metrics, cfg)
+        if not verdict.accepted:
+            return "rejected", [], verdict.reason, None
+        epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
+        if "arrays" not in content.array_records:
+            return "rejected", [], "no arrays record", epsilon
+        names = list(content["arrays"].keys())
+        arrays = [content["arrays"][k].numpy() for k in names]
+    except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
+        return "rejected", [], f"unreadable reply ({type(exc).__name__})", epsilon
+    verdict = validate_reply(names, arrays, specs, global_arrays, cfg["max-update-norm"])
+    return ("trained", arrays, "", epsilon) if verdict.accepted else ("rejected", [], verdict.reason, epsilon)

@@ -18,12 +18,29 @@ from common.encoder import LoraSettings, TextEncoder, load_tokenizer
 from common.evaluation import eval_texts, evaluate_scores, user_scores
 from common.examples import training_examples
 from common.features import FeatureSet, compute_features
-from common.model import Recommender
-from common.results import NO_PRIVACY, result_record, write_json_atomic
+from common.io import write_json_atomic
+from common.model import Recommender, refresh_items
+from common.privacy import interaction_group_size
+from common.results import NO_PRIVACY, result_record
 from common.split import Split, cold_start_items, leave_one_out, without_items
-from common.training import TrainConfig, refresh_items, train
+from common.training import TrainConfig, train
 
-METHODS = ("popularity", "zeroshot", "central", "central-dp")
+
+@dataclass(frozen=True)
+class Method:
+    """A baseline: a train-count statistic, or the recommender zero-shot, trained, or trained with DP-SGD."""
+
+    statistic: bool = False
+    trained: bool = False
+    dp: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "popularity": Method(statistic=True),
+    "zeroshot": Method(),
+    "central": Method(trained=True),
+    "central-dp": Method(trained=True, dp=True),
+}
 
 
 @dataclass
@@ -98,7 +115,7 @@ class BaselineRunner:
     def run(self, method: str, seed: int, out_dir: Path | None, cold_start: bool = True) -> list[dict]:
         """Evaluate ``method`` (training it if needed) and write its result files."""
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         t0 = time.perf_counter()
         results: list[dict] = []
         main = self._fit_and_score(method, seed, self.split)
@@ -123,12 +140,12 @@ class BaselineRunner:
                        users: np.ndarray | None = None, splits: tuple[str, ...] = ("validation", "test")) -> dict:
         users = self.split.eval_users() if users is None else users
         cfg = self.cfg
-        if method == "popularity":
+        spec = METHODS[method]
+        if spec.statistic:
             return {"scores": {w: popularity_scores(train_split, users) for w in splits},
                     "privacy": NO_PRIVACY, "config": {"statistic": "train interaction count"}}
         torch.manual_seed(seed)
-        dp = method == "central-dp"
-        trained = method in ("central", "central-dp")
+        dp, trained = spec.dp, spec.trained
         encoder = TextEncoder(cfg.lora)
         model = Recommender(encoder, self.data.num_items, scale=cfg.scale,
                             item_bias=cfg.item_bias and trained, id_residual=cfg.id_residual and trained,
@@ -151,13 +168,17 @@ class BaselineRunner:
                           "final_loss": float(np.mean(report.losses[-20:])),
                           "truncated_train_texts": feats.truncated}
             if dp:
+                group = interaction_group_size(cfg.history_len, cfg.examples_per_user)
                 privacy = {"unit": "example", "epsilon": round(report.epsilon, 4), "delta": tcfg.delta,
-                           "accountant": tcfg.accountant,
+                           "accountant": tcfg.accountant, "adjacency": "add-remove",
+                           "trust": "the curator who trains centrally holds every example",
                            "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
                            "steps": report.steps, "max_grad_norm": tcfg.max_grad_norm,
+                           "denominator": report.expected_batch_size,
                            "note": (f"example-level only: one rating is the target of one example and appears in "
-                                    f"the histories of up to {cfg.history_len} more, so interaction-level DP "
-                                    f"follows by group privacy with group size {cfg.history_len + 1}")}
+                                    f"the histories of up to {cfg.history_len} more (each a removal plus an "
+                                    f"addition), so interaction-level DP follows only by group privacy with "
+                                    f"group size {group}; the training set's size is treated as public")}
         else:
             refresh_items(model, item_feats)
         scores = {}

@@ -17,16 +17,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.results import write_json_atomic
+from common.io import write_json_atomic
 
 TARGET_SECONDS = {"mechanism": 120, "membership": 900, "clients": 900}
 
 
 def main(out: Path = typer.Option(Path("simulations/results/audits"), help="folder for the audit JSON files"),
          skip_clients: bool = typer.Option(False, help="skip the (slowest) user-level audit")) -> None:
-    from server.audit.canary_clients import run_client_audit
-    from server.audit.mechanism import run_mechanism_audit
-    from server.audit.membership import run_membership_audit
+    from simulations.audits.canary_clients import run_client_audit
+    from simulations.audits.mechanism import run_mechanism_audit
+    from simulations.audits.membership import run_membership_audit
 
     # Client DP-SGD audited at noise 1.0 and batch 20, where the accountant's epsilon is within what
     # the canaries can prove (docs/privacy-audits.md); the defaults (0.64, one full-batch step)

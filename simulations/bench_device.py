@@ -32,13 +32,14 @@ console = Console(width=160)
 
 
 def _prepare(root: Path, user: str) -> dict:
+    from safetensors.numpy import save_file
+
     from client.device_state import save_global_state, store_catalogue, write_device_info
     from client.export import export_user
     from common.model_state import ModelRuntime, ModelSettings, get_state
     from common.partition import dataset_from_source
     from common.run_config import resolve
     from server.catalogue import CataloguePublisher
-    from safetensors.numpy import save_file
 
     cfg = resolve({"examples-per-user": 0})
     data = dataset_from_source("recbole")

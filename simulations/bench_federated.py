@@ -81,8 +81,8 @@ def _fmt(values: list[float], digits: int = 4) -> str:
 def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
          central_dp: bool = typer.Option(False, help=f"add user-level central DP ({CENTRAL_DP})"),
-         keep: Path = typer.Option(ROOT / "simulations" / "results" / "federated", help="where artefacts are copied"),
-         baselines: Path = typer.Option(ROOT / "simulations" / "results" / "ml100k-baselines",
+         keep: Path = typer.Option(ROOT / "results" / "federated", help="where artefacts are copied"),
+         baselines: Path = typer.Option(ROOT / "simulations" / "results" / "baselines",
                                         help="PROTOCOL result files of the central baselines"),
          report_only: Optional[bool] = typer.Option(False, help="only print the table of runs already kept")) -> None:
     """Run CONFIG for each seed and print test NDCG@10 against the targets."""

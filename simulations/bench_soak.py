@@ -27,8 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from rich.console import Console
 from rich.table import Table
 
+from common.io import read_jsonl
 from common.partition import dataset_from_source
-from common.results import read_jsonl
 from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid, state_of
 

@@ -19,9 +19,9 @@ import typer
 from common.encoder import TextEncoder, load_tokenizer
 from common.examples import training_examples
 from common.features import compute_features
+from common.io import write_json_atomic
 from common.model import Recommender
 from common.movielens import load_recbole
-from common.results import write_json_atomic
 from common.split import leave_one_out
 from common.training import train
 from simulations.baselines import BaselineConfig

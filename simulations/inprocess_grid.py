@@ -1,6 +1,6 @@
 """An in-process Flower federation: a Grid that hands each message to the real ClientApp
 functions in this process. Used by the tests (with optional tampering of replies: a malicious
-or broken client) and by the user-level audit (:mod:`server.audit.canary_clients`), where the
+or broken client) and by the user-level audit (:mod:`simulations.audits.canary_clients`), where the
 server code must run unchanged but a full simulation engine would only add start-up time."""
 
 from __future__ import annotations

@@ -44,6 +44,31 @@ def small_ml100k(ml100k, tmp_path_factory):
     return write_grouplens(sub, tmp_path_factory.mktemp("ml-small"))
 
 
+@pytest.fixture(scope="session")
+def tiny_grouplens(tmp_path_factory):
+    """A made-up GroupLens folder for fast unit tests: 12 items, 6 users with 8 ratings each (no
+    real data, so nothing about MovieLens is assumed; the catalogue encodes in well under a second)."""
+    import numpy as np
+
+    from common.movielens import GENRES
+
+    folder = tmp_path_factory.mktemp("ml-tiny")
+    titles = ["Toy Story", "Heat", "Fargo", "Alien", "Babe", "Jaws", "Casino", "Clueless", "Twister",
+              "Species", "Crumb", "Kolya"]
+    flags = ["|".join("1" if g == genre else "0" for g in GENRES) for genre in
+             ("Comedy", "Action", "Crime", "Sci-Fi", "Children's", "Thriller")]
+    (folder / "u.item").write_text("".join(f"{i + 1}|{t} (199{i % 10})|01-Jan-199{i % 10}||http://x/|"
+                                           f"{flags[i % len(flags)]}\n" for i, t in enumerate(titles)),
+                                   encoding="latin-1")
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(1, 7):
+        for k, item in enumerate(rng.permutation(12)[:8]):
+            rows.append(f"{user}\t{item + 1}\t{int(rng.integers(1, 6))}\t{880000000 + 1000 * user + k}\n")
+    (folder / "u.data").write_text("".join(rows), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def small_run_config(small_ml100k, tmp_path):
     """A fast federated run: 6 clients, short texts, few examples."""

@@ -9,10 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.cli import app
-from server.audit.canary_clients import gdp_epsilon, run_client_audit
-from server.audit.mechanism import DiracCanaries, run_mechanism_audit
-from server.audit.membership import run_membership_audit
+from simulations.audits.canary_clients import gdp_epsilon, run_client_audit
+from simulations.audits.mechanism import DiracCanaries, run_mechanism_audit
+from simulations.audits.membership import run_membership_audit
+from simulations.cli import app
+
+pytestmark = [pytest.mark.audit, pytest.mark.slow]
 
 REQUIRED = {"epsilon_lower_bound", "confidence", "accountant_epsilon", "delta", "privacy_unit", "reading"}
 

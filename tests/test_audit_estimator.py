@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from server.audit.estimator import (audit_scores, epsilon_lower_bound, guess_candidates, largest_reachable_bound,
-                                    p_value)
+from server.audit.estimator import audit_scores, epsilon_lower_bound, guess_candidates, largest_reachable_bound, p_value
 
 
 @pytest.mark.parametrize("m", [10, 100, 1000])

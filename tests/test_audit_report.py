@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import app
 from server.audit.accounting import NO_DP_STATEMENT, write_audit
 from server.federation import Federation
+from simulations.cli import app
 from simulations.inprocess_grid import InProcessGrid
+
+pytestmark = [pytest.mark.audit]
 
 
 def _run(cfg: dict, nodes: int = 6) -> Path:
@@ -264,7 +266,7 @@ def test_a_malformed_round_record_is_a_clear_error(run_copy):
 
     with open(run_copy / "rounds.jsonl", "a") as f:
         f.write(json.dumps({"round": "3", "sampled": []}) + "\n")
-    with pytest.raises(DataFormatError, match="rounds.jsonl.*line 3"):
+    with pytest.raises(DataFormatError, match=r"rounds.jsonl:3"):
         write_audit(run_copy)
 
 

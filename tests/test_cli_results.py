@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from common.cli import app
+from simulations.cli import app
 
 KEYS = {"method", "split", "protocol", "metrics", "users", "seed", "privacy", "wall_seconds", "config"}
 

@@ -19,8 +19,8 @@ from common.wire import TRAIN_METRICS
 
 
 @pytest.fixture(scope="module")
-def runtime_and_data(small_ml100k):
-    cfg = resolve({"dataset": str(small_ml100k), "examples-per-user": 4, "history-len": 3, "max-length": 32,
+def runtime_and_data(tiny_grouplens):
+    cfg = resolve({"dataset": str(tiny_grouplens), "examples-per-user": 4, "history-len": 3, "max-length": 32,
                    "batch-size": 2, "noise-multiplier": 1.0})
     split = split_for(cfg["dataset"])
     runtime = ModelRuntime(split.data, ModelSettings.from_run_config(cfg))

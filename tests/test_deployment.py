@@ -23,11 +23,20 @@ from client.device_state import CATALOGUE
 from client.export import export_user
 from client.feedback import record_feedback
 from client.recommend import DeviceRecommender
-from common.cli import app
 from common.errors import DataFormatError
+from common.flower_env import flwr_env
 from common.wire import TRAIN_METRICS
-from server.deploy import (flwr_env, list_supernodes, make_certificates, register_supernode, run_and_wait,
-                           superlink_command, write_connection)
+from server.deploy import (
+    list_supernodes,
+    make_certificates,
+    register_supernode,
+    run_and_wait,
+    superlink_command,
+    write_connection,
+)
+from simulations.cli import app
+
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 USERS = ("1", "2", "3")

@@ -151,7 +151,6 @@ def test_a_killed_server_resumes_and_the_accounting_stays_whole(small_run_config
 
     cfg = dict(small_run_config, **{"num-server-rounds": 3, "evaluate-clients": 0, "eval-every": 100})
     real = Federation._aggregate
-    calls = {"n": 0}
 
     def die_in_round_2(self, rnd, accepted):
         if rnd == 2:
@@ -278,8 +277,8 @@ def _fill(folder: Path) -> None:
 
 
 def test_a_full_disk_fails_the_write_cleanly_and_keeps_the_ledger(full_disk):
+    from common.io import write_bytes_atomic
     from common.ledger import Session
-    from common.results import write_bytes_atomic
 
     with PrivacyLedger.session(full_disk, "c", 8.0, 1e-5) as ledger:
         ledger.record(Session(1.0, 1.0, 1, 1.0, 1e-5))
@@ -296,7 +295,7 @@ def test_a_full_disk_fails_the_write_cleanly_and_keeps_the_ledger(full_disk):
 def test_audit_on_a_full_disk_exits_3_and_leaves_no_temp_file(full_disk, checkpointed_run):
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from simulations.cli import app
 
     _, run_dir = checkpointed_run
     copy = full_disk / "ck"
@@ -318,7 +317,7 @@ def test_feedback_that_cannot_be_written_exits_3_and_records_nothing(ml100k, tmp
     import client.feedback as feedback_mod
     from client.device_state import write_device_info
     from client.export import export_user
-    from common.cli import app
+    from simulations.cli import app
 
     data, state = tmp_path / "data", tmp_path / "state"
     export_user(ml100k, "7", data)

@@ -18,6 +18,8 @@ from common.metrics import NonFiniteScoresError, target_rank
 from common.movielens import load_grouplens, load_recbole, recbole_ml100k_dir
 from common.split import NoEvaluationUsersError, leave_one_out
 
+pytestmark = [pytest.mark.faults]
+
 FLAGS = "|".join(["0"] * 18 + ["1"])
 
 

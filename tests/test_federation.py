@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from common.ledger import LedgerUnavailableError, PrivacyLedger
+from common.ledger import PrivacyLedger
 from common.run_config import ConfigError, resolve
 from common.secure_random import SecureStream
 from common.wire import RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS, allowed_metrics
-from server.federation import Federation, sample_clients
+from server.federation import Federation
+from server.sampling import sample_clients
 from simulations.inprocess_grid import InProcessGrid, state_of
 
 
@@ -327,3 +328,26 @@ def test_a_non_finite_global_state_is_refused_by_every_client_before_any_spend(s
         reply = client_app.train(msg, ctx)
         assert reply.content["status"]["reason"] == "client-error" and "arrays" not in reply.content.array_records
     assert not list((fed.folder.root / "clients").glob("ledger-*.json"))
+
+
+def test_a_persistent_ledger_dir_makes_budgets_compose_across_runs(small_run_config, tmp_path):
+    """Each simulated run is its own deployment unless ledger-dir is set; with it, a second run on the
+    same people sees what the first spent."""
+    shared = tmp_path / "ledgers"
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1, "evaluate-clients": 0,
+                                    "ledger-dir": str(shared), "budget-policy": "refuse",
+                                    "client-epsilon-budget": 6.0})
+    Federation(InProcessGrid(6, cfg), cfg).run()
+    spent = {p.name: PrivacyLedger.load(p).epsilon for p in shared.glob("ledger-*.json")}
+    assert len(spent) == 6 and all(3.0 < e <= 6.0 for e in spent.values())  # one session each
+    again = dict(cfg, **{"run-name": "second"})
+    grid = InProcessGrid(6, again)
+    fed = Federation(grid, again)
+    fed.run()
+    assert _rows(fed.folder.root)[1]["clients_refused"] == 6  # a second session would exceed 6
+    result = json.loads((fed.folder.root / "result.json").read_text())
+    assert "persistent folder" in result["privacy"]["ledgers"]
+    fresh = dict(small_run_config, **{"run-name": "third", "num-server-rounds": 1})
+    Federation(InProcessGrid(6, fresh), fresh).run()
+    third = json.loads((Path(fresh["output-dir"]) / "third" / "result.json").read_text())
+    assert "do not compose across runs" in third["privacy"]["ledgers"]

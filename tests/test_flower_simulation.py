@@ -8,7 +8,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
+
+pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,20 @@ def test_flwr_run_small_simulation(small_ml100k, tmp_path):
     assert len(list((run_dir / "clients").glob("ledger-user-*.json"))) >= 3
     for png in ("quality.png", "epsilon.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_main_job_exits_non_zero_when_the_run_fails(tmp_path):
+    """`flwr run --stream` alone exits 0 when the ServerApp raises; the launcher reads the run's status."""
+    home = tmp_path / "flwr-home"
+    env = dict(os.environ, FLWR_HOME=str(home), PRIVREC_SUPERNODES="2", PRIVREC_CPUS="1")
+    try:
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config",
+                               f"dataset='{tmp_path / 'missing'}' output-dir='{tmp_path / 'runs'}' run-name='f'"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "finished:failed" in proc.stdout and "missing" in proc.stdout
+    bad_key = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", "num-rounds=3"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad_key.returncode == 2 and "num-rounds" in bad_key.stderr

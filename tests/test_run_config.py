@@ -66,10 +66,51 @@ def test_every_federated_benchmark_preset_is_a_valid_run_config():
         resolve(parse_overrides("num-server-round=3".split()))
 
 
-def test_the_readme_lists_every_field_a_device_sends():
-    from pathlib import Path
+@pytest.mark.parametrize("override, words", [
+    ({"delta": 1.0}, "'delta'"),
+    ({"min-replies": 30, "clients-per-round": 20}, "min-replies"),
+    ({"run-name": "../escaped"}, "plain folder name"),
+    ({"run-name": ".hidden"}, "plain folder name"),
+], ids=["delta-1", "min-replies", "escape", "hidden"])
+def test_run_config_values_that_cannot_work_are_refused_by_name(override, words):
+    with pytest.raises(ConfigError, match=words):
+        resolve(override)
 
-    from common.wire import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme
+def test_the_launcher_names_a_bad_key_before_flower_sees_it():
+    from simulations.simulate import check_overrides
+
+    with pytest.raises(ConfigError, match="num-server-rouds"):
+        check_overrides(["num-server-rouds=3"])
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        check_overrides(["num-server-rounds='three'"])
+    assert check_overrides(["num-server-rounds=3 run-name='x'"]) == {"num-server-rounds": 3, "run-name": "x"}
+
+
+def test_a_bad_dataset_path_leaves_no_run_folder_behind(tmp_path):
+    from common.errors import DataFormatError
+    from server.federation import Federation
+    from simulations.inprocess_grid import InProcessGrid
+
+    cfg = {"dataset": str(tmp_path / "nowhere"), "output-dir": str(tmp_path / "runs"), "run-name": "r"}
+    with pytest.raises(DataFormatError, match="nowhere"):
+        Federation(InProcessGrid(2, cfg), cfg)
+    assert not (tmp_path / "runs" / "r").exists()  # a retry under the same name is not blocked
+
+
+def test_zero_canaries_is_refused_not_replaced_by_the_default(tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["audit-empirical", "mechanism", "--canaries", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "at least 2 canaries" in result.output, result.output
+
+
+def test_every_choice_in_the_config_has_its_registered_implementation():
+    from common.run_config import FIELDS
+    from server.aggregation import STRATEGIES
+    from server.sampling import SAMPLERS
+
+    assert set(FIELDS["strategy"].choices) == set(STRATEGIES)
+    assert set(FIELDS["client-sampling"].choices) - {"auto"} == set(SAMPLERS)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
+
+from server.plots import histogram_figure, png_bytes, privacy_figure, quality_figure
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1d1d1f;
@@ -46,49 +47,22 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, dpi=90)).decode("ascii")
 
 
 def _plots(report: dict[str, Any], metrics: list[dict]) -> list[tuple[str, str]]:
     """(caption, data URI) for each plot the run's records support."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = []
-    rows = [r for r in metrics if r.get("test_NDCG@10") is not None]
-    if rows:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        ax.plot([r["round"] for r in rows], [r["test_NDCG@10"] for r in rows], marker="o", label="test NDCG@10")
-        ax.plot([r["round"] for r in rows], [r["test_HR@10"] for r in rows], marker="s", label="test HR@10")
-        ax.set_xlabel("round"), ax.set_title("Quality of the global model"), ax.grid(alpha=.3), ax.legend()
-        out.append(("Quality against rounds (server-side PROTOCOL evaluation)", _png(fig)))
+    if any(r.get("test_NDCG@10") is not None for r in metrics):
+        out.append(("Quality against rounds (server-side PROTOCOL evaluation)", _png(quality_figure(metrics))))
     if not (report["dp"]["local"] or report["dp"]["central"]):
         return out
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for key, label in (("epsilon_max", "example-level ε, max over clients"),
-                       ("epsilon_median", "example-level ε, median"), ("user_epsilon", "user-level ε")):
-        pts = [(r["round"], r[key]) for r in metrics if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("round"), ax.set_ylabel("ε"), ax.set_title("Privacy spent against rounds"), ax.grid(alpha=.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    out.append(("Epsilon against rounds, as the server recorded it", _png(fig)))
+    out.append(("Epsilon against rounds, as the server recorded it", _png(privacy_figure(metrics))))
     clients = [c for c in (report["budget"] or {"clients": []})["clients"] if c["spent"] is not None]
     if clients:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        ax.hist([c["spent"] for c in clients], bins=20, color="#3569b5")
-        ax.axvline(report["budget"]["cap"], color="#b3261e", linestyle="--", label=f"cap {report['budget']['cap']:g}")
-        ax.set_xlabel("example-level ε spent (recomputed from the ledger)"), ax.set_ylabel("clients")
-        ax.set_title("Per-client spend"), ax.legend()
-        out.append(("Histogram of per-client example-level epsilon", _png(fig)))
+        out.append(("Histogram of per-client example-level epsilon", _png(histogram_figure(
+            [c["spent"] for c in clients], report["budget"]["cap"],
+            "example-level ε spent (recomputed from the ledger)", "Per-client spend"))))
     return out
 
 

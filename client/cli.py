@@ -1,0 +1,104 @@
+"""The device's ``privrec`` commands: ``export-user``, ``recommend``, ``feedback`` and the device side of
+``deploy`` (``node-key``, ``supernode``). Plain functions; ``simulations/cli.py`` registers them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from common.cli_support import console, fail, load_dataset
+
+
+def deploy_node_key(name: str = typer.Argument(..., help="key name, e.g. the device's name"),
+                    out: Path = typer.Option(Path("deploy/keys"), help="folder for NAME and NAME.pub")) -> None:
+    """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from client.deploy import make_node_key
+
+    private, public = make_node_key(out, name)
+    console.print(f"private key {private} (stays on the device); register {public} with `privrec deploy register`")
+
+
+def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink address host:port"),
+                     ca: Path = typer.Option(Path("deploy/certs/ca.crt"), help="the CA certificate"),
+                     key: Path = typer.Option(..., help="this SuperNode's private key"),
+                     data_path: Path = typer.Option(..., help="the device's data: events.jsonl + catalogue.jsonl"),
+                     state_dir: Path = typer.Option(..., help="the device's persistent state (ledger, model, catalogue)"),
+                     port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode on a machine)"),
+                     client_id: Optional[str] = typer.Option(None, help="ledger name (default: device)"),
+                     policy: Optional[list[str]] = typer.Option(
+                         None, help="this device's privacy policy, KEY=VALUE (repeatable): privacy-local-dp, "
+                                    "privacy-min-noise-multiplier, privacy-max-clip, privacy-delta, "
+                                    "privacy-epsilon-budget, privacy-adjacency")) -> None:
+    """Start a SuperNode for one device (replaces this process)."""
+    import os
+
+    from client.deploy import supernode_command
+    from common.flower_env import flwr_env
+    from common.run_config import ConfigError, parse_overrides
+
+    try:
+        cmd = supernode_command(superlink, ca, key, data_path, state_dir, port, client_id,
+                                parse_overrides(policy or []))
+    except (ConfigError, FileNotFoundError) as exc:
+        fail(exc, label=None)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.execvpe(cmd[0], cmd, flwr_env())
+
+
+def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..943)"),
+                    out: Path = typer.Option(..., help="device data folder to write"),
+                    data: Optional[Path] = typer.Option(None, help="GroupLens ml-100k/ folder (default: the recbole copy)")) -> None:
+    """Export one MovieLens user to the device format (events.jsonl + catalogue.jsonl)."""
+    from client.export import export_user
+    from common.errors import DataFormatError
+
+    try:
+        folder, count = export_user(load_dataset(data, None, None), user, out)
+    except (DataFormatError, ValueError) as exc:
+        fail(exc)
+    console.print(f"wrote {count} events of user {user} and the catalogue to {folder}/")
+
+
+def recommend(state_dir: Path = typer.Option(..., help="the device's state folder"),
+              k: int = typer.Option(10, help="how many items"),
+              text: Optional[str] = typer.Option(None, help='free text leading the query, e.g. "like Alien but funny"')) -> None:
+    """Recommend K unseen items for this device's user, on the device, with explanations."""
+    from client.recommend import DeviceRecommender
+    from common.errors import DataFormatError
+
+    try:
+        recs = DeviceRecommender(state_dir).recommend(k, text)
+    except (DataFormatError, ValueError) as exc:
+        fail(exc)
+    table = Table(title="recommendations (computed on this device)")
+    for col in ("rank", "item", "title", "score", "because you"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for r in recs:
+        table.add_row(str(r.rank), r.item_id, r.text, f"{r.score:.2f}",
+                      "; ".join(f"{what} ({sim:.2f})" for _, what, sim in r.because))
+    console.print(table)
+
+
+def feedback(state_dir: Path = typer.Option(..., help="the device's state folder"),
+             item: str = typer.Option(..., help="catalogue item id"),
+             rating: Optional[float] = typer.Option(None, help="rating 1-5"),
+             accept: bool = typer.Option(False, "--accept", help="accept a shown recommendation (rating 5)"),
+             reject: bool = typer.Option(False, "--reject", help="reject a shown recommendation (rating 1)")) -> None:
+    """Record feedback in the device's own data; the next training session learns from it."""
+    from client.feedback import ACCEPT_RATING, REJECT_RATING, record_feedback
+    from common.errors import DataFormatError
+
+    given = [x for x in (rating is not None, accept, reject) if x]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --rating, --accept or --reject")
+    value = rating if rating is not None else (ACCEPT_RATING if accept else REJECT_RATING)
+    try:
+        event = record_feedback(state_dir, item, value)
+    except (DataFormatError, ValueError) as exc:
+        fail(exc)
+    except OSError as exc:  # e.g. a full disk: nothing was recorded
+        fail(f"feedback not recorded: {exc}", code=3)
+    console.print(f"recorded {event} on this device")

@@ -1,0 +1,53 @@
+"""The ``privacy`` object of a run's ``result.json`` (PROTOCOL.md sections 5 and 6): each unit protected,
+with its epsilon, delta, accountant, adjacency and trust model, and what lies outside the guarantee."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.privacy import client_schedule, interaction_group_size
+from common.wire import EVALUATE_METRICS, TRAIN_METRICS
+from server.central_dp import CentralDP
+
+
+def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float],
+                      central: CentralDP | None) -> dict[str, Any]:
+    """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust."""
+    eps = list(client_epsilon.values())
+    out: dict[str, Any] = {"unit": "none"}
+    if cfg["local-dp"]:
+        schedule = client_schedule(cfg)
+        out = {"unit": "example", "epsilon": max(eps) if eps else 0.0, "delta": cfg["delta"],
+               "accountant": cfg["accountant"], "adjacency": "add-remove", "trust": "none",
+               "epsilon_is": "max over clients of the composed per-client epsilon (every DP-SGD session and "
+                             "every evaluation release in its ledger)",
+               "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
+               "max_grad_norm": cfg["max-grad-norm"], "sample_rate": schedule.sample_rate,
+               "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,
+               "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
+               "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
+               "released_fields": sorted(["arrays", *(f"metrics.{k}" for k in TRAIN_METRICS),
+                                          *(f"metrics.{k}" for k in EVALUATE_METRICS)]),
+               "ledgers": (f"persistent folder {cfg['ledger-dir']}" if cfg["ledger-dir"] else
+                           "per run (simulation: clients/ in the run folder). Each simulated run is a "
+                           "separate deployment: budgets do not compose across runs on the same data; set "
+                           "ledger-dir to account for repeated runs. Deployed devices keep their ledger in "
+                           "their own state-dir."),
+               "note": (f"example-level per client; one rating changes up to "
+                        f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} examples "
+                        f"(its own, and the rewritten histories of later ones), so interaction-level DP "
+                        f"follows only by group privacy with that group size")}
+    if central is not None:
+        if out["unit"] == "none":
+            out = {"unit": "user", "epsilon": central.epsilon(), "delta": central.delta,
+                   "accountant": "rdp", "adjacency": "add-remove", "trust": "the server (aggregator)"}
+        out.update({"user_epsilon": central.epsilon(), "user_delta": central.delta,
+                    "user_accountant": "rdp", "user_adjacency": "add-remove (one whole client)",
+                    "user_trust": "the server (aggregator) adds the noise and keeps who was sampled secret",
+                    "user_sampling": f"poisson, q={central.sample_rate:.4g}",
+                    "user_noise_multiplier": central.noise_multiplier, "user_clip": central.clip,
+                    "outside_user_guarantee": ("metrics.jsonl and rounds.jsonl (who was sampled, per-round "
+                                               "counts of accepted, refused, rejected and failed clients) are "
+                                               "the trusted server's own records, not covered by the "
+                                               "user-level epsilon: do not publish them")})
+    return out
