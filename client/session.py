@@ -19,11 +19,11 @@ import numpy as np
 
 from common.device_policy import DevicePolicy
 from common.features import FeatureSet
-from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, ledger_paths
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.model_state import ModelRuntime, get_state
 from common.partition import ClientData
-from common.privacy import client_public_size
-from common.training import TrainConfig, dp_schedule, train
+from common.privacy import client_public_size, client_schedule
+from common.training import TrainConfig, train
 
 PAD_TEXT = "no history yet"  # public: what a user with no history is rendered as
 
@@ -42,10 +42,6 @@ class SessionResult:
 def refusal(reason: str) -> SessionResult:
     """A refusal with one of the fixed codes of :data:`common.wire.REFUSAL_REASONS`."""
     return SessionResult(refused=True, reason=reason, metrics={"refused": 1.0})
-
-
-def ledger_path(folder: str | Path, client_id: str) -> Path:
-    return ledger_paths(folder, client_id)[0]
 
 
 def train_config(cfg: dict[str, Any], seed: int) -> TrainConfig:
@@ -80,7 +76,7 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
         train(runtime.model, features, data.train_targets, None, tcfg)
         names, arrays = get_state(runtime.model)
         return SessionResult(names=names, arrays=arrays, metrics={"refused": 0.0})
-    schedule = dp_schedule(len(data.train_targets), tcfg)
+    schedule = client_schedule(cfg)  # the same for every client, whatever it holds
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:

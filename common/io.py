@@ -34,7 +34,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise DataFormatError(path, f"not valid JSON ({exc}); the file may have been cut short", number) \
                     from None
@@ -100,11 +100,16 @@ def exclusive_lock(lock_path: str | Path, timeout: float, holder: str = "another
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: privrec never writes them, so reading one means a damaged file."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON content of ``path``; unreadable or invalid content is a DataFormatError naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise DataFormatError(path, "missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:

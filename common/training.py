@@ -22,6 +22,8 @@ from common.model import Recommender, refresh_items
 from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
 
 @dataclass
 class TrainConfig:
@@ -137,8 +139,8 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         raise ValueError("training that re-encodes the catalogue needs its item features")
     if extra and not cfg.dp:
         raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
     targets_t = torch.as_tensor(targets, dtype=torch.long)
     weights_t = torch.ones(n) if row_weights is None else torch.as_tensor(row_weights, dtype=torch.float32)
     if weights_t.shape != (n,) or not bool(((weights_t == 0) | (weights_t == 1)).all()):
@@ -146,8 +148,7 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
     steps = planned_steps(n + extra, cfg)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
-        _param_groups(model, cfg), lr=cfg.learning_rate)
+    optimizer = OPTIMIZERS[cfg.optimizer](_param_groups(model, cfg), lr=cfg.learning_rate)
     model.train()
     report = TrainReport()
     private: PrivateTraining | None = None

@@ -1,7 +1,7 @@
 """Turn the accepted replies of a round into the next global state.
 
-Two stages. The *mean*: the example-weighted average of the accepted states
-(as FedAvg averages), or with central DP the
+Two stages. The *mean*: the equal-weight average of the accepted states (a weight by example
+count would need the count, which is private), or with central DP the
 clipped, noised mean update of :mod:`server.central_dp`. The *server step*:
 Flower's FedAvg (take the mean) or FedAdam (Adam on the mean update, Reddi et al.
 2021), whose optimiser state is checkpointed.
@@ -10,10 +10,13 @@ Flower's FedAvg (take the mean) or FedAdam (Adam on the mean update, Reddi et al
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from common.errors import DataFormatError
 
 
 class _GivenMean(FedAvg):
@@ -54,7 +57,7 @@ def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
 
 
 def weighted_mean(names: list[str], states: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
-    """Example-weighted mean of client states (FedAvg's average), on the already-validated arrays.
+    """Weighted mean of client states (the federation passes equal weights), on the already-validated arrays.
 
     Computed directly on numpy: the replies were deserialised once for validation,
     and re-wrapping them as records for Flower's helper would cost more than the sum.
@@ -96,8 +99,19 @@ def optimizer_state(step) -> dict[str, np.ndarray]:
     return out
 
 
-def load_optimizer_state(step, tensors: dict[str, np.ndarray]) -> None:
-    if isinstance(step, FedAdam):
-        m = {k[len("m_t."):]: v for k, v in tensors.items() if k.startswith("m_t.")}
-        v = {k[len("v_t."):]: v for k, v in tensors.items() if k.startswith("v_t.")}
-        step.m_t, step.v_t = (m or None), (v or None)
+def load_optimizer_state(step, tensors: dict[str, np.ndarray], names: list[str], arrays: list[np.ndarray],
+                         source: Path) -> None:
+    """Restore FedAdam's moments; each must match a state tensor's shape, be finite, and the second
+    moment be >= 0, else a DataFormatError names ``source``."""
+    if not isinstance(step, FedAdam):
+        return
+    shapes = {n: np.shape(a) for n, a in zip(names, arrays)}
+    moments: dict[str, dict[str, np.ndarray]] = {"m_t": {}, "v_t": {}}
+    for key, value in tensors.items():
+        kind, _, name = key.partition(".")
+        if kind not in moments or name not in shapes or np.shape(value) != shapes[name] \
+                or not np.isfinite(value).all() or (kind == "v_t" and (value < 0).any()):
+            raise DataFormatError(source, f"optimizer tensor {key!r}: not a finite FedAdam moment of a state "
+                                          f"tensor of that shape (second moments >= 0)")
+        moments[kind][name] = value
+    step.m_t, step.v_t = (moments["m_t"] or None), (moments["v_t"] or None)

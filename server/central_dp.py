@@ -15,12 +15,21 @@ of one user; the rounds compose in Opacus' RDP accountant (steps = rounds).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from common.privacy import epsilon_of_history
 from common.secure_random import SecureStream, add_gaussian_noise
+
+
+def client_rate(clients_per_round: int, population: int) -> float:
+    """The Poisson rate of client sampling: each client independently with this probability, so that
+    clients-per-round are expected per round."""
+    if population < 1:
+        raise ValueError(f"population must be at least 1, got {population}")
+    return min(1.0, clients_per_round / population)
 
 
 def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray], float]:
@@ -77,6 +86,24 @@ class CentralDP:
 
     @classmethod
     def from_json(cls, raw: dict) -> "CentralDP":
-        return cls(noise_multiplier=raw["noise_multiplier"], clip=raw["clip"], sample_rate=raw["sample_rate"],
-                   population=raw["population"], delta=raw["delta"],
-                   history=[tuple(h) for h in raw["history"]])
+        """The accountant :meth:`to_json` wrote; ValueError naming the field when a value is invalid."""
+        def number(key: str, low: float, high: float, low_open: bool = True) -> float:
+            v = raw[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not ((v > low) if low_open else (v >= low)) or v > high:
+                raise ValueError(f"{key} {v!r} is not a number in {'(' if low_open else '['}{low:g}, {high:g}]")
+            return float(v)
+
+        history = []
+        for entry in raw["history"]:
+            z, q, n = entry
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not (isinstance(z, (int, float)) and z > 0) \
+                    or not (isinstance(q, (int, float)) and 0 < q <= 1):
+                raise ValueError(f"history entry {entry!r}: expected (noise > 0, rate in (0, 1], rounds >= 0)")
+            history.append((float(z), float(q), int(n)))
+        population = raw["population"]
+        if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+            raise ValueError(f"population {population!r} is not a positive integer")
+        return cls(noise_multiplier=number("noise_multiplier", 0, 1e6), clip=number("clip", 0, 1e9),
+                   sample_rate=number("sample_rate", 0, 1), population=population,
+                   delta=number("delta", 0, 1), history=history)

@@ -41,13 +41,17 @@ def save_checkpoint(folder: Path, server_round: int, names: list[str], arrays: l
     return weights
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], list[np.ndarray], dict[str, np.ndarray]]:
     """(meta, state arrays in ``meta['names']`` order, optimiser tensors) of the latest checkpoint."""
     meta_path = folder / LATEST
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no checkpoint to resume from")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_no_constants)
         if not isinstance(meta, dict):
             raise ValueError(f"holds {type(meta).__name__}, expected a JSON object")
         round_, weights_name, digest, names = meta["round"], meta["weights"], meta["weights_sha256"], meta["names"]

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.flower_env import DEFAULT_FLWR_HOME, flwr_env  # noqa: F401  (DEFAULT_FLWR_HOME re-exported)
+from common.flower_env import flwr_env
 from common.io import write_bytes_atomic, write_text_atomic
 
 

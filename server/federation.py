@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.errors import DataFormatError
 from common.io import write_json_atomic
 from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
 from common.partition import dataset_from_source, split_for
@@ -36,26 +35,29 @@ from server.aggregation import (
     weighted_mean,
 )
 from server.catalogue import CataloguePublisher
-from server.central_dp import CentralDP
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.central_dp import CentralDP, client_rate
+from server.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from server.evaluation import ServerEvaluator, federated_evaluation
 from server.privacy_statement import privacy_statement
+from server.resume import check_resume, restored_central, restored_spend
 from server.run_folder import RunFolder
 from server.sampling import sample_clients
 from server.validation import adapter_specs, describe_reply, judge_train_reply
 
-# Keys whose change would make a resumed run a different experiment.
-_RESUME_MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients",
-                      "output-dir"}  # a run folder may be moved and resumed where it now is
 
-
-def _wait_for_nodes(grid: Grid, timeout: float) -> list[int]:
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, settle: float = 5.0) -> list[int]:
+    """The connected nodes once there are ``wanted`` of them, or once some are connected and the set
+    has not changed for ``settle`` seconds (devices join one by one), or at ``timeout``."""
     deadline = time.time() + timeout
+    seen: list[int] = []
+    stable_since = time.time()
     while True:
         nodes = sorted(int(n) for n in grid.get_node_ids())
-        if nodes or time.time() > deadline:
+        if nodes != seen:
+            seen, stable_since = nodes, time.time()
+        if len(nodes) >= wanted or (nodes and time.time() - stable_since >= settle) or time.time() > deadline:
             return nodes
-        time.sleep(1.0)
+        time.sleep(0.5)
 
 
 class Federation:
@@ -71,7 +73,7 @@ class Federation:
         split = split_for(cfg["dataset"])
         split.eval_users()  # raises NoEvaluationUsersError when no user has the 3 events the split needs
         self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
-        self._check_resume()
+        check_resume(self.folder, cfg)
         self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
             p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
         self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
@@ -87,74 +89,37 @@ class Federation:
         self.start_round = 1
         self.nodes: list[int] = []
 
-    def _check_resume(self) -> None:
-        exists = self.folder.config.exists()
-        if exists and not self.cfg["resume"]:
-            raise ConfigError(f"run folder {self.folder.root} exists: set resume=true to continue it, "
-                              f"or choose another run-name")
-        if self.cfg["resume"]:
-            if not exists:
-                raise ConfigError(f"resume=true but {self.folder.config} does not exist (run-name "
-                                  f"{self.cfg['run-name']!r})")
-            try:
-                old = self.folder.read_config()
-            except DataFormatError as exc:
-                raise ConfigError(f"resume: the stored run config cannot be read: {exc}") from None
-            changed = sorted(k for k in self.cfg if k not in _RESUME_MAY_CHANGE and old.get(k) != self.cfg[k])
-            if changed:
-                raise ConfigError(f"resume: run config differs from the stored run in {changed}")
-
     def _restore(self) -> None:
         meta, arrays, optimizer = load_checkpoint(self.folder.checkpoints)
         if meta["names"] != self.names:
             raise ConfigError(f"{self.folder.checkpoints}: checkpoint tensors do not match this model")
         self.arrays = arrays
-        load_optimizer_state(self.step, optimizer)
-        self.client_epsilon = dict(meta["client_epsilon"])
-        if self.central is not None:
-            self._restore_central(meta)
+        load_optimizer_state(self.step, optimizer, self.names, self.arrays, self.folder.checkpoints / meta["weights"])
         self.start_round = int(meta["round"]) + 1
         self.folder.keep_rounds_up_to(int(meta["round"]))
+        self._restore_privacy(meta)
         log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
 
-    def _restore_central(self, meta: dict[str, Any]) -> None:
-        """The central-DP accountant as of the last release: ``central-dp.json`` is written before each
-        noisy aggregate is used, so it may hold one round more than the checkpoint (a release made
-        just before a crash), and it wins. A changed population re-derives the sampling rate; the
-        history keeps the rounds already released at the old rate."""
-        stored = [CentralDP.from_json(meta["central_dp"])] if meta.get("central_dp") else []
-        raw = self.folder.read_central_dp()  # a DataFormatError naming the file when unreadable
-        if raw is not None:
-            try:
-                stored.append(CentralDP.from_json(raw))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataFormatError(self.folder.central_dp, f"not a central-DP accountant ({exc}); refusing to "
-                                                              f"continue without it") from None
-        if not stored:
-            return
-        restored = max(stored, key=lambda c: c.rounds)
-        fresh = self.central
-        if restored.population != fresh.population:
-            log(WARNING, "resume: %d clients instead of %d; central-DP sampling rate re-derived as %.4g",
-                fresh.population, restored.population, fresh.sample_rate)
-        restored.population, restored.sample_rate = fresh.population, fresh.sample_rate
-        self.central = restored
+    def _restore_privacy(self, meta: dict[str, Any] | None) -> None:
+        """The per-node spend and the central-DP accountant as of the last record (see :mod:`server.resume`)."""
+        self.client_epsilon = restored_spend(self.folder, meta)
+        if self.central is not None:
+            self.central = restored_central(self.folder, meta, self.central)
 
     def run(self) -> Path:
         cfg = self.cfg
-        self.nodes = _wait_for_nodes(self.grid, cfg["round-timeout"])
+        self.nodes = _wait_for_nodes(self.grid, cfg["clients-per-round"], cfg["round-timeout"])
         if not self.nodes:
             raise RuntimeError("no SuperNodes connected within round-timeout")
         if cfg["central-dp"]:
-            q = min(1.0, cfg["clients-per-round"] / len(self.nodes))
+            q = client_rate(cfg["clients-per-round"], len(self.nodes))
             self.central = CentralDP(cfg["central-noise-multiplier"], cfg["central-clip"], q, len(self.nodes),
                                      cfg["central-delta"])
-        if cfg["resume"] and (self.folder.checkpoints / "latest.json").exists():
+        if cfg["resume"] and (self.folder.checkpoints / LATEST).exists():
             self._restore()
         elif cfg["resume"]:
-            self.folder.keep_rounds_up_to(-1)  # stopped before its first checkpoint: start over
-            if self.central is not None:
-                self._restore_central({})  # but a release made before the crash still counts
+            self.folder.keep_rounds_up_to(-1)  # stopped before its first checkpoint: start over,
+            self._restore_privacy(None)  # but what was released before the crash still counts
         log(INFO, "privrec run %s: %d clients, rounds %d..%d, strategy %s, local DP %s, central DP %s",
             self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"], cfg["strategy"],
             cfg["local-dp"], cfg["central-dp"])
@@ -207,6 +172,7 @@ class Federation:
                 log(WARNING, "round %d: node %d %s: %s", rnd, node, outcome, reason[:200])
             else:
                 log(INFO, "round %d: node %d refused (%s)", rnd, node, reason)
+        write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)  # before anything can be lost
         answered = {n for part in participation.values() for n in part}
         silent = [nid for nid in sampled if nid not in answered]
         if silent:  # no reply within round-timeout: a dead, disconnected or slow node
@@ -216,7 +182,7 @@ class Federation:
         self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation,
                                                 "rejected_reasons": rejected_reasons})
         if wire:
-            self.folder.append(self.folder.root / "wire.jsonl", *wire)
+            self.folder.append(self.folder.wire, *wire)
         eps = list(self.client_epsilon.values())
         return {
             "clients_sampled": len(sampled), "clients_replied": len(sampled) - len(participation["failed"]),
@@ -284,7 +250,7 @@ class Federation:
 
     def _federated_evaluation(self, rnd: int, k: int) -> dict[str, Any]:
         """Mean of the validated noisy (HR@10, NDCG@10) releases of ``k`` clients (see
-        :mod:`client.evaluation`); refusals, failures and invalid replies are counted, not used."""
+        :mod:`client.evaluation`): refusals and invalid replies are counted, failed ones ignored."""
         rng = np.random.default_rng([self.cfg["seed"], rnd, 1])
         chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
         content = self._content(rnd)
@@ -294,6 +260,7 @@ class Federation:
                                              msgs, self.cfg)
         for node, eps in epsilons.items():  # each release is part of that device's spend
             self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), eps)
+        write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)
         return out
 
     def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:

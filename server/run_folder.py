@@ -8,6 +8,7 @@ the benchmarks read back.
 | ``rounds.jsonl`` | every round | who was sampled, trained, refused, rejected (with reasons) or failed |
 | ``wire.jsonl`` | every round, with ``wire-log`` | the structure and non-tensor values of each reply |
 | ``central-dp.json`` | before each central-DP release is used | the user-level accountant |
+| ``client-epsilon.json`` | as soon as a round's replies are judged | each node's reported epsilon |
 | ``checkpoint/`` | every round | state, optimiser moments, per-node epsilon (``server.checkpoint``) |
 | ``clients/`` | the simulated clients | their ledgers (``common.ledger``), unless ``ledger-dir`` is set |
 | ``adapters.safetensors``, ``result.json``, ``quality.png``, ``epsilon.png`` | the end of the run | |
@@ -25,6 +26,7 @@ import numpy as np
 from common.errors import DataFormatError
 from common.io import read_json, read_jsonl, save_tensors, write_bytes_atomic, write_json_atomic, write_jsonl
 from common.run_config import stored_config
+from server.checkpoint import LATEST
 from server.plots import png_bytes, privacy_figure, quality_figure
 
 
@@ -43,6 +45,7 @@ class RunFolder:
     rounds = property(lambda self: self.root / "rounds.jsonl")
     wire = property(lambda self: self.root / "wire.jsonl")
     central_dp = property(lambda self: self.root / "central-dp.json")
+    spend = property(lambda self: self.root / "client-epsilon.json")
     checkpoints = property(lambda self: self.root / "checkpoint")
     clients = property(lambda self: self.root / "clients")
     adapters = property(lambda self: self.root / "adapters.safetensors")
@@ -58,7 +61,7 @@ class RunFolder:
 
     def keep_rounds_up_to(self, last_round: int) -> None:
         """On resume, drop records of rounds after the checkpoint (they will be re-run)."""
-        for path in (self.metrics, self.rounds):
+        for path in (self.metrics, self.rounds, self.wire):
             rows = read_jsonl(path)
             bad = [k for k, r in enumerate(rows, start=1) if not isinstance(r.get("round"), int)]
             if bad:
@@ -108,8 +111,11 @@ class RunFolder:
         return read_json(self.result) if self.result.exists() else None
 
     def read_checkpoint_meta(self) -> dict[str, Any] | None:
-        path = self.checkpoints / "latest.json"
+        path = self.checkpoints / LATEST
         return read_json(path) if path.exists() else None
 
     def read_central_dp(self) -> dict[str, Any] | None:
         return read_json(self.central_dp) if self.central_dp.exists() else None
+
+    def read_spend(self) -> dict[str, Any] | None:
+        return read_json(self.spend) if self.spend.exists() else None

@@ -11,6 +11,7 @@ import numpy as np
 
 from common.run_config import ConfigError
 from common.secure_random import SecureStream
+from server.central_dp import client_rate
 
 Sampler = Callable[[list[int], dict[str, Any], int, np.random.Generator, SecureStream], list[int]]
 
@@ -43,7 +44,7 @@ def poisson(node_ids: list[int], cfg: dict[str, Any], rnd: int, rng: np.random.G
     """Each client independently at rate clients-per-round / N, from the secure stream: what the
     central-DP accountant models, and it must not be replayable."""
     n = len(node_ids)
-    q = min(cfg["clients-per-round"], n) / n
+    q = client_rate(cfg["clients-per-round"], n)
     return [nid for nid, chosen in zip(node_ids, secure.bernoulli(q, n)) if chosen]
 
 

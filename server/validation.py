@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from common.privacy import client_schedule
-from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, TRAIN_METRICS
+from common.wire import RECORD_NAMES, REFUSAL_REASONS, allowed_metrics
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def expected_mechanism(cfg: Mapping[str, Any]) -> dict[str, float]:
 def validate_metrics(kind: str, metrics: Mapping[str, Any], cfg: Mapping[str, Any]) -> Verdict:
     """Check the metric record of a non-refused ``train`` or ``evaluate`` reply against the wire
     contract and the run's configured mechanism."""
-    allowed = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
+    allowed = allowed_metrics(kind)
     extra = sorted(set(metrics) - set(allowed))
     if extra:
         return Verdict(False, f"metrics: unexpected field(s) {extra[:5]}")
@@ -97,8 +97,11 @@ def validate_metrics(kind: str, metrics: Mapping[str, Any], cfg: Mapping[str, An
         values[key] = value
     if values.get("refused", 0.0) != 0.0:
         return Verdict(False, "metrics.refused: a reply with tensors must have refused = 0")
-    if not cfg["local-dp"]:
-        return Verdict(True)
+    if kind == "train" and not cfg["local-dp"]:
+        # No DP session, so nothing to describe: a device that runs without DP (its policy allows it)
+        # sends its tensors and refused = 0 only.
+        return Verdict(True) if set(values) <= {"refused"} else Verdict(
+            False, f"metrics: {sorted(set(values) - {'refused'})} in a reply of a run without local DP")
     required = ["epsilon", "delta"] + (["noise-multiplier", "max-grad-norm", "sample-rate", "steps",
                                         "expected-batch-size"] if kind == "train" else
                                        ["HR@10", "NDCG@10", "eval-noise-multiplier"])
@@ -130,20 +133,38 @@ def validate_metrics(kind: str, metrics: Mapping[str, Any], cfg: Mapping[str, An
     return Verdict(True)
 
 
+WIRE_LOG_LIMIT = 200  # characters of a string value, entries of a record, kept in the wire log
+
+
+def _loggable(value: Any) -> Any:
+    """A reply value as the wire log keeps it: finite numbers and short strings as they are; NaN,
+    infinity, long strings and other types as a bounded description (the log is strict JSON)."""
+    if isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else f"<{value}>"
+    if isinstance(value, str):
+        return value if len(value) <= WIRE_LOG_LIMIT else value[:WIRE_LOG_LIMIT] + f"...<{len(value)} chars>"
+    return f"<{type(value).__name__}>"
+
+
 def describe_reply(reply) -> dict:
     """What a reply carried, for the wire log: each record's kind, tensor names with dtype and
-    shape (never their values), and every metric and config value verbatim."""
+    shape (never their values), and each metric and config value (bounded, see ``_loggable``)."""
     if reply.has_error():
         return {"error": {"code": int(reply.error.code), "reason": str(reply.error.reason)[:500]}}
-    content = reply.content
-    out: dict = {"arrays": {}, "metrics": {}, "configs": {}}
-    for name, record in content.array_records.items():
-        out["arrays"][name] = {k: [str(record[k].dtype), list(record[k].shape)] for k in record.keys()}
-    for name, record in content.metric_records.items():
-        out["metrics"][name] = {k: record[k] for k in record.keys()}
-    for name, record in content.config_records.items():
-        out["configs"][name] = {k: (v if isinstance(v, (int, float, str, bool)) else f"<{type(v).__name__}>")
-                                for k, v in record.items()}
+    try:
+        content = reply.content
+        out: dict = {"arrays": {}, "metrics": {}, "configs": {}}
+        for name, record in list(content.array_records.items())[:WIRE_LOG_LIMIT]:
+            out["arrays"][name] = {k: [str(record[k].dtype), list(record[k].shape)]
+                                   for k in list(record.keys())[:WIRE_LOG_LIMIT]}
+        for name, record in list(content.metric_records.items())[:WIRE_LOG_LIMIT]:
+            out["metrics"][name] = {k: _loggable(record[k]) for k in list(record.keys())[:WIRE_LOG_LIMIT]}
+        for name, record in list(content.config_records.items())[:WIRE_LOG_LIMIT]:
+            out["configs"][name] = {k: _loggable(v) for k, v in list(record.items())[:WIRE_LOG_LIMIT]}
+    except Exception as exc:  # noqa: BLE001 - the log must never stop the round
+        return {"unreadable": type(exc).__name__}
     return out
 
 

@@ -98,12 +98,21 @@ def baseline(
 @app.command()
 def summary(folder: Path = typer.Argument(Path("results/baselines"))) -> None:
     """Print the comparison table from PROTOCOL result files already in FOLDER."""
-    import json
+    from common.errors import DataFormatError
+    from common.io import read_json
 
     files = sorted(folder.glob("*.json"))
     if not files:
         fail(f"{folder}: no result files")
-    results = [json.loads(f.read_text()) for f in files]
+    results = []
+    try:
+        for f in files:
+            r = read_json(f)
+            if not (isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "method" in r and "split" in r):
+                raise DataFormatError(f, "expected a PROTOCOL result object with method, split and metrics")
+            results.append(r)
+    except DataFormatError as exc:
+        fail(exc)
     console.print(_table(results))
     _print_targets(results)
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 import typer
 
+from common.device_policy import DevicePolicy
 from common.run_config import DEFAULTS, ConfigError, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,11 @@ def check_overrides(run_configs: list[str]) -> dict:
     if unknown:
         raise ConfigError(f"--run-config: unknown key(s) {unknown}; the keys are those of [tool.flwr.app.config] "
                           f"in pyproject.toml ({len(DEFAULTS)} keys, e.g. num-server-rounds, noise-multiplier)")
-    resolve(merged)
+    cfg = resolve(merged)
+    asked_less = DevicePolicy().violations(cfg)
+    if asked_less:
+        raise ConfigError(f"--run-config: {asked_less} ask for less privacy than the simulated devices' policy "
+                          f"(common/device_policy.py: {DevicePolicy().to_json()}); every device would refuse")
     return merged
 
 

@@ -11,7 +11,7 @@ import pytest
 import client.session as session_mod
 import common.training as training_mod
 from common.device_policy import DevicePolicy
-from common.ledger import PrivacyLedger
+from common.ledger import PrivacyLedger, ledger_paths
 from common.model_state import ModelRuntime, ModelSettings, get_state
 from common.partition import ClientData, client_data, split_for
 from common.run_config import resolve
@@ -29,7 +29,7 @@ def runtime_and_data(tiny_grouplens):
 
 
 def _ledger(folder, budget=8.0):
-    return PrivacyLedger.load(session_mod.ledger_path(folder, "user-0"), "user-0", budget)
+    return PrivacyLedger.load(ledger_paths(folder, "user-0")[0], "user-0", budget)
 
 
 def test_crash_during_training_still_leaves_the_spend_recorded(runtime_and_data, tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_crash_during_training_still_leaves_the_spend_recorded(runtime_and_data,
     monkeypatch.setattr(training_mod, "_run_steps", crash)
     with pytest.raises(KeyboardInterrupt):
         session_mod.run_session(runtime, data, cfg, tmp_path, "user-0", "run", 1)
-    raw = json.loads(session_mod.ledger_path(tmp_path, "user-0").read_text())
+    raw = json.loads(ledger_paths(tmp_path, "user-0")[0].read_text())
     assert len(raw["sessions"]) == 1 and raw["epsilon"] > 0
 
 
@@ -133,7 +133,7 @@ def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_dat
     result = session_mod.run_session(runtime, data, dict(cfg, **override), tmp_path, "user-0", "run", 1,
                                      policy=DevicePolicy())
     assert result.refused and result.reason == "privacy-policy" and not result.arrays
-    assert not session_mod.ledger_path(tmp_path, "user-0").exists()  # nothing trained, nothing spent
+    assert not ledger_paths(tmp_path, "user-0")[0].exists()  # nothing trained, nothing spent
     assert all(np.array_equal(a, b) for a, b in zip(get_state(runtime.model)[1], start))
     # a device whose own policy allows it trains (DP off: no ledger, no guarantee)
     asked = {**cfg, "client-epsilon-budget": 100.0, **override}

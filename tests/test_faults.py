@@ -331,3 +331,20 @@ def test_feedback_that_cannot_be_written_exits_3_and_records_nothing(ml100k, tmp
     result = CliRunner().invoke(app, ["feedback", "--state-dir", str(state), "--item", "1", "--rating", "4"])
     assert result.exit_code == 3 and "not recorded" in result.output, result.output
     assert (data / "events.jsonl").read_bytes() == before
+
+
+def test_a_hostile_reply_cannot_break_the_wire_log(small_run_config):
+    """The wire log copies non-tensor values: NaN, huge strings and odd types must not stop the run."""
+    def tamper(node, content):
+        if "arrays" in content.array_records:
+            _set_metric(content, epsilon=float("nan"))
+            content["junk"] = ConfigRecord({"text": "x" * 100_000, "blob": b"\x00" * 10})
+
+    cfg = dict(small_run_config, **{"clients-per-round": 3, "num-server-rounds": 1, "evaluate-clients": 0,
+                                    "wire-log": True})
+    fed = Federation(InProcessGrid(6, cfg, tamper=tamper), cfg)
+    run_dir = fed.run()
+    rows = [json.loads(x) for x in (run_dir / "wire.jsonl").read_text().splitlines()]  # strict JSON
+    assert len(rows) == 3 and all(r["metrics"]["metrics"]["epsilon"] == "<nan>" for r in rows)
+    assert all(len(r["configs"]["junk"]["text"]) < 300 for r in rows)
+    assert _rows(run_dir)[1]["clients_rejected"] == 3

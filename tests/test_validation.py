@@ -42,3 +42,14 @@ def test_wrong_shape_dtype_keys_rejected():
 def test_oversize_norm_rejected():
     v = validate_reply(NAMES, _reply(scale=10.0), SPECS, GLOBAL, max_update_norm=1.0)
     assert not v.accepted and "exceeds the bound" in v.reason
+
+
+def test_evaluation_replies_are_checked_in_full_even_without_local_dp():
+    from common.run_config import resolve
+    from server.validation import validate_metrics
+
+    cfg = resolve({"local-dp": False})
+    assert not validate_metrics("evaluate", {}, cfg).accepted
+    assert not validate_metrics("evaluate", {"HR@10": 1e308, "NDCG@10": 0.0}, cfg).accepted
+    assert not validate_metrics("train", {"refused": 0.0, "epsilon": 1e300}, cfg).accepted
+    assert validate_metrics("train", {"refused": 0.0}, cfg).accepted

@@ -25,6 +25,7 @@ from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.privacy import interaction_group_size
 from server.audit.checks import CHECKS, Check
 from server.central_dp import CentralDP
+from server.resume import restored_spend
 from server.run_folder import RunFolder
 
 NO_DP_STATEMENT = ("This run used no differential privacy: neither local DP-SGD on the clients nor central DP "
@@ -102,8 +103,23 @@ class RunAudit:
         self.ledgers = [read_ledger(p) for d in dirs for p in sorted(d.glob("ledger-*.json"))]
         self.local = bool(self.cfg["local-dp"])
         self.central_on = bool(self.cfg["central-dp"])
-        self.central = CentralDP.from_json(self.checkpoint["central_dp"]) \
-            if self.central_on and self.checkpoint and self.checkpoint.get("central_dp") else None
+        self.central = self._central() if self.central_on else None
+        # what the server recorded of each node's spend: the larger of the checkpoint's and the record
+        # written as each round's replies were judged (it can be a round ahead after a crash)
+        self.server_epsilon = restored_spend(self.folder, self.checkpoint)
+
+    def _central(self) -> CentralDP | None:
+        """The server's user-level accountant: the record with the most rounds (``central-dp.json`` is
+        written before each release is used, so it can be a round ahead of the checkpoint)."""
+        records = [(self.checkpoint or {}).get("central_dp"), self.folder.read_central_dp()]
+        accountants = []
+        for record, path in zip(records, (self.folder.checkpoints / "latest.json", self.folder.central_dp)):
+            if record:
+                try:
+                    accountants.append(CentralDP.from_json(record))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise DataFormatError(path, f"not a central-DP accountant ({exc})") from None
+        return max(accountants, key=lambda c: c.rounds) if accountants else None
 
     # -- who trained -------------------------------------------------------------------------
     def _node_to_client(self) -> dict[int, str]:
@@ -228,7 +244,8 @@ class RunAudit:
             spent = led.epsilon
             clients.append({
                 "client_id": led.client_id or led.path.name, "ledger": led.path.name,
-                "cap": led.budget, "spent": spent, "remaining": None if spent is None else max(0.0, led.budget - spent),
+                "cap": None if led.error else led.budget, "spent": spent,
+                "remaining": None if spent is None or led.error else max(0.0, led.budget - spent),
                 "sessions": len(led.sessions),
                 "sessions_this_run": sum(1 for s in led.sessions if s.run_id == self.run_id),
                 "refusals_this_run": refusals.get(led.client_id, 0), "readable": not led.error,
@@ -254,9 +271,9 @@ def write_audit(run_dir: str | Path, ledger_dirs: list[str | Path] | None = None
         report = audit.report()
     except DataFormatError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as exc:
         raise DataFormatError(run_dir, f"malformed run records ({type(exc).__name__}: {exc}); expected the files "
                                        f"a privrec run writes") from None
-    json_path = write_json_atomic(audit.run_dir / "audit.json", report)
+    json_path = write_json_atomic(audit.run_dir / "audit.json", report, strict=True)
     html_path = write_text_atomic(audit.run_dir / "audit.html", render_html(report, audit.metrics))
     return json_path, html_path, report

@@ -3,8 +3,8 @@
 The training set is one client's real examples plus the *included* half of m canaries.
 A canary is a row whose per-example gradient is a spike of norm ``100 x max-grad-norm``
 on one LoRA coordinate of its own (a "Dirac canary"). The rows go through the product's
-``common.training.train`` with the client's ``TrainConfig``: the same Opacus
-PrivacyEngine, Poisson sampling, per-example clipping and noise. A canary's score is how
+``common.training.train`` with the client's ``TrainConfig``: the same DP-SGD engine
+(:func:`common.privacy.make_private`), Poisson sampling, per-example clipping and noise. A canary's score is how
 far its coordinate moved down the gradient; the one-run estimator turns scores into a
 lower bound on epsilon (:mod:`server.audit.estimator`).
 

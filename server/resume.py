@@ -1,0 +1,93 @@
+"""What a resumed run takes over from its run folder, and what it refuses.
+
+Three records, each written before what it covers can be lost: the checkpoint (state, optimiser
+moments, round), ``central-dp.json`` (the user-level accountant, written before each noisy
+aggregate is used) and ``client-epsilon.json`` (what each node reported spending, written as soon
+as its reply is judged). A crash can therefore leave the two privacy records one round ahead of
+the checkpoint; they win, so a resumed run can only over-report.
+"""
+
+from __future__ import annotations
+
+import math
+from logging import WARNING
+from typing import Any
+
+from flwr.common.logger import log
+
+from common.errors import DataFormatError
+from common.run_config import ConfigError
+from server.central_dp import CentralDP
+from server.run_folder import RunFolder
+
+# Keys whose change would make a resumed run a different experiment may not change; these may
+# (a run folder may also be moved and resumed where it now is).
+MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients", "output-dir"}
+
+
+def check_resume(folder: RunFolder, cfg: dict[str, Any]) -> None:
+    """Refuse a new run over an existing folder, a resume without one, and a resume that changes the
+    experiment (naming the keys)."""
+    exists = folder.config.exists()
+    if exists and not cfg["resume"]:
+        raise ConfigError(f"run folder {folder.root} exists: set resume=true to continue it, or choose another "
+                          f"run-name")
+    if not cfg["resume"]:
+        return
+    if not exists:
+        raise ConfigError(f"resume=true but {folder.config} does not exist (run-name {cfg['run-name']!r})")
+    try:
+        old = folder.read_config()
+    except DataFormatError as exc:
+        raise ConfigError(f"resume: the stored run config cannot be read: {exc}") from None
+    changed = sorted(k for k in cfg if k not in MAY_CHANGE and old.get(k) != cfg[k])
+    if changed:
+        raise ConfigError(f"resume: run config differs from the stored run in {changed}")
+
+
+def restored_spend(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, float]:
+    """Each node's reported epsilon: the larger of the checkpoint's and ``client-epsilon.json``'s."""
+    out: dict[str, float] = {}
+    sources = [((checkpoint_meta or {}).get("client_epsilon") or {}, folder.checkpoints / "latest.json"),
+               (folder.read_spend() or {}, folder.spend)]
+    for record, path in sources:
+        if not isinstance(record, dict):
+            raise DataFormatError(path, "expected a JSON object of node id -> epsilon")
+        for node, eps in record.items():
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+                raise DataFormatError(path, f"node {node}: epsilon {eps!r}, expected a finite number >= 0")
+            out[str(node)] = max(out.get(str(node), 0.0), float(eps))
+    return out
+
+
+def restored_central(folder: RunFolder, checkpoint_meta: dict[str, Any] | None, fresh: CentralDP) -> CentralDP:
+    """The central-DP accountant as of the last release (the record with the most rounds), with the
+    mechanism of the run config (a stored one that differs is refused) and the sampling rate of the
+    current population (the history keeps the rounds released at the old rate)."""
+    stored = []
+    if (checkpoint_meta or {}).get("central_dp"):
+        stored.append((checkpoint_meta["central_dp"], folder.checkpoints / "latest.json"))
+    raw = folder.read_central_dp()
+    if raw is not None:
+        stored.append((raw, folder.central_dp))
+    accountants = []
+    for record, path in stored:
+        try:
+            central = CentralDP.from_json(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataFormatError(path, f"not a central-DP accountant ({exc}); refusing to continue without it") \
+                from None
+        if (central.noise_multiplier, central.clip, central.delta) != (fresh.noise_multiplier, fresh.clip,
+                                                                       fresh.delta):
+            raise DataFormatError(path, f"accountant of noise {central.noise_multiplier}, clip {central.clip}, delta "
+                                        f"{central.delta}; the run config says {fresh.noise_multiplier}, "
+                                        f"{fresh.clip}, {fresh.delta}")
+        accountants.append(central)
+    if not accountants:
+        return fresh
+    restored = max(accountants, key=lambda c: c.rounds)
+    if restored.population != fresh.population:
+        log(WARNING, "resume: %d clients instead of %d; central-DP sampling rate re-derived as %.4g",
+            fresh.population, restored.population, fresh.sample_rate)
+    restored.population, restored.sample_rate = fresh.population, fresh.sample_rate
+    return restored
