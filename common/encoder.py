@@ -7,6 +7,7 @@ fixed order (sorted parameter names) so that clients and server agree on layout.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,10 @@ def base_model_dir() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def load_tokenizer():
-    """The encoder's tokenizer, from the bundled folder (no network)."""
+    """The encoder's tokenizer, from the bundled folder (no network). Loaded once per process
+    (about 2 s) and shared: every call passes its own truncation and padding arguments."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(base_model_dir()), local_files_only=True)

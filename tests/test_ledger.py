@@ -11,6 +11,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, composed_epsilon, ledger_paths
+from common.privacy import epsilon_of_history
 
 
 def _session(steps: int = 50, sigma: float = 1.0, q: float = 0.05, **kw) -> Session:
@@ -31,6 +32,19 @@ def test_epsilon_matches_the_accountant_on_the_history(tmp_path):
     with _open(tmp_path, "c1") as reloaded:
         assert reloaded.epsilon == ledger.epsilon == reloaded.recomputed_epsilon()
         assert len(reloaded.sessions) == 3
+
+
+@pytest.mark.parametrize("history,delta", [
+    ([(0.64, 1.0, 1)], 1e-5),
+    ([(1.0, 0.5, 3), (0.64, 1.0, 1), (4.0, 1.0, 2)], 1e-5),
+    ([(1.0, 0.02, 200), (1.0, 0.02, 200), (0.8, 0.1, 7)], 1e-4),
+])
+def test_epsilon_of_history_is_what_opacus_computes(history, delta):
+    # the one-step RDP curves are cached per (noise, rate); the composed epsilon must not move
+    acc = RDPAccountant()
+    acc.history = list(history)
+    for _ in range(2):  # cold and cached
+        assert epsilon_of_history(history, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
 
 
 def test_epsilon_is_monotone_and_replace_one_costs_more(tmp_path):
