@@ -26,8 +26,8 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float],
                "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,
                "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
                "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
-               "released_fields": sorted(["arrays", *(f"metrics.{k}" for k in TRAIN_METRICS),
-                                          *(f"metrics.{k}" for k in EVALUATE_METRICS)]),
+               "released_fields": {"train": ["arrays", *(f"metrics.{k}" for k in sorted(TRAIN_METRICS))],
+                                   "evaluate": [f"metrics.{k}" for k in sorted(EVALUATE_METRICS)]},
                "ledgers": (f"persistent folder {cfg['ledger-dir']}" if cfg["ledger-dir"] else
                            "per run (simulation: clients/ in the run folder). Each simulated run is a "
                            "separate deployment: budgets do not compose across runs on the same data; set "
