@@ -70,7 +70,7 @@ def markdown_table() -> str:
     rows = ["| reply | field | why it is safe to send |", "|---|---|---|",
             f"| train | `arrays` | {TRAIN_ARRAYS.split(': ', 1)[1]} |"]
     rows += [f"| train | `metrics.{k}` | {v} |" for k, v in TRAIN_METRICS.items()]
-    rows += [f"| evaluate | `metrics.{k}` | {v} |" for k, v in EVALUATE_METRICS.items() if k not in TRAIN_METRICS]
+    rows += [f"| evaluate | `metrics.{k}` | {v} |" for k, v in EVALUATE_METRICS.items()]
     rows += [f"| refusal | `status.{k}` | {v} |" for k, v in STATUS_FIELDS.items()]
     rows += [f"| refusal | reason `{k}` | {v} |" for k, v in REFUSAL_REASONS.items()]
     return "\n".join(rows)

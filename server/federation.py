@@ -84,7 +84,8 @@ class Federation:
         self.client_epsilon: dict[str, float] = {}
         self.publisher = CataloguePublisher(self.runtime, self.folder.root, self.run_id) \
             if cfg["publish-catalogue"] else None
-        self._secure = SecureStream()  # central DP: Poisson client sampling and the server's noise
+        # central DP: Poisson client sampling and the server's noise, each from its own stream
+        self._sampling_stream, self._noise_stream = SecureStream(), SecureStream()
         self.central: CentralDP | None = None
         self.start_round = 1
         self.nodes: list[int] = []
@@ -139,7 +140,8 @@ class Federation:
         cfg = self.cfg
         # Poisson sampling (central DP) draws from the secure stream: who is sampled must be secret.
         # The other schemes are not part of a mechanism and stay reproducible from the seed.
-        sampled = sample_clients(self.nodes, cfg, rnd, np.random.default_rng([cfg["seed"], rnd]), self._secure)
+        sampled = sample_clients(self.nodes, cfg, rnd, np.random.default_rng([cfg["seed"], rnd]),
+                                 self._sampling_stream)
         content = self._content(rnd)
         messages = [Message(content=RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN)
                     for nid in sampled]
@@ -223,7 +225,7 @@ class Federation:
             return False
         if self.central is not None:
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
-            noisy = self.central.noisy_mean(deltas, [a.shape for a in self.arrays], self._secure)
+            noisy = self.central.noisy_mean(deltas, [a.shape for a in self.arrays], self._noise_stream)
             self.central.record_round()
             write_json_atomic(self.folder.central_dp, self.central.to_json())
             mean = [g + d for g, d in zip(self.arrays, noisy)]
