@@ -107,7 +107,7 @@ class Cluster:
     def run(self, name: str, **overrides) -> tuple[int, str, Path]:
         cfg = {"num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 0, "eval-every": 100,
                "examples-per-user": 6, "history-len": 3, "max-length": 32, "batch-size": 3,
-               "max-update-norm": 1000.0, "round-timeout": 40.0, "client-epsilon-budget": 60.0, "wire-log": "true", "publish-catalogue": "true",
+               "max-update-norm": 1000.0, "round-timeout": 120.0, "client-epsilon-budget": 60.0, "wire-log": "true", "publish-catalogue": "true",
                "dataset": f"'{self.dataset}'", "output-dir": f"'{self.root / 'runs'}'", "run-name": f"'{name}'"}
         cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
         with open(self.root / f"run-{name}.log", "w") as stream:
@@ -242,7 +242,7 @@ def test_a_killed_supernode_does_not_stall_the_run_and_rejoins_with_its_ledger(c
 
     watcher = threading.Thread(target=kill_when_training, daemon=True)
     watcher.start()
-    _, status, run_dir = cluster.run("e2e-kill", round_timeout=30.0)
+    _, status, run_dir = cluster.run("e2e-kill", round_timeout=60.0)
     watcher.join(timeout=5)
     assert killed.is_set(), "node2 never started training"
     assert status.startswith("finished:completed"), status
