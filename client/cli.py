@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from common.cli_support import console, fail, load_dataset
+from common.cli_support import console, fail, load_dataset, plain
 
 
 def deploy_node_key(name: str = typer.Argument(..., help="key name, e.g. the device's name"),
@@ -18,10 +18,11 @@ def deploy_node_key(name: str = typer.Argument(..., help="key name, e.g. the dev
     from client.deploy import make_node_key
 
     private, public = make_node_key(out, name)
-    console.print(f"private key {private} (stays on the device); register {public} with `privrec deploy register`")
+    console.print(f"private key {plain(private)} (stays on the device); register {plain(public)} with "
+                  f"`privrec deploy register`")
 
 
-def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink address host:port"),
+def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink Fleet address host:port"),
                      ca: Path = typer.Option(Path("deploy/certs/ca.crt"), help="the CA certificate"),
                      key: Path = typer.Option(..., help="this SuperNode's private key"),
                      data_path: Path = typer.Option(..., help="the device's data: events.jsonl + catalogue.jsonl"),
@@ -31,21 +32,20 @@ def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="Super
                      policy: Optional[list[str]] = typer.Option(
                          None, help="this device's privacy policy, KEY=VALUE (repeatable): privacy-local-dp, "
                                     "privacy-min-noise-multiplier, privacy-max-clip, privacy-delta, "
-                                    "privacy-epsilon-budget, privacy-adjacency")) -> None:
-    """Start a SuperNode for one device (replaces this process)."""
-    import os
-
-    from client.deploy import supernode_command
-    from common.flower_env import flwr_env
+                                    "privacy-epsilon-budget, privacy-adjacency"),
+                     approve: Optional[list[str]] = typer.Option(
+                         None, help="also run the app bundle with this SHA-256 (repeatable); by default the device "
+                                    "runs only the app of its own privrec installation")) -> None:
+    """Run one device: its SuperNode and the SuperExec that starts only approved apps (until stopped)."""
+    from client.deploy import device_launch, run_supervised
     from common.run_config import ConfigError, parse_overrides
 
     try:
-        cmd = supernode_command(superlink, ca, key, data_path, state_dir, port, client_id,
-                                parse_overrides(policy or []))
+        launch = device_launch(superlink, ca, key, data_path, state_dir, port, client_id,
+                               parse_overrides(policy or []), approve=list(approve or []))
     except (ConfigError, FileNotFoundError) as exc:
         fail(exc, label=None)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    os.execvpe(cmd[0], cmd, flwr_env())
+    raise typer.Exit(run_supervised(launch))
 
 
 def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..943)"),
@@ -59,7 +59,7 @@ def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..94
         folder, count = export_user(load_dataset(data, None, None), user, out)
     except (DataFormatError, ValueError) as exc:
         fail(exc)
-    console.print(f"wrote {count} events of user {user} and the catalogue to {folder}/")
+    console.print(f"wrote {count} events of user {plain(user)} and the catalogue to {plain(folder)}/")
 
 
 def recommend(state_dir: Path = typer.Option(..., help="the device's state folder"),
@@ -69,6 +69,11 @@ def recommend(state_dir: Path = typer.Option(..., help="the device's state folde
     from client.recommend import DeviceRecommender
     from common.errors import DataFormatError
 
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            fail("--text: not valid UTF-8 text (it holds bytes that are not characters)")
     try:
         recs = DeviceRecommender(state_dir).recommend(k, text)
     except (DataFormatError, ValueError) as exc:
@@ -77,8 +82,8 @@ def recommend(state_dir: Path = typer.Option(..., help="the device's state folde
     for col in ("rank", "item", "title", "score", "because you"):
         table.add_column(col, justify="right" if col in ("rank", "score") else "left")
     for r in recs:
-        table.add_row(str(r.rank), r.item_id, r.text, f"{r.score:.2f}",
-                      "; ".join(f"{what} ({sim:.2f})" for _, what, sim in r.because))
+        table.add_row(str(r.rank), plain(r.item_id), plain(r.text), f"{r.score:.2f}",
+                      "; ".join(f"{plain(what)} ({sim:.2f})" for _, what, sim in r.because))
     console.print(table)
 
 
@@ -101,4 +106,4 @@ def feedback(state_dir: Path = typer.Option(..., help="the device's state folder
         fail(exc)
     except OSError as exc:  # e.g. a full disk: nothing was recorded
         fail(f"feedback not recorded: {exc}", code=3)
-    console.print(f"recorded {event} on this device")
+    console.print(f"recorded {plain(event)} on this device")

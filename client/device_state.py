@@ -49,7 +49,7 @@ def load_global_state(state_dir: Path) -> tuple[list[str], list[np.ndarray], Mod
     try:
         names = json.loads(meta["names"])
         arrays = [tensors[n] for n in names]
-        settings = ModelSettings(**json.loads(meta["settings"]))
+        settings = ModelSettings.from_stored(json.loads(meta["settings"]))
     except Exception as exc:  # noqa: BLE001
         raise DataFormatError(path, f"unreadable global state ({type(exc).__name__}: {exc})") from None
     return names, arrays, settings, meta
@@ -77,7 +77,8 @@ def load_catalogue(state_dir: Path) -> PublishedCatalogue:
 
 
 def write_device_info(state_dir: Path, data_path: str, client_id: str) -> None:
-    write_json_atomic(Path(state_dir) / DEVICE, {"data-path": str(Path(data_path).resolve()), "client-id": client_id})
+    write_json_atomic(Path(state_dir) / DEVICE, {"data-path": str(Path(data_path).resolve()), "client-id": client_id},
+                      private=True)
 
 
 def read_device_info(state_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.dataset import Dataset
-from common.io import write_text_atomic
+from common.io import make_private_dir, write_text_atomic
 
 
 def export_user(data: Dataset, user_id: str, out: str | Path) -> tuple[Path, int]:
@@ -18,7 +18,7 @@ def export_user(data: Dataset, user_id: str, out: str | Path) -> tuple[Path, int
     returns the folder and the number of events."""
     if user_id not in data.user_ids:
         raise ValueError(f"unknown user id {user_id!r}; ids run from {data.user_ids[0]} to {data.user_ids[-1]}")
-    out = Path(out)
+    out = make_private_dir(out)  # a person's ratings: readable by the device's owner only
     u = data.user_ids.index(user_id)
     rows = np.flatnonzero(data.user == u)
     rows = rows[np.argsort(data.timestamp[rows], kind="stable")]
@@ -30,7 +30,7 @@ def export_user(data: Dataset, user_id: str, out: str | Path) -> tuple[Path, int
         if data.event_text is not None and data.event_text[r]:
             event["text"] = data.event_text[r]
         lines.append(json.dumps(event))
-    write_text_atomic(out / "events.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out / "events.jsonl", "\n".join(lines) + "\n", private=True)
     write_text_atomic(out / "catalogue.jsonl",
                       "\n".join(json.dumps({"item": it.item_id, "text": it.render()}) for it in data.items) + "\n")
     return out, len(rows)

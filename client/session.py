@@ -6,7 +6,8 @@ DP machinery is in place and *before* the first step, so whatever happens afterw
 crash, a killed process, a lost reply) the ledger can only over-report. A session that
 cannot start records nothing. The schedule (Poisson rate, steps, denominator) comes from
 public numbers, so a client with no examples takes the same noise-only steps and nothing
-in the reply depends on how many examples it holds (:mod:`common.wire`).
+in the reply depends on how many examples it holds (:mod:`common.wire`). A request for a (run,
+round) the device already answered gets the reply it released then (:mod:`client.released`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from client.released import ReleasedReplies
 from common.device_policy import DevicePolicy
 from common.features import FeatureSet
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
@@ -77,6 +79,7 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
         names, arrays = get_state(runtime.model)
         return SessionResult(names=names, arrays=arrays, metrics={"refused": 0.0})
     schedule = client_schedule(cfg)  # the same for every client, whatever it holds
+    released = ReleasedReplies(ledger_dir, client_id)
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
@@ -85,25 +88,45 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency)
-            allowed = ledger.max_steps_within_budget(planned)
-            if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
-                return refusal("privacy-budget")
-            session = replace(planned, steps=allowed)
-            tcfg.max_steps = allowed
+            earlier = ledger.recorded(run_id, server_round, "dp-sgd")
+            if earlier is not None:
+                kept = released.load("train", run_id, server_round)
+                if kept is not None:  # asked again (a resumed server): the same bytes, no new spend
+                    names, arrays, metrics = kept
+                    return SessionResult(names=names, arrays=arrays, metrics=metrics)
+                if not _same_mechanism(earlier, planned):
+                    earlier = None  # another mechanism: a new session, recorded as such
+            if earlier is None:
+                allowed = ledger.max_steps_within_budget(planned)
+                if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
+                    return refusal("privacy-budget")
+                session, record = replace(planned, steps=allowed), True
+            else:  # recorded, but its reply was never kept, so never released: run it under that record
+                session, record = earlier, False
+            tcfg.max_steps = session.steps
             texts, targets, weights = padded_rows(data, cfg["examples-per-user"])
             features = _features(runtime, texts)
             # The session never re-encodes the catalogue: item embeddings stay those of the global
             # state, so the runtime's catalogue cache stays valid for the next client of the round.
-            report = train(runtime.model, features, targets, None, tcfg, on_start=lambda: ledger.record(session),
-                           row_weights=weights)
+            report = train(runtime.model, features, targets, None, tcfg,
+                           on_start=(lambda: ledger.record(session)) if record else None, row_weights=weights)
             if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
                 # Opacus' own accounting of this session exceeds what the ledger composed.
                 raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
             names, arrays = get_state(runtime.model)
-            return SessionResult(names=names, arrays=arrays,
-                                 metrics=mechanism_metrics(ledger, session, schedule.expected_batch_size))
+            metrics = mechanism_metrics(ledger, session, schedule.expected_batch_size)
+            released.save("train", run_id, server_round, names, arrays, metrics)  # kept before it leaves
+            return SessionResult(names=names, arrays=arrays, metrics=metrics)
     except LedgerUnavailableError:
         return refusal("ledger-unavailable")
+
+
+def _same_mechanism(recorded: Session, planned: Session) -> bool:
+    """Whether a recorded session's mechanism covers the planned one (the same noise, rate and clip,
+    at most as many steps)."""
+    return (recorded.noise_multiplier, recorded.sample_rate, recorded.max_grad_norm, recorded.adjacency) == \
+        (planned.noise_multiplier, planned.sample_rate, planned.max_grad_norm, planned.adjacency) \
+        and recorded.steps <= planned.steps
 
 
 def padded_rows(data: ClientData, cap: int) -> tuple[list[str], np.ndarray, np.ndarray]:

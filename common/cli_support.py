@@ -11,14 +11,23 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(width=None if Console().is_terminal else 170)
 
 
+def plain(text: object) -> str:
+    """``text`` safe to show on a terminal through rich: control characters (terminal escape sequences
+    among them) replaced by U+FFFD, rich markup escaped. For anything that comes from data: catalogue
+    titles the server published, item ids, file paths, messages quoting them."""
+    shown = "".join(ch if ch.isprintable() or ch == " " else "\ufffd" for ch in str(text))
+    return escape(shown)
+
+
 def fail(message: object, code: int = 2, label: Optional[str] = "error") -> NoReturn:
     """Print ``label: message`` in red (the whole message in red without a label) and exit with ``code``
-    (2: unreadable or malformed input, the default)."""
-    console.print(f"[red]{label}:[/red] {message}" if label is not None else f"[red]{message}[/red]")
+    (2: unreadable or malformed input, the default). The message is shown as plain text."""
+    console.print(f"[red]{label}:[/red] {plain(message)}" if label is not None else f"[red]{plain(message)}[/red]")
     raise typer.Exit(code)
 
 

@@ -44,15 +44,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_json_atomic(path: str | Path, obj: Any, strict: bool = False) -> Path:
+def write_json_atomic(path: str | Path, obj: Any, strict: bool = False, private: bool = False) -> Path:
     """Write JSON to a temp file beside ``path`` and rename it into place; ``strict`` refuses NaN and
     infinity (which strict JSON readers reject) with a ValueError instead of writing them."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=not strict) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=not strict) + "\n",
+                             private=private)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_text_atomic(path: str | Path, text: str, private: bool = False) -> Path:
     """Write ``text`` (UTF-8) to a temp file beside ``path``, fsync, and rename it into place."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return write_bytes_atomic(path, text.encode("utf-8"), private=private)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, private: bool = False) -> Path:
@@ -100,6 +101,20 @@ def exclusive_lock(lock_path: str | Path, timeout: float, holder: str = "another
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def hold_lock(lock_path: str | Path) -> int | None:
+    """Take an exclusive ``flock`` on ``lock_path`` (created 0600) without waiting: the descriptor that
+    holds it (close it to release), or None when another process holds the lock."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are not JSON: privrec never writes them, so reading one means a damaged file."""
     raise ValueError(f"{name} is not a JSON number")
@@ -144,6 +159,15 @@ def load_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise DataFormatError(path, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def make_private_dir(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) and make it accessible by its owner only (0700), also
+    when it already existed: it holds user data, keys or server state."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
 
 
 def fsync_folder(folder: str | Path) -> None:

@@ -5,9 +5,10 @@ One JSON file per client (``ledger-<client>.json``), beside two companions:
 - ``ledger-<client>.lock``: an exclusive ``flock`` held around plan, record and training
   (:meth:`PrivacyLedger.session`), so two overlapping sessions on one device cannot both plan
   against the same history and overwrite each other's spend;
-- ``ledger-<client>.enrolled``: written once, when the client's first ledger is created. A
-  client that is enrolled but whose ledger is missing or unreadable refuses to train: it
-  never starts again from 0.
+- ``ledger-<client>.enrolled``: written once, right after the client's first (empty) ledger is
+  created. A client that is enrolled but whose ledger is missing or unreadable refuses to train:
+  it never starts again from 0. Deleting both files (the device's owner can always erase its own
+  state) starts it again from 0: that is outside the guarantee, which is per ledger.
 
 A release is recorded (temp file, fsync, rename, fsync of the folder) *before* its result may
 leave the device, so a crash can only over-report. The cumulative epsilon is recomputed from
@@ -152,10 +153,13 @@ class PrivacyLedger:
                 raise LedgerUnavailableError(f"{path}: missing, but {marker.name} shows this client has a ledger; "
                                              f"refusing to start again from epsilon 0")
             else:
-                _enrol(marker, client_id)  # first the marker: from here on a lost ledger is noticed
                 ledger = cls(path=path, client_id=client_id, budget_epsilon=budget_epsilon, delta=delta,
                              accountant=accountant, policy=dict(policy or {}))
+                # First the empty ledger, then the marker: a crash or a full disk between the two leaves
+                # a ledger without a marker (enrolled at the next session), never a marker without a
+                # ledger, which would make the device refuse for ever although it released nothing.
                 ledger._write()
+                _enrol(marker, client_id)
             if policy is not None:
                 ledger.policy = dict(policy)
             yield ledger
@@ -187,6 +191,11 @@ class PrivacyLedger:
         if client_id is not None and ledger.client_id != client_id:
             raise LedgerUnavailableError(f"{path}: ledger belongs to client {ledger.client_id!r}, not {client_id!r}")
         return ledger
+
+    def recorded(self, run_id: str, server_round: int, kind: str) -> Session | None:
+        """The session this ledger recorded for (run, round, kind), if any (the latest)."""
+        matches = [s for s in self.sessions if s.run_id == run_id and s.round == server_round and s.kind == kind]
+        return matches[-1] if matches else None
 
     def recomputed_epsilon(self) -> float:
         """Epsilon composed from the recorded history (what ``epsilon`` must equal)."""

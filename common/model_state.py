@@ -10,7 +10,8 @@ or server round in that process reuses it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,35 @@ class ModelSettings:
     max_length: int = 64
     item_max_length: int = 32
     scale: float = 20.0
+
+    @classmethod
+    def from_stored(cls, raw: Any) -> "ModelSettings":
+        """Settings read back from a file: every field of the right type and within the run config's
+        range (a ValueError naming the field otherwise), checked before any model is built from them."""
+        from common.run_config import FIELDS
+
+        if not isinstance(raw, dict):
+            raise ValueError(f"settings must be a JSON object, got {type(raw).__name__}")
+        defaults = asdict(cls())
+        unknown = sorted(set(raw) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        values = {}
+        for name, default in defaults.items():
+            value = raw.get(name, default)
+            wanted = bool if isinstance(default, bool) else int if isinstance(default, int) else float
+            ok = isinstance(value, bool) if wanted is bool else (
+                isinstance(value, int) and not isinstance(value, bool) if wanted is int else
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"setting {name}: {value!r} is not a {wanted.__name__}")
+            key = name.replace("_", "-")
+            if key in FIELDS:
+                FIELDS[key].check(key, value)
+            elif not (math.isfinite(value) and value > 0):
+                raise ValueError(f"setting {name}: {value!r} must be a positive number")
+            values[name] = wanted(value)
+        return cls(**values)
 
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> "ModelSettings":

@@ -127,10 +127,30 @@ FIELDS: dict[str, Field] = {
         ("a round with fewer accepted updates leaves the global model unchanged (without central DP; with "
          "it the noisy aggregate is always released, as the accountant assumes)"), low=1, high=10000000.0),
     "round-timeout": Field(600.0, "server", "seconds the server waits for a round's replies", low=1, high=1000000.0),
+    "max-failed-share": Field(
+        0.5, "server",
+        ("the run stops (after checkpointing the round) when more than this share of a round's sampled "
+         "clients send no usable reply (none, an error, or a rejected one); refusals count as answers"),
+        low=0, high=1.0),
     "max-update-norm": Field(
-        50.0, "server",
-        ("replies whose update norm exceeds this are rejected"), low=0, high=1000000000.0, low_inclusive=False),
-    "strategy": Field("fedadam", "server", "fedavg or fedadam (Flower strategies)", choices=("fedavg", "fedadam")),
+        0.0, "server",
+        ("replies whose update norm exceeds this are rejected; 0: derived from the public local-DP mechanism "
+         "(the bound an honest update exceeds with probability below 1e-9; 50 without local DP)"),
+        low=0, high=1000000000.0),
+    "aggregator": Field(
+        "mean", "server",
+        ("how accepted updates are combined before the server step: mean, median, trimmed-mean, krum, "
+         "multikrum or bulyan (Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan rules); "
+         "central DP needs mean"),
+        choices=("mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan")),
+    "trim-fraction": Field(
+        0.1, "server", "trimmed-mean: the fraction of values dropped at each end of every coordinate",
+        low=0, high=0.49),
+    "byzantine-clients": Field(
+        1, "server", "krum, multikrum, bulyan: the number f of hostile clients per round the rule assumes",
+        low=0, high=10000000.0),
+    "strategy": Field("fedadam", "server", "the server step: fedavg (take the aggregate) or fedadam (Adam on it)",
+                      choices=("fedavg", "fedadam")),
     "server-learning-rate": Field(
         0.01, "server",
         ("FedAdam's server learning rate (eta)"), low=0, high=10, low_inclusive=False),
@@ -208,6 +228,10 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, field in FIELDS.items():
         field.check(key, cfg[key])
     cfg["client-sampling"] = _sampling_scheme(cfg)
+    if cfg["central-dp"] and cfg["aggregator"] != "mean":
+        raise ConfigError(f"run config 'aggregator': {cfg['aggregator']!r} cannot be used with central-dp=true: the "
+                          f"accountant assumes the noise covers a sum of clipped updates (sensitivity central-clip); "
+                          f"a robust rule has another sensitivity (use aggregator=mean)")
     if cfg["min-replies"] > cfg["clients-per-round"]:
         raise ConfigError(f"run config 'min-replies': {cfg['min-replies']} is more than clients-per-round "
                           f"{cfg['clients-per-round']}, so no round could ever update the model")
@@ -223,8 +247,10 @@ def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A run config read back from a run folder, with every key that privrec version lacked filled in:
     the value that reproduces what that run did where a key's default has changed since (a plain
     item bias; the sampling used before client-sampling existed: uniform, Poisson under central
-    DP), the current default otherwise. The one place that knows about older run folders."""
-    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform"}
+    DP; the plain mean before aggregator existed; no failure threshold), the current default
+    otherwise. The one place that knows about older run folders."""
+    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
+              "aggregator": "mean", "max-failed-share": 1.0}
     return {**DEFAULTS, **legacy, **stored}
 
 

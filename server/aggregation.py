@@ -1,8 +1,7 @@
-"""Turn the accepted replies of a round into the next global state.
+"""The second stage of aggregation: the server step from the round's aggregate to the next global state.
 
-Two stages. The *mean*: the equal-weight average of the accepted states (a weight by example
-count would need the count, which is private), or with central DP the
-clipped, noised mean update of :mod:`server.central_dp`. The *server step*:
+The first stage is :mod:`server.aggregators` (the rule chosen with ``aggregator``), or with
+central DP the clipped, noised mean update of :mod:`server.central_dp`. The *server step*:
 Flower's FedAvg (take the mean) or FedAdam (Adam on the mean update, Reddi et al.
 2021), whose optimiser state is checkpointed.
 """
@@ -54,25 +53,6 @@ def make_server_step(name: str, server_learning_rate: float):
 
 def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
     return ArrayRecord({n: Array(np.asarray(a, dtype=np.float32)) for n, a in zip(names, arrays)})
-
-
-def weighted_mean(names: list[str], states: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
-    """Weighted mean of client states (the federation passes equal weights), on the already-validated arrays.
-
-    Computed directly on numpy: the replies were deserialised once for validation,
-    and re-wrapping them as records for Flower's helper would cost more than the sum.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    if len(states) == 0 or w.sum() <= 0:
-        raise ValueError("weighted_mean needs at least one state with positive weight")
-    w = w / w.sum()
-    out = []
-    for k in range(len(names)):
-        acc = np.zeros(states[0][k].shape, dtype=np.float64)
-        for wi, s in zip(w, states):
-            acc += wi * s[k]
-        out.append(acc.astype(np.float32))
-    return out
 
 
 def server_step(step, server_round: int, names: list[str], current: list[np.ndarray],

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from common.cli_support import console, fail
+from common.cli_support import console, fail, plain
 
 
 def audit(
@@ -30,18 +30,18 @@ def audit(
         fail(exc, label="error (input)")
     except OSError as exc:
         fail(f"cannot write the audit into {run_dir}: {exc}", code=3, label="error (output)")
-    console.print(report["statement"])
+    console.print(plain(report["statement"]))
     table = Table(title=f"consistency checks of {report['run_id']}")
     for col in ("result", "check", "reason"):
         table.add_column(col)
     colour = {"pass": "green", "fail": "red"}
     for c in report["checks"]:
-        table.add_row(f"[{colour.get(c['status'], 'dim')}]{c['status']}[/]", c["title"], c["reason"])
+        table.add_row(f"[{colour.get(c['status'], 'dim')}]{c['status']}[/]", plain(c["title"]), plain(c["reason"]))
     console.print(table)
     for c in report["checks"]:
         for problem in c["problems"][:10]:
-            console.print(f"  [red]{c['name']}[/red]: {problem}")
-    console.print(f"wrote {json_path} and {html_path}")
+            console.print(f"  [red]{c['name']}[/red]: {plain(problem)}")
+    console.print(f"wrote {plain(json_path)} and {plain(html_path)}")
     if not report["all_checks_passed"]:
         raise typer.Exit(1)
 
@@ -53,34 +53,41 @@ def deploy_certs(out: Path = typer.Option(Path("deploy/certs"), help="folder for
     from server.deploy import make_certificates
 
     paths = make_certificates(out, host)
-    console.print(f"CA {paths['ca_cert']} (give to SuperNodes and operators; keep {paths['ca_key']} offline); "
+    console.print(f"CA {plain(paths['ca_cert'])} (give to SuperNodes and operators; keep {plain(paths['ca_key'])} offline); "
                   f"SuperLink certificate {paths['cert']} for {', '.join(host)}")
 
 
 def deploy_superlink(certs: Path = typer.Option(Path("deploy/certs"), help="folder made by `privrec deploy certs`"),
-                     port: int = typer.Option(9091, help="the SuperLink's one HTTPS port (Fleet, Control, Runtime)"),
-                     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+                     port: int = typer.Option(9091, help="the Fleet API's HTTPS port (what devices connect to)"),
+                     host: str = typer.Option("127.0.0.1", help="interface of the Fleet API (0.0.0.0: all)"),
+                     control_port: int = typer.Option(9093, help="loopback-only HTTPS port of the Control and Runtime "
+                                                                 "APIs (register, run, logs)"),
                      database: Optional[Path] = typer.Option(Path("deploy/superlink.db"),
                                                              help="state file: registrations survive restarts")) -> None:
-    """Start the SuperLink with TLS and SuperNode authentication (replaces this process)."""
+    """Start the SuperLink: TLS, SuperNode authentication, Fleet API public, Control API on loopback only."""
     import os
 
     from common.flower_env import flwr_env
     from server.deploy import superlink_command
 
-    cmd = superlink_command(certs, port, host, database)
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cmd = superlink_command(certs, port, host, database, control_port)
+    except FileNotFoundError as exc:
+        fail(exc)
     os.execvpe(cmd[0], cmd, flwr_env())
 
 
-def deploy_connect(superlink: str = typer.Option("127.0.0.1:9091", help="SuperLink address host:port"),
+def deploy_connect(superlink: str = typer.Option("127.0.0.1:9093", help="the SuperLink's Control API, on this host "
+                                                                        "(127.0.0.1:<control-port>)"),
                    ca: Path = typer.Option(Path("deploy/certs/ca.crt"), help="the CA certificate"),
                    name: str = typer.Option("edge", help="connection name used by register and run")) -> None:
-    """Point the flwr CLI (FLWR_HOME, default .flwr-deploy) at the SuperLink, over TLS."""
+    """Point the flwr CLI (FLWR_HOME, default .flwr-deploy) at the SuperLink's Control API, over TLS."""
     from server.deploy import write_connection
 
-    console.print(f"wrote {write_connection(superlink, ca, name)}")
+    try:
+        console.print(f"wrote {plain(write_connection(superlink, ca, name))}")
+    except (FileNotFoundError, ValueError) as exc:
+        fail(exc)
 
 
 def deploy_register(public_key: Path = typer.Argument(..., help="a SuperNode's NAME.pub"),
@@ -92,7 +99,7 @@ def deploy_register(public_key: Path = typer.Argument(..., help="a SuperNode's N
         node = register_supernode(public_key, name)
     except RuntimeError as exc:
         fail(exc, code=1)
-    console.print(f"registered {public_key}: node id {node}")
+    console.print(f"registered {plain(public_key)}: node id {node}")
 
 
 def deploy_run(run_config: Optional[list[str]] = typer.Option(None, help="run-config overrides, as for flwr run"),
@@ -102,6 +109,6 @@ def deploy_run(run_config: Optional[list[str]] = typer.Option(None, help="run-co
     from server.deploy import run_and_wait
 
     run_id, status = run_and_wait(app_dir, ["publish-catalogue=true", *(run_config or [])], name)
-    console.print(f"run {run_id}: {status}")
+    console.print(f"run {run_id}: {plain(status)}")
     if not status.startswith("finished:completed"):
         raise typer.Exit(1)

@@ -1,10 +1,12 @@
 """Server-side deployment tooling: a CA and TLS certificate for the SuperLink, the command that starts
-it with TLS and SuperNode authentication, the ``flwr`` CLI connection to it, SuperNode
+it (TLS, SuperNode authentication, the Fleet API public and the Control and Runtime APIs on
+loopback only: :mod:`server.superlink_gate`), the ``flwr`` CLI connection to it, SuperNode
 registration, and a run that fails loudly unless it completed.
 
-Flower 1.42's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port. Its
-Control API (register nodes, start runs) has no user authentication without Flower's account
-auth: expose that port only where operators and devices can reach it.
+Who can do what (the threat model, also in docs/deployment.md): devices reach only the Fleet API,
+and only registered SuperNodes may use it (Flower's node authentication). Registering nodes,
+submitting runs and reading their logs go through the Control API, which listens on the server's
+loopback interface only: they need a shell on the SuperLink's host.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
+import queue
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.flower_env import flwr_env
-from common.io import write_bytes_atomic, write_text_atomic
+from common.io import make_private_dir, write_bytes_atomic, write_text_atomic
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
 
 def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
@@ -34,8 +42,8 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dic
     """
     if not hosts:
         raise ValueError("give at least one host name or IP address for the SuperLink certificate")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))  # the operator's CLI uses the loopback listener
+    out = make_private_dir(out)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privrec"),
@@ -77,20 +85,28 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dic
     return paths
 
 
-def superlink_command(certs: str | Path, port: int, host: str = "127.0.0.1",
-                      database: str | Path | None = None) -> list[str]:
-    """flower-superlink with TLS (the certificates from :func:`make_certificates`) and SuperNode auth."""
+def superlink_command(certs: str | Path, port: int, host: str = "127.0.0.1", database: str | Path | None = None,
+                      control_port: int = 9093) -> list[str]:
+    """The SuperLink (:mod:`server.superlink_gate`): TLS with the certificates of
+    :func:`make_certificates`, SuperNode authentication, the Fleet API on ``host:port`` and the
+    Control and Runtime APIs on ``127.0.0.1:control_port`` only. With ``database`` its state
+    survives restarts; the file is created 0600 in a 0700 folder."""
     certs = Path(certs).resolve()
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (certs / name).is_file():
             raise FileNotFoundError(f"{certs / name}: missing; create it with `privrec deploy certs`")
-    cmd = [shutil.which("flower-superlink", path=flwr_env()["PATH"]) or "flower-superlink",
+    cmd = [sys.executable, "-m", "server.superlink_gate", "--host", host, "--port", str(port),
+           "--control-port", str(control_port), "--",
            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
            "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-           "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-           "--host", host, "--port", str(port)]
+           "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
     if database is not None:  # registrations survive a SuperLink restart only with a database
-        cmd += ["--database", str(Path(database).resolve())]
+        database = Path(database).resolve()
+        make_private_dir(database.parent)
+        if not database.exists():  # SQLite keeps an existing file's mode (and gives its journals the same)
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(database, 0o600)
+        cmd += ["--database", str(database)]
     return cmd
 
 
@@ -133,11 +149,64 @@ def list_supernodes(name: str = "edge", flwr_home: str | Path | None = None) -> 
     return json.loads(res.stdout).get("nodes", [])
 
 
+RUN_COMPLETE = "[privrec] run complete:"  # the ServerApp's last log line, once result.json is written
+STRAGGLER_GRACE_S = 15.0
+
+
+def _run_state(run_id: int, name: str, flwr_home: str | Path | None) -> str:
+    status = _flwr(["ls", name, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    try:
+        run = json.loads(status.stdout)["runs"][0]
+        return str(run["status"]) + (f" ({run['status-details']})" if run.get("status-details") else "")
+    except (ValueError, KeyError, IndexError):
+        return f"unknown: {(status.stdout + status.stderr).strip()[-400:]}"
+
+
+def _follow_log(run_id: int, name: str, flwr_home: str | Path | None, timeout: float, stream) -> bool:
+    """Copy the run's log to ``stream`` until it ends, :data:`RUN_COMPLETE` appears or ``timeout``
+    passes; True when the ServerApp said it completed."""
+    env = flwr_env(flwr_home)
+    exe = shutil.which("flwr", path=env["PATH"]) or "flwr"
+    proc = subprocess.Popen([exe, "log", str(run_id), name, "--stream"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline, complete = time.time() + timeout, False
+    try:
+        while time.time() < deadline:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if stream is not None:
+                stream.write(line)
+                stream.flush()
+            if RUN_COMPLETE in line:
+                complete = True
+                break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+    return complete
+
+
 def run_and_wait(app_dir: str | Path, run_config: list[str], name: str = "edge",
                  flwr_home: str | Path | None = None, timeout: float = 3600, stream=None) -> tuple[int, str]:
     """Start a run, stream its log until it ends, and return (run id, final status).
 
     ``flwr run --stream`` exits 0 even when the ServerApp fails, so the status comes from ``flwr ls``.
+    Once the ServerApp has logged :data:`RUN_COMPLETE` the run's work is done; a runtime that still
+    waits for a client task (Flower's simulation finishes every task it started, however long a hung
+    client takes) is stopped after :data:`STRAGGLER_GRACE_S` and the status says so.
     """
     args = ["run", str(Path(app_dir).resolve()), name, "--format", "json"]
     for rc in run_config:
@@ -147,18 +216,17 @@ def run_and_wait(app_dir: str | Path, run_config: list[str], name: str = "edge",
         run_id = int(json.loads(res.stdout)["run-id"])
     except (ValueError, KeyError):
         raise RuntimeError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-800:]}") from None
-    env = flwr_env(flwr_home)
-    exe = shutil.which("flwr", path=env["PATH"]) or "flwr"
-    subprocess.run([exe, "log", str(run_id), name, "--stream"], env=env, timeout=timeout,
-                   stdout=stream, stderr=subprocess.STDOUT if stream is not None else None)
-    deadline = time.time() + 120  # the status can trail the end of the log stream by a moment
+    complete = _follow_log(run_id, name, flwr_home, timeout, stream)
+    deadline = time.time() + (STRAGGLER_GRACE_S if complete else 120)  # the status trails the log a moment
     while True:
-        status = _flwr(["ls", name, "--run-id", str(run_id), "--format", "json"], flwr_home)
-        try:
-            run = json.loads(status.stdout)["runs"][0]
-            state = str(run["status"]) + (f" ({run['status-details']})" if run.get("status-details") else "")
-        except (ValueError, KeyError, IndexError):
-            state = f"unknown: {(status.stdout + status.stderr).strip()[-400:]}"
-        if state.startswith("finished:") or time.time() > deadline:
+        state = _run_state(run_id, name, flwr_home)
+        if state.startswith("finished:"):
             return run_id, state
+        if time.time() > deadline:
+            break
         time.sleep(2)
+    if not complete:
+        return run_id, state
+    _flwr(["stop", str(run_id), name], flwr_home)
+    return run_id, (f"finished:completed (the ServerApp completed; the runtime still waited for client tasks "
+                    f"{STRAGGLER_GRACE_S:.0f} s later and was stopped)")

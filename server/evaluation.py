@@ -32,17 +32,24 @@ class ServerEvaluator:
 
     def evaluate(self, names: list[str], arrays: list[np.ndarray]) -> dict[str, dict[str, float]]:
         """Metrics per split for the given global state."""
+        return {w: evaluate_scores(self.scores(names, arrays, w), self.split, w, self.users) for w in self._features}
+
+    def scores(self, names: list[str], arrays: list[np.ndarray], which: str) -> np.ndarray:
+        """[users x items] scores of the given global state for the ``which`` split's inputs."""
         self.runtime.load_state(names, arrays)
-        return {w: evaluate_scores(user_scores(self.runtime.model, f), self.split, w, self.users)
-                for w, f in self._features.items()}
+        return user_scores(self.runtime.model, self._features[which])
 
 
 def federated_evaluation(replies: Iterable[Message], sent: list[Message],
                          cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[int, float]]:
-    """(metrics row, node -> reported epsilon) from the replies to ``sent`` evaluation messages: the mean
-    of the validated noisy (HR@10, NDCG@10) releases (see :mod:`client.evaluation`) and the noise std
-    of that mean; refusals and invalid replies are counted, never used; failed, unsolicited and
-    second replies are ignored."""
+    """(metrics row, node -> reported epsilon) from the replies to ``sent`` evaluation messages: the median
+    of the validated noisy (HR@10, NDCG@10) releases (see :mod:`client.evaluation`) and its noise std;
+    refusals and invalid replies are counted, never used; failed, unsolicited and second replies are
+    ignored.
+
+    A release outside the range an honest one can take (:func:`server.validation.evaluation_release_range`)
+    is rejected; within it, one device can move the median of m releases by at most one order
+    statistic, about s * sqrt(pi/2) / m for noise std s (a mean would move by up to the range / m)."""
     chosen = {int(m.metadata.dst_node_id) for m in sent}
     destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
     rows, refused, rejected = [], 0, 0
@@ -72,7 +79,9 @@ def federated_evaluation(replies: Iterable[Message], sent: list[Message],
     out: dict[str, Any] = {"federated_clients": len(rows), "federated_refused": refused,
                            "federated_rejected": rejected}
     if rows:
-        out["federated_HR@10"] = float(np.mean([r["HR@10"] for r in rows]))
-        out["federated_NDCG@10"] = float(np.mean([r["NDCG@10"] for r in rows]))
-        out["federated_noise_std_of_mean"] = cfg["eval-noise-multiplier"] * math.sqrt(2.0 / len(rows))
+        out["federated_HR@10"] = float(np.median([r["HR@10"] for r in rows]))
+        out["federated_NDCG@10"] = float(np.median([r["NDCG@10"] for r in rows]))
+        # The median of m releases with Gaussian noise of std s has std about s * sqrt(pi / (2m)).
+        out["federated_noise_std_of_median"] = cfg["eval-noise-multiplier"] * math.sqrt(2.0) * math.sqrt(
+            math.pi / (2 * len(rows)))
     return out, epsilons

@@ -26,23 +26,18 @@ from common.partition import dataset_from_source, split_for
 from common.results import result_record
 from common.run_config import ConfigError, resolve
 from common.secure_random import SecureStream
-from server.aggregation import (
-    load_optimizer_state,
-    make_server_step,
-    optimizer_state,
-    server_step,
-    to_record,
-    weighted_mean,
-)
+from server.aggregation import load_optimizer_state, make_server_step, optimizer_state, server_step, to_record
+from server.aggregators import aggregate
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP, client_rate
-from server.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.deploy import RUN_COMPLETE
 from server.evaluation import ServerEvaluator, federated_evaluation
-from server.privacy_statement import privacy_statement
+from server.privacy_statement import ledgers_epsilon, privacy_statement
 from server.resume import check_resume, restored_central, restored_spend
 from server.run_folder import RunFolder
 from server.sampling import sample_clients
-from server.validation import adapter_specs, describe_reply, judge_train_reply
+from server.validation import adapter_specs, describe_reply, judge_train_reply, update_norm_bound
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, settle: float = 5.0) -> list[int]:
@@ -73,12 +68,18 @@ class Federation:
         split = split_for(cfg["dataset"])
         split.eval_users()  # raises NoEvaluationUsersError when no user has the 3 events the split needs
         self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
-        check_resume(self.folder, cfg)
-        self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
-            p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
-        self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
+        self.folder.lock()  # held until run() ends: one run per folder
+        try:
+            check_resume(self.folder, cfg)
+            self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
+                p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
+            self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
+        except BaseException:
+            self.folder.unlock()
+            raise
         self.names, self.arrays = get_state(self.runtime.model)
         self.specs = adapter_specs(self.names, self.arrays)
+        self.max_update_norm = update_norm_bound(cfg, sum(int(a.size) for a in self.arrays))
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
         self.evaluator = ServerEvaluator(self.runtime, split)
         self.client_epsilon: dict[str, float] = {}
@@ -98,16 +99,20 @@ class Federation:
         load_optimizer_state(self.step, optimizer, self.names, self.arrays, self.folder.checkpoints / meta["weights"])
         self.start_round = int(meta["round"]) + 1
         self.folder.keep_rounds_up_to(int(meta["round"]))
-        self._restore_privacy(meta)
-        log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
-
-    def _restore_privacy(self, meta: dict[str, Any] | None) -> None:
-        """The per-node spend and the central-DP accountant as of the last record (see :mod:`server.resume`)."""
+        # The per-node spend and the central-DP accountant as of the last record (see server.resume).
         self.client_epsilon = restored_spend(self.folder, meta)
         if self.central is not None:
             self.central = restored_central(self.folder, meta, self.central)
+        log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
 
     def run(self) -> Path:
+        """Run (or continue) the rounds; the run folder's lock is released however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.folder.unlock()
+
+    def _run(self) -> Path:
         cfg = self.cfg
         self.nodes = _wait_for_nodes(self.grid, cfg["clients-per-round"], cfg["round-timeout"])
         if not self.nodes:
@@ -116,27 +121,49 @@ class Federation:
             q = client_rate(cfg["clients-per-round"], len(self.nodes))
             self.central = CentralDP(cfg["central-noise-multiplier"], cfg["central-clip"], q, len(self.nodes),
                                      cfg["central-delta"])
-        if cfg["resume"] and (self.folder.checkpoints / LATEST).exists():
+        if cfg["resume"]:
             self._restore()
-        elif cfg["resume"]:
-            self.folder.keep_rounds_up_to(-1)  # stopped before its first checkpoint: start over,
-            self._restore_privacy(None)  # but what was released before the crash still counts
-        log(INFO, "privrec run %s: %d clients, rounds %d..%d, strategy %s, local DP %s, central DP %s",
-            self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"], cfg["strategy"],
-            cfg["local-dp"], cfg["central-dp"])
+        log(INFO, "privrec run %s: %d clients, rounds %d..%d, aggregator %s, strategy %s, update norm bound %.4g, "
+            "local DP %s, central DP %s", self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"],
+            cfg["aggregator"], cfg["strategy"], self.max_update_norm, cfg["local-dp"], cfg["central-dp"])
         if self.start_round == 1:
-            self._record(0, {"clients_sampled": 0}, self._evaluate(0))
+            self._record(0, {"clients_sampled": 0}, self._evaluate(0)[0])
         for rnd in range(self.start_round, cfg["num-server-rounds"] + 1):
             t0 = time.perf_counter()
-            row = self._train_round(rnd)
+            row, record = self._train_round(rnd)
             evaluate = rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]
-            metrics = self._evaluate(rnd) if evaluate else {}
+            metrics, record["evaluated"] = self._evaluate(rnd) if evaluate else ({}, [])
+            self.folder.append(self.folder.rounds, record)
+            row.update(self._spend_summary())  # after the round's evaluation releases too
             row["round_seconds"] = round(time.perf_counter() - t0, 2)
             self._record(rnd, row, metrics)
             self._checkpoint(rnd)
+            self._check_health(rnd, record)
         return self._finish()
 
-    def _train_round(self, rnd: int) -> dict[str, Any]:
+    def _check_health(self, rnd: int, record: dict[str, Any]) -> None:
+        """Stop the run (after the round is checkpointed, so it can be resumed) when more than
+        ``max-failed-share`` of the sampled clients sent no usable reply (none at all, an error, or one
+        that was rejected; a refusal is a device's own decision and counts as an answer): dead
+        workers, unreachable devices or a bound that rejects honest updates must not turn into a run
+        that reports success on a handful of updates."""
+        sampled = len(record["sampled"])
+        unusable = len(record["failed"]) + len(record["rejected"])
+        if sampled and unusable > self.cfg["max-failed-share"] * sampled:
+            reasons = [*record.get("failed_reasons", []), *record.get("rejected_reasons", [])]
+            raise RuntimeError(f"round {rnd}: {unusable} of {sampled} sampled clients sent no usable reply "
+                               f"({len(record['failed'])} failed, {len(record['rejected'])} rejected), more than "
+                               f"max-failed-share {self.cfg['max-failed-share']:g}; the run stops after "
+                               f"checkpointing round {rnd} (continue it with resume=true once the cause is "
+                               f"fixed). Reasons: {reasons[:3]}")
+
+    def _spend_summary(self) -> dict[str, Any]:
+        eps = list(self.client_epsilon.values())
+        return {"epsilon_max": max(eps) if eps else None, "epsilon_median": float(np.median(eps)) if eps else None,
+                "clients_with_spend": len(eps), "user_epsilon": self.central.epsilon() if self.central else None}
+
+    def _train_round(self, rnd: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Sample, send, judge and aggregate one round: (its metrics row, its rounds.jsonl record)."""
         cfg = self.cfg
         # Poisson sampling (central DP) draws from the secure stream: who is sampled must be secret.
         # The other schemes are not part of a mechanism and stay reproducible from the seed.
@@ -149,6 +176,7 @@ class Federation:
         accepted: list[list[np.ndarray]] = []
         participation: dict[str, list] = {"trained": [], "refused": [], "rejected": [], "failed": []}
         rejected_reasons: list[str] = []  # in the order of participation["rejected"]
+        failed_reasons: list[str] = []
         bytes_received = 0
         destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
         wire: list[dict] = []
@@ -161,12 +189,15 @@ class Federation:
                 continue
             if self.cfg["wire-log"]:
                 wire.append({"round": rnd, "node": node, **describe_reply(reply)})
-            outcome, arrays, reason, epsilon = judge_train_reply(reply, self.cfg, self.specs, self.arrays)
+            outcome, arrays, reason, epsilon = judge_train_reply(reply, self.cfg, self.specs, self.arrays,
+                                                                 self.max_update_norm)
             if epsilon is not None:  # validated metrics: the update left the device, so its spend counts
                 self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), epsilon)
             participation[outcome].append(node)
             if outcome == "rejected":
                 rejected_reasons.append(reason[:200])
+            if outcome == "failed":
+                failed_reasons.append(reason[:200])
             if outcome == "trained":
                 accepted.append(arrays)
                 bytes_received += state_bytes(arrays)
@@ -180,23 +211,19 @@ class Federation:
         if silent:  # no reply within round-timeout: a dead, disconnected or slow node
             participation["failed"] += silent
             log(WARNING, "round %d: %d node(s) sent no reply within round-timeout: %s", rnd, len(silent), silent[:20])
+        if silent:
+            failed_reasons.append(f"{len(silent)} sent no reply within round-timeout")
         aggregated = self._aggregate(rnd, accepted)
-        self.folder.append(self.folder.rounds, {"round": rnd, "sampled": sampled, **participation,
-                                                "rejected_reasons": rejected_reasons})
         if wire:
             self.folder.append(self.folder.wire, *wire)
-        eps = list(self.client_epsilon.values())
-        return {
-            "clients_sampled": len(sampled), "clients_replied": len(sampled) - len(participation["failed"]),
-            "clients_accepted": len(accepted), "clients_rejected": len(participation["rejected"]),
-            "clients_refused": len(participation["refused"]), "clients_failed": len(participation["failed"]),
-            "epsilon_max": max(eps) if eps else None,
-            "epsilon_median": float(np.median(eps)) if eps else None,
-            "clients_with_spend": len(eps),
-            "user_epsilon": self.central.epsilon() if self.central else None,
-            "bytes_sent": len(sampled) * self._content_bytes(), "bytes_received": bytes_received,
-            "aggregated": aggregated,
-        }
+        record = {"round": rnd, "sampled": sampled, **participation, "rejected_reasons": rejected_reasons,
+                  "failed_reasons": failed_reasons}
+        row = {"clients_sampled": len(sampled), "clients_replied": len(sampled) - len(participation["failed"]),
+               "clients_accepted": len(accepted), "clients_rejected": len(participation["rejected"]),
+               "clients_refused": len(participation["refused"]), "clients_failed": len(participation["failed"]),
+               "bytes_sent": len(sampled) * self._content_bytes(), "bytes_received": bytes_received,
+               "aggregated": aggregated}
+        return row, record
 
     def _content(self, rnd: int) -> dict[str, Any]:
         """What every message of this round carries: the global state, the round's config and, when
@@ -216,8 +243,9 @@ class Federation:
     def _aggregate(self, rnd: int, accepted: list[list[np.ndarray]]) -> bool:
         """Update the global state; False when the round leaves it unchanged.
 
-        Accepted updates are averaged with equal weights: a weight by example count would need
-        the count, which is private. Under central DP the accountant's step for this round is
+        Accepted updates are combined by the run's ``aggregator`` (:mod:`server.aggregators`; the
+        mean has equal weights: a weight by example count would need the count, which is private).
+        Under central DP the accountant's step for this round is
         made durable before the noisy aggregate is used, so a crash can only over-report."""
         if self.central is None and len(accepted) < self.cfg["min-replies"]:
             log(WARNING, "round %d: %d accepted updates < min-replies %d; global model unchanged", rnd,
@@ -230,7 +258,11 @@ class Federation:
             write_json_atomic(self.folder.central_dp, self.central.to_json())
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         else:
-            mean = weighted_mean(self.names, accepted, [1.0] * len(accepted))
+            mean = aggregate(accepted, self.cfg)
+            if mean is None:
+                log(WARNING, "round %d: %s cannot aggregate %d updates; global model unchanged", rnd,
+                    self.cfg["aggregator"], len(accepted))
+                return False
         new = server_step(self.step, rnd, self.names, self.arrays, mean)
         bad = [n for n, a in zip(self.names, new) if not np.isfinite(a).all()]
         if bad:  # validated replies cannot cause this; stop before a corrupt state is checkpointed or used
@@ -239,20 +271,22 @@ class Federation:
         self.arrays = new
         return True
 
-    def _evaluate(self, rnd: int) -> dict[str, Any]:
+    def _evaluate(self, rnd: int) -> tuple[dict[str, Any], list[int]]:
+        """(server-side PROTOCOL metrics plus the federated evaluation's, the nodes asked to evaluate)."""
         cfg = self.cfg
         out: dict[str, Any] = {}
         for split, m in self.evaluator.evaluate(self.names, self.arrays).items():
             prefix = "val" if split == "validation" else "test"
             out.update({f"{prefix}_{k}": v for k, v in m.items()})
         k = min(cfg["evaluate-clients"], len(self.nodes))
-        if k and rnd > 0:
-            out.update(self._federated_evaluation(rnd, k))
-        return out
+        if not (k and rnd > 0):
+            return out, []
+        federated, chosen = self._federated_evaluation(rnd, k)
+        return {**out, **federated}, chosen
 
-    def _federated_evaluation(self, rnd: int, k: int) -> dict[str, Any]:
-        """Mean of the validated noisy (HR@10, NDCG@10) releases of ``k`` clients (see
-        :mod:`client.evaluation`): refusals and invalid replies are counted, failed ones ignored."""
+    def _federated_evaluation(self, rnd: int, k: int) -> tuple[dict[str, Any], list[int]]:
+        """The robust mean of the validated noisy (HR@10, NDCG@10) releases of ``k`` clients (see
+        :mod:`client.evaluation` and :func:`server.evaluation.federated_evaluation`), and who was asked."""
         rng = np.random.default_rng([self.cfg["seed"], rnd, 1])
         chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
         content = self._content(rnd)
@@ -263,7 +297,7 @@ class Federation:
         for node, eps in epsilons.items():  # each release is part of that device's spend
             self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), eps)
         write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)
-        return out
+        return out, chosen
 
     def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         full = {"round": rnd, **row, **metrics, "time": time.time()}
@@ -293,14 +327,16 @@ class Federation:
         self.folder.write_final_state(self.names, self.arrays, {"run-id": self.run_id, "round": str(last["round"]),
                                                                 "lora-rank": str(cfg["lora-rank"])})
         metrics = {k: last[f"test_{k}"] for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")}
-        privacy = privacy_statement(self.cfg, self.client_epsilon, self.central)
+        ledgers = Path(cfg["ledger-dir"]) if cfg["ledger-dir"] else self.folder.clients
+        privacy = privacy_statement(self.cfg, self.client_epsilon, self.central,
+                                    ledgers_epsilon(ledgers) if cfg["local-dp"] else (None, 0))
         started = rows[0]["time"] if rows else time.time()
         method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
         result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
                                time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"]})
         self.folder.write_result(result)
         self.folder.write_plots()
-        log(INFO, "[privrec] run %s done: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
+        log(INFO, RUN_COMPLETE + " %s: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
             metrics["NDCG@10"], metrics["HR@10"], self.folder.root)
         return self.folder.root
 

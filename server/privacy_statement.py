@@ -3,24 +3,53 @@ with its epsilon, delta, accountant, adjacency and trust model, and what lies ou
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from common.ledger import LedgerUnavailableError, PrivacyLedger
 from common.privacy import client_schedule, interaction_group_size
 from common.wire import EVALUATE_METRICS, TRAIN_METRICS
 from server.central_dp import CentralDP
 
 
-def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float],
-                      central: CentralDP | None) -> dict[str, Any]:
-    """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust."""
+def ledgers_epsilon(folder: Path) -> tuple[float | None, int]:
+    """(the largest epsilon recomputed from the readable ledgers in ``folder``, the number that cannot
+    be read): the simulated clients' ledgers, which the server can read; (None, 0) when there are
+    none (a deployment: the ledgers stay on the devices)."""
+    paths = sorted(Path(folder).glob("ledger-*.json")) if Path(folder).is_dir() else []
+    values, unreadable = [], 0
+    for p in paths:
+        try:
+            values.append(PrivacyLedger.load(p).recomputed_epsilon())
+        except LedgerUnavailableError:
+            unreadable += 1
+    return (max(values) if values else None), unreadable
+
+
+def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], central: CentralDP | None,
+                      ledgers: tuple[float | None, int] = (None, 0)) -> dict[str, Any]:
+    """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust.
+
+    ``client_epsilon`` is what the devices reported; ``ledgers`` the largest epsilon the simulated
+    devices' own ledgers give and how many of them could not be read (:func:`ledgers_epsilon`;
+    None in a deployment, where the ledgers stay on the devices). The stated epsilon is the larger of the two, so a device that reports too little
+    cannot lower it; in a deployment it is what the devices reported."""
     eps = list(client_epsilon.values())
+    reported = max(eps) if eps else 0.0
+    ledger_epsilon, unreadable = ledgers
     out: dict[str, Any] = {"unit": "none"}
     if cfg["local-dp"]:
         schedule = client_schedule(cfg)
-        out = {"unit": "example", "epsilon": max(eps) if eps else 0.0, "delta": cfg["delta"],
+        source = ("the simulated devices' ledgers, recomputed with the accountant (the largest, or the largest "
+                  "reported value if that is larger)" if ledger_epsilon is not None else
+                  "what the devices reported with their replies; each device's own ledger is the authority")
+        out = {"unit": "example", "epsilon": max(reported, ledger_epsilon or 0.0), "delta": cfg["delta"],
                "accountant": cfg["accountant"], "adjacency": "add-remove", "trust": "none",
                "epsilon_is": "max over clients of the composed per-client epsilon (every DP-SGD session and "
                              "every evaluation release in its ledger)",
+               "epsilon_source": source + (f"; {unreadable} ledger(s) could not be read (privrec audit names "
+                                           f"them)" if unreadable else ""),
+               "epsilon_reported_by_devices": reported,
                "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
                "max_grad_norm": cfg["max-grad-norm"], "sample_rate": schedule.sample_rate,
                "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,

@@ -18,20 +18,25 @@ from flwr.common.logger import log
 from common.errors import DataFormatError
 from common.run_config import ConfigError
 from server.central_dp import CentralDP
+from server.checkpoint import LATEST
 from server.run_folder import RunFolder
 
 # Keys whose change would make a resumed run a different experiment may not change; these may
 # (a run folder may also be moved and resumed where it now is).
-MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients", "output-dir"}
+MAY_CHANGE = {"num-server-rounds", "resume", "round-timeout", "eval-every", "evaluate-clients", "output-dir",
+              "max-failed-share"}
 
 
 def check_resume(folder: RunFolder, cfg: dict[str, Any]) -> None:
     """Refuse a new run over an existing folder, a resume without one, and a resume that changes the
     experiment (naming the keys)."""
     exists = folder.config.exists()
+    checkpoint = folder.checkpoints / LATEST
     if exists and not cfg["resume"]:
-        raise ConfigError(f"run folder {folder.root} exists: set resume=true to continue it, or choose another "
-                          f"run-name")
+        hint = "set resume=true to continue it" if checkpoint.exists() else (
+            "it stopped before its first checkpoint, so it cannot be continued: remove the folder to run it again "
+            "under this name")
+        raise ConfigError(f"run folder {folder.root} exists: {hint}, or choose another run-name")
     if not cfg["resume"]:
         return
     if not exists:
@@ -43,6 +48,10 @@ def check_resume(folder: RunFolder, cfg: dict[str, Any]) -> None:
     changed = sorted(k for k in cfg if k not in MAY_CHANGE and old.get(k) != cfg[k])
     if changed:
         raise ConfigError(f"resume: run config differs from the stored run in {changed}")
+    if not checkpoint.exists():
+        raise ConfigError(f"resume=true but {checkpoint} does not exist: the run stopped before its first round was "
+                          f"checkpointed, so there is nothing to continue from. Remove {folder.root} (its records and "
+                          f"simulated ledgers go with it) and run it again, or choose another run-name")
 
 
 def restored_spend(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, float]:

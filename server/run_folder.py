@@ -12,19 +12,22 @@ the benchmarks read back.
 | ``checkpoint/`` | every round | state, optimiser moments, per-node epsilon (``server.checkpoint``) |
 | ``clients/`` | the simulated clients | their ledgers (``common.ledger``), unless ``ledger-dir`` is set |
 | ``adapters.safetensors``, ``result.json``, ``quality.png``, ``epsilon.png`` | the end of the run | |
+| ``run.lock`` | held for the whole run | nothing: its ``flock`` keeps a second run out of the folder |
 
 Every file is written atomically (:mod:`common.io`); every read names the file and line of a defect.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.errors import DataFormatError
-from common.io import read_json, read_jsonl, save_tensors, write_bytes_atomic, write_json_atomic, write_jsonl
+from common.errors import ConfigError, DataFormatError
+from common.io import (hold_lock, read_json, read_jsonl, save_tensors, write_bytes_atomic, write_json_atomic,
+                       write_jsonl)
 from common.run_config import stored_config
 from server.checkpoint import LATEST
 from server.plots import png_bytes, privacy_figure, quality_figure
@@ -39,6 +42,21 @@ class RunFolder:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
             raise DataFormatError(self.root, "not a folder (expected a privrec run folder)")
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Hold the folder's exclusive lock until :meth:`unlock` (or the process ends); a ConfigError
+        when another run holds it: two runs in one folder would write every round twice."""
+        fd = hold_lock(self.root / "run.lock")
+        if fd is None:
+            raise ConfigError(f"run folder {self.root} is in use by another privrec run (it holds "
+                              f"{self.root / 'run.lock'}); wait for that run to end, or choose another run-name")
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     config = property(lambda self: self.root / "config.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -97,7 +115,7 @@ class RunFolder:
         """rounds.jsonl, each row checked: an integer round and lists of integer node ids."""
         rows = read_jsonl(self.rounds)
         for number, row in enumerate(rows, start=1):
-            ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed")]
+            ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed", "evaluated")]
             if not isinstance(row.get("round"), int) or not all(
                     isinstance(x, list) and all(isinstance(n, int) for n in x) for x in ids):
                 raise DataFormatError(self.rounds, "expected an integer 'round' and lists of integer node ids",

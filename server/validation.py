@@ -19,6 +19,10 @@ import numpy as np
 from common.privacy import client_schedule
 from common.wire import RECORD_NAMES, REFUSAL_REASONS, allowed_metrics
 
+FALSE_REJECTION = 1e-9  # the probability that the derived bound rejects an honest update
+UNBOUNDED_UPDATE_NORM = 50.0  # the bound where the mechanism gives none (no local DP, or no cap on examples)
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults, which the client's Adam uses
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -38,9 +42,7 @@ def adapter_specs(names: list[str], arrays: list[np.ndarray]) -> list[TensorSpec
     return [TensorSpec(n, tuple(a.shape), str(a.dtype)) for n, a in zip(names, arrays)]
 
 
-def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[TensorSpec],
-                   global_arrays: list[np.ndarray], max_update_norm: float) -> Verdict:
-    """Accept the reply or say exactly why not."""
+def _check_keys(names: list[str], specs: list[TensorSpec]) -> Verdict:
     expected = [s.name for s in specs]
     if names != expected:
         missing = sorted(set(expected) - set(names))
@@ -48,6 +50,34 @@ def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[Tenso
         if missing or extra:
             return Verdict(False, f"keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
         return Verdict(False, "keys in the wrong order")
+    return Verdict(True)
+
+
+NPY_HEADER_SLACK = 4096  # bytes beyond the raw tensor that a serialised array may carry (its header)
+
+
+def check_layout(names: list[str], records: list[Any], specs: list[TensorSpec]) -> Verdict:
+    """Keys, shapes, dtypes and byte sizes from the arrays' metadata, before any tensor is converted
+    (copied): an extra or oversized tensor is rejected without being touched."""
+    verdict = _check_keys(names, specs)
+    if not verdict.accepted:
+        return verdict
+    for spec, rec in zip(specs, records):
+        shape, dtype = tuple(getattr(rec, "shape", ())), str(getattr(rec, "dtype", ""))
+        if shape != spec.shape or dtype != spec.dtype:
+            return Verdict(False, f"{spec.name}: shape {shape} {dtype}, expected {spec.shape} {spec.dtype}")
+        expected_bytes = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        if len(getattr(rec, "data", b"")) > expected_bytes + NPY_HEADER_SLACK:
+            return Verdict(False, f"{spec.name}: {len(rec.data)} bytes for a {spec.shape} {spec.dtype} tensor")
+    return Verdict(True)
+
+
+def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[TensorSpec],
+                   global_arrays: list[np.ndarray], max_update_norm: float) -> Verdict:
+    """Accept the reply or say exactly why not."""
+    verdict = _check_keys(names, specs)
+    if not verdict.accepted:
+        return verdict
     for spec, arr in zip(specs, arrays):
         if tuple(arr.shape) != spec.shape:
             return Verdict(False, f"{spec.name}: shape {tuple(arr.shape)}, expected {spec.shape}")
@@ -60,6 +90,43 @@ def validate_reply(names: list[str], arrays: list[np.ndarray], specs: list[Tenso
     if not norm <= max_update_norm:
         return Verdict(False, f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}")
     return Verdict(True)
+
+
+def update_norm_bound(cfg: Mapping[str, Any], dimension: int) -> float:
+    """The L2 bound on a reply's update (its state minus the global state it was sent).
+
+    ``max-update-norm`` when set; else derived from the public local-DP mechanism, so that an honest
+    client exceeds it with probability below :data:`FALSE_REJECTION`. A session takes K public steps
+    (:func:`common.privacy.client_schedule`), each adding to the gradient sum at most ``cap`` clipped
+    per-example gradients (norm <= C each, padding rows give zero) and Gaussian noise sigma*C*z,
+    z ~ N(0, I_d), divided by the public denominator B. With SGD at learning rate lr (the larger of
+    the adapters' and the item bias's):
+
+        ||update|| <= (lr / B) * (K * cap * C + sigma * C * sqrt(K) * (sqrt(d) + t)) + snapping,
+
+    where P(||sum of K noise draws|| >= sqrt(K) * (sqrt(d) + t)) <= exp(-t^2 / 2) (Gaussian
+    concentration of a 1-Lipschitz function, E||z|| <= sqrt(d)), so t = sqrt(2 ln(1 / 1e-9)) = 6.44;
+    snapping moves each noise value by at most half its grid (<= sigma*C/2048), K*sqrt(d) times.
+    With Adam, each step moves a coordinate by at most lr * max(1, (1 - beta1) / sqrt(1 - beta2))
+    (Kingma and Ba 2015, section 2.1). Without local DP, or without a cap on a session's examples,
+    nothing bounds an honest update and :data:`UNBOUNDED_UPDATE_NORM` is used.
+    """
+    if cfg["max-update-norm"] > 0:
+        return float(cfg["max-update-norm"])
+    if not cfg["local-dp"] or cfg["examples-per-user"] == 0:
+        return UNBOUNDED_UPDATE_NORM
+    schedule = client_schedule(cfg)
+    k, b = schedule.steps, schedule.expected_batch_size
+    lr = max(cfg["learning-rate"], cfg["item-learning-rate"] if cfg["item-bias"] else 0.0)
+    if cfg["local-optimizer"] == "adam":
+        beta1, beta2 = ADAM_BETAS
+        bound = k * lr * max(1.0, (1 - beta1) / math.sqrt(1 - beta2)) * math.sqrt(dimension)
+    else:
+        c, sigma = cfg["max-grad-norm"], cfg["noise-multiplier"]
+        t = math.sqrt(2 * math.log(1 / FALSE_REJECTION))
+        noise = sigma * c * math.sqrt(k) * (math.sqrt(dimension) + t) + k * math.sqrt(dimension) * sigma * c / 2048
+        bound = lr / b * (k * cfg["examples-per-user"] * c + noise)
+    return bound * (1 + 1e-3)  # float32 arithmetic on the device
 
 
 def _number(value: Any) -> float | None:
@@ -126,11 +193,22 @@ def validate_metrics(kind: str, metrics: Mapping[str, Any], cfg: Mapping[str, An
     if not _close(values["eval-noise-multiplier"], z):
         return Verdict(False, f"metrics.eval-noise-multiplier: {values['eval-noise-multiplier']:g}, the run "
                               f"configured {z:g}")
-    bound = 1.0 + 40.0 * z * math.sqrt(2.0)  # 40 noise std: never reached by an honest reply
+    low, high = evaluation_release_range(z)
     for key in ("HR@10", "NDCG@10"):
-        if abs(values[key]) > bound:
-            return Verdict(False, f"metrics.{key}: {values[key]:g} is beyond any honest noisy value (|x| <= {bound:g})")
+        if not low <= values[key] <= high:
+            return Verdict(False, f"metrics.{key}: {values[key]:g} is outside the range [{low:.4g}, {high:.4g}] of an "
+                                  f"honest noisy release")
     return Verdict(True)
+
+
+EVAL_RANGE_STD = 6.5  # P(|N(0,1)| > 6.5) = 8e-11: an honest release falls outside with probability < 1e-9
+
+
+def evaluation_release_range(eval_noise_multiplier: float) -> tuple[float, float]:
+    """Where an honest noisy evaluation release lies: a metric in [0, 1] plus Gaussian noise of std
+    z*sqrt(2), within :data:`EVAL_RANGE_STD` std of that interval."""
+    k = EVAL_RANGE_STD * eval_noise_multiplier * math.sqrt(2.0)
+    return -k, 1.0 + k
 
 
 WIRE_LOG_LIMIT = 200  # characters of a string value, entries of a record, kept in the wire log
@@ -168,8 +246,8 @@ def describe_reply(reply) -> dict:
     return out
 
 
-def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec],
-                      global_arrays: list[np.ndarray]) -> tuple[str, list[np.ndarray], str, float | None]:
+def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec], global_arrays: list[np.ndarray],
+                      max_update_norm: float) -> tuple[str, list[np.ndarray], str, float | None]:
     """(outcome, arrays, reason, epsilon) of one train reply: outcome ``trained``, ``refused``,
     ``rejected`` or ``failed``; epsilon is the device's reported spend once its metrics are valid
     (also when its tensors are then rejected: the update left the device). Nothing in a reply is
@@ -191,9 +269,13 @@ def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec],
         epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
         if "arrays" not in content.array_records:
             return "rejected", [], "no arrays record", epsilon
-        names = list(content["arrays"].keys())
-        arrays = [content["arrays"][k].numpy() for k in names]
+        record = content["arrays"]
+        names = list(record.keys())
+        layout = check_layout(names, [record[k] for k in names], specs)
+        if not layout.accepted:
+            return "rejected", [], layout.reason, epsilon
+        arrays = [record[k].numpy() for k in names]
     except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
         return "rejected", [], f"unreadable reply ({type(exc).__name__})", epsilon
-    verdict = validate_reply(names, arrays, specs, global_arrays, cfg["max-update-norm"])
+    verdict = validate_reply(names, arrays, specs, global_arrays, max_update_norm)
     return ("trained", arrays, "", epsilon) if verdict.accepted else ("rejected", [], verdict.reason, epsilon)

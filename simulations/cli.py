@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from client import cli as client_cli
-from common.cli_support import console, fail, load_dataset
+from common.cli_support import console, fail, load_dataset, plain
 from server import cli as server_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -82,7 +82,11 @@ def baseline(
         cfg.item_bias_scale = cfg.dp_item_bias_scale = item_bias_scale
     if item_learning_rate is not None:
         cfg.train.item_learning_rate = cfg.dp_train.item_learning_rate = item_learning_rate
-    runner = BaselineRunner(dataset, cfg)
+    try:
+        runner = BaselineRunner(dataset, cfg)
+        runner.split.eval_users()  # nobody to evaluate is an input error, said before any training
+    except ValueError as exc:
+        fail(exc)
     plan = [(method, seed)] if method != "all" else (
         [("popularity", 0), ("zeroshot", 0)]
         + [(m, s) for m in ("central", "central-dp") for s in range(seeds)])
@@ -92,7 +96,7 @@ def baseline(
         results += runner.run(m, s, out, cold_start=cold_start)
         console.print(_table(results))
     _print_targets(results)
-    console.print(f"result files in {out}/")
+    console.print(f"result files in {plain(out)}/")
 
 
 @app.command()
@@ -166,7 +170,7 @@ def audit_empirical(
         console.print(f"one-shot estimate (Andrew et al., not a bound): ε ≈ {report['epsilon_estimate_one_shot']:.3f}")
     verdict = "EXCEEDS" if report["bound_exceeds_accountant"] else "is within"
     console.print(f"the lower bound {verdict} the accountant's epsilon; {report['reading']}")
-    console.print(f"wrote {path}")
+    console.print(f"wrote {plain(path)}")
 
 
 deploy = typer.Typer(no_args_is_help=True, help="Edge deployment: certificates, keys, SuperLink, SuperNodes, runs.")

@@ -1,12 +1,14 @@
-"""The main job's launcher: check the run config, run ``flwr run`` on the managed local SuperLink,
-follow its log, and exit with the run's outcome.
+"""The main job's launcher: check the run config, start a simulation SuperLink of its own
+(:mod:`simulations.local_superlink`), run ``flwr run`` on it, follow its log, exit with the run's
+outcome, and stop the SuperLink.
 
 ``flwr run --stream`` exits 0 even when the ServerApp fails, and Flower refuses an unknown
 run-config key without naming it. This launcher checks every key and value before Flower sees
 them (exit 2, naming the key), then reads the run's final status from the SuperLink and exits 0
-only for ``finished:completed`` (1 otherwise, with the status printed).
+only for ``finished:completed`` (1 otherwise, with the status printed). It does not wait for
+client tasks still running after the ServerApp completed (:func:`server.deploy.run_and_wait`).
 
-    python -m simulations.simulate [--run-config 'key=value ...'] ...
+    python -m simulations.simulate [--run-config 'key=value ...'] [--supernodes N] [--cpus C]
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ def check_overrides(run_configs: list[str]) -> dict:
 
 
 def main(run_config: Optional[list[str]] = typer.Option(None, help="run-config overrides, as for flwr run"),
-         connection: str = typer.Option("local", help="the SuperLink connection in $FLWR_HOME/config.toml"),
-         timeout: float = typer.Option(6 * 3600, help="seconds to wait for the run to end")) -> None:
+         supernodes: int = typer.Option(943, min=1, help="simulated clients (MovieLens users)"),
+         cpus: Optional[int] = typer.Option(None, min=1, help="CPUs for the simulation (default: all; ignored "
+                                                               "when RAY_ADDRESS joins an existing Ray cluster)"),
+         timeout: float = typer.Option(6 * 3600, help="seconds to wait for the run to end"),
+         app_dir: Path = typer.Option(ROOT, help="the Flower app folder to run (default: privrec)")) -> None:
     """Run the federation and exit 0 only if it completed."""
     from server.deploy import run_and_wait
+    from simulations.local_superlink import local_superlink
 
     configs = list(run_config or [])
     try:
@@ -59,8 +65,11 @@ def main(run_config: Optional[list[str]] = typer.Option(None, help="run-config o
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    run_id, status = run_and_wait(ROOT, configs, connection, os.environ.get("FLWR_HOME"), timeout=timeout,
-                                  stream=sys.stdout)
+    home = os.environ.get("FLWR_HOME") or str(ROOT / ".flwr")
+    ray_cpus = None if os.environ.get("RAY_ADDRESS") else (cpus or os.cpu_count() or 1)
+    with local_superlink(home, supernodes, ray_cpus) as port:
+        typer.echo(f"simulation SuperLink on 127.0.0.1:{port} (FLWR_HOME {home})")
+        run_id, status = run_and_wait(app_dir, configs, "local", home, timeout=timeout, stream=sys.stdout)
     typer.echo(f"run {run_id}: {status}")
     if not status.startswith("finished:completed"):
         typer.echo(f"error: run {run_id} did not complete ({status}); see the log above", err=True)

@@ -1,6 +1,8 @@
-"""Edge deployment on loopback: a SuperLink with TLS and SuperNode authentication, three SuperNodes
-each holding one exported MovieLens user, real `flwr run`s, a killed SuperNode, an unregistered one,
-the wire, and on-device recommendations and feedback."""
+"""Edge deployment on loopback: a SuperLink with TLS and SuperNode authentication (Fleet API on one
+port, Control API on a loopback-only port), three devices each holding one exported MovieLens user
+(a SuperNode and the SuperExec that runs approved apps only), real `flwr run`s, a killed device, an
+unregistered one, an outsider holding only the CA certificate, a foreign app, the wire, file modes,
+and on-device recommendations and feedback."""
 
 from __future__ import annotations
 
@@ -8,17 +10,19 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from client.deploy import make_node_key, supernode_command
+from client.deploy import make_node_key
 from client.device_state import CATALOGUE
 from client.export import export_user
 from client.feedback import record_feedback
@@ -40,6 +44,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 USERS = ("1", "2", "3")
+PRIVREC = [str(Path(flwr_env()["PATH"].split(os.pathsep)[0]) / "privrec")]
 
 
 def _free_port() -> int:
@@ -64,7 +69,7 @@ class Cluster:
     def __init__(self, root: Path, dataset: Path) -> None:
         self.root, self.dataset = root, dataset
         self.home = root / "flwr-home"
-        self.port = _free_port()
+        self.port, self.control_port = _free_port(), _free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"])
         self.keys = {f"node{i}": make_node_key(root / "keys", f"node{i}") for i in range(4)}
@@ -86,10 +91,13 @@ class Cluster:
         return self.procs[name]
 
     def start_supernode(self, node: str) -> subprocess.Popen:
+        """The device as its owner starts it: `privrec deploy supernode` (SuperNode + app gate)."""
         # The devices' own policy allows the budget these short runs ask for (the default is 8).
-        return self.start(node, supernode_command(f"127.0.0.1:{self.port}", self.certs["ca_cert"], self.keys[node][0],
-                                                  self.data(node), self.state(node), self.node_ports[node], node,
-                                                  policy={"privacy-epsilon-budget": 60.0}))
+        return self.start(node, [*PRIVREC, "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
+                                 "--ca", str(self.certs["ca_cert"]), "--key", str(self.keys[node][0]),
+                                 "--data-path", str(self.data(node)), "--state-dir", str(self.state(node)),
+                                 "--port", str(self.node_ports[node]), "--client-id", node,
+                                 "--policy", "privacy-epsilon-budget=60.0"])
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -121,10 +129,12 @@ def cluster(ml100k, small_ml100k, tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("deploy"), small_ml100k)
     for node, user in zip(("node0", "node1", "node2"), USERS):
         export_user(ml100k, user, c.data(node))
-    c.start("superlink", superlink_command(c.root / "certs", c.port, database=c.root / "superlink.db"))
+    c.start("superlink", superlink_command(c.root / "certs", c.port, database=c.root / "server" / "superlink.db",
+                                           control_port=c.control_port))
     try:
         _wait_port(c.port)
-        write_connection(f"127.0.0.1:{c.port}", c.certs["ca_cert"], "edge", c.home)
+        _wait_port(c.control_port)
+        write_connection(f"127.0.0.1:{c.control_port}", c.certs["ca_cert"], "edge", c.home)
         c.node_ids = {n: register_supernode(c.keys[n][1], "edge", c.home) for n in ("node0", "node1", "node2")}
         for node in ("node0", "node1", "node2"):
             c.start_supernode(node)
@@ -268,3 +278,167 @@ def test_a_killed_supernode_does_not_stall_the_run_and_rejoins_with_its_ledger(c
         online = {int(n["node-id"]): n["status"] for n in list_supernodes("edge", cluster.home)}.get(dead) == "online"
     assert online, cluster.log("node2")[-2000:]
     assert cluster.ledger("node2")["sessions"] == after_kill
+
+
+FOREIGN_APP = {
+    "pyproject.toml": '''[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "foreignapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "eve"
+
+[tool.flwr.app.components]
+serverapp = "foreign_server:app"
+clientapp = "foreign_client:app"
+
+[tool.flwr.app.config]
+server-marker = ""
+client-marker = ""
+loot = ""
+timeout = 40.0
+''',
+    # A ServerApp that writes a file of its choosing on the server host and collects whatever the
+    # devices send back.
+    "foreign_server.py": '''import json
+import pathlib
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    cfg = context.run_config
+    pathlib.Path(cfg["server-marker"]).write_text("the foreign server app ran")
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in nodes]
+    got = []
+    for reply in grid.send_and_receive(msgs, timeout=float(cfg["timeout"])):
+        if reply.has_error():
+            got.append({"error": int(reply.error.code)})
+        else:
+            got.append({"loot": dict(reply.content["loot"])})
+    pathlib.Path(cfg["loot"]).write_text(json.dumps({"nodes": len(nodes), "replies": got}))
+''',
+    # A ClientApp that reads the device's raw ratings and node config and sends them back.
+    "foreign_client.py": '''import json
+import pathlib
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def steal(msg, context):
+    node = dict(context.node_config)
+    pathlib.Path(str(context.run_config["client-marker"]) + f"-{context.node_id}").write_text(json.dumps(node))
+    events = pathlib.Path(str(node["data-path"])) / "events.jsonl"
+    return Message(RecordDict({"loot": ConfigRecord({"events": events.read_text(), "node": json.dumps(node)})}),
+                   reply_to=msg)
+''',
+}
+
+
+def _foreign_app(folder: Path) -> Path:
+    app_dir = folder / "foreignapp"
+    app_dir.mkdir(parents=True)
+    for name, text in FOREIGN_APP.items():
+        (app_dir / name).write_text(text)
+    return app_dir
+
+
+def _flwr_json(home: Path, *args: str) -> dict:
+    res = subprocess.run([str(Path(flwr_env()["PATH"].split(os.pathsep)[0]) / "flwr"), *args, "--format", "json"],
+                         env=flwr_env(home), capture_output=True, text=True, timeout=120)
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        return {"success": False, "error-message": (res.stdout + res.stderr)[-800:]}
+
+
+def test_an_outsider_with_only_the_ca_certificate_is_refused_every_step(cluster, first_run, tmp_path):
+    """The attack of issue 19, replayed: Eve holds ca.crt and her own Flower home and key, and can
+    reach the address devices connect to."""
+    eve_home = tmp_path / "eve-home"
+    write_connection(f"127.0.0.1:{cluster.port}", cluster.certs["ca_cert"], "edge", eve_home)
+    _, eve_pub = make_node_key(tmp_path / "eve-keys", "eve")
+    registered = _flwr_json(eve_home, "supernode", "register", str(eve_pub), "edge")
+    assert registered["success"] is False and "404" in registered["error-message"], registered
+    listed = _flwr_json(eve_home, "ls", "edge")
+    assert listed["success"] is False and "404" in listed["error-message"], listed
+    nodes = _flwr_json(eve_home, "supernode", "list", "edge")
+    assert nodes["success"] is False, nodes
+    logs = _flwr_json(eve_home, "log", "1", "edge")
+    assert logs.get("success") is not True
+    app_dir = _foreign_app(tmp_path)
+    markers = {k: tmp_path / k for k in ("server-marker", "client-marker", "loot")}
+    overrides = " ".join(f"{k}='{v}'" for k, v in markers.items())
+    with pytest.raises(RuntimeError, match="flwr run failed"):
+        run_and_wait(app_dir, [overrides], "edge", eve_home, timeout=120)
+    # Flower's Runtime API (what a ServerApp's SuperExec uses) is not on the public port either.
+    ssl_context = ssl.create_default_context(cafile=str(cluster.certs["ca_cert"]))
+    with httpx.Client(verify=ssl_context, timeout=30) as web:
+        for path in ("/v1/runtime/acquire-task", "/v1/control/start-run", "/v1/fleet/../control/list-runs",
+                     "/v1/control/list-nodes/", "/docs", "/openapi.json"):
+            assert web.post(f"https://127.0.0.1:{cluster.port}{path}", content=b"").status_code == 404, path
+        assert web.get(f"https://127.0.0.1:{cluster.port}/health").status_code == 200
+    # The operator's own listener is on loopback only.
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex(("127.0.0.1", cluster.control_port)) == 0
+    assert "127.0.0.1" == _bound_host(cluster.control_port)
+    time.sleep(2)
+    assert not any(markers[k].exists() for k in ("server-marker", "loot"))
+    assert not list(tmp_path.glob("client-marker*"))
+    # Her key was never registered, so her SuperNode cannot join either.
+    assert str(eve_pub) not in json.dumps(list_supernodes("edge", cluster.home))
+
+
+def _bound_host(port: int) -> str:
+    """The local address the listener on ``port`` is bound to (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host_hex, port_hex = local.split(":")
+        if int(port_hex, 16) == port and state == "0A":  # LISTEN
+            return socket.inet_ntoa(bytes.fromhex(host_hex)[::-1])
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_a_device_runs_no_app_but_the_one_its_owner_installed(cluster, first_run, tmp_path):
+    """Even a run submitted through the operator's own Control API (a compromised server, a
+    colluding operator) cannot make a device run foreign code: the app gate never starts it."""
+    ledgers_before = {n: cluster.ledger(n)["sessions"] for n in ("node0", "node1", "node2")}
+    app_dir = _foreign_app(tmp_path)
+    markers = {k: tmp_path / k for k in ("server-marker", "client-marker", "loot")}
+    overrides = " ".join(f"{k}='{v}'" for k, v in markers.items())
+    _, status = run_and_wait(app_dir, [overrides], "edge", cluster.home, timeout=400)
+    assert markers["server-marker"].exists(), status  # it did run on the server (the operator's own host)
+    loot = json.loads(markers["loot"].read_text())
+    assert loot["nodes"] == 3
+    assert all("loot" not in r for r in loot["replies"]), loot  # no device sent anything back
+    assert not list(tmp_path.glob("client-marker*"))  # and none ran the foreign ClientApp
+    for node in ("node0", "node1", "node2"):
+        assert "refused to start task" in cluster.log(node)
+        assert cluster.ledger(node)["sessions"] == ledgers_before[node]
+
+
+def test_device_and_server_files_are_private(cluster, first_run):
+    for path in (cluster.root / "server", cluster.state("node0"), cluster.root / "keys", cluster.data("node0")):
+        assert (path.stat().st_mode & 0o777) == 0o700, path
+    private = [cluster.root / "server" / "superlink.db", cluster.certs["key"], cluster.certs["ca_key"],
+               cluster.keys["node0"][0], cluster.state("node0") / "superexec.secret",
+               cluster.state("node0") / "ledger-node0.json", cluster.state("node0") / "global-state.safetensors",
+               cluster.state("node0") / "device.json", cluster.data("node0") / "events.jsonl"]
+    for path in private:
+        assert (path.stat().st_mode & 0o777) == 0o600, path

@@ -118,3 +118,64 @@ def test_a_device_with_no_events_yet_trains_like_any_other(ml100k, global_state,
                   node_config={"data-path": str(data), "state-dir": str(tmp_path / "state")})
     reply = client_app.train(_train_message(*global_state), ctx)
     assert "status" not in reply.content.config_records and "arrays" in reply.content.array_records
+
+
+def _device_state(ml100k, global_state, tmp_path, texts=None):
+    """A device state folder as a run leaves it: global state, published catalogue, device file."""
+    from client.device_state import save_global_state, write_device_info
+    from common.model_state import ModelSettings, state_digest
+    from common.run_config import resolve
+
+    names, arrays = global_state
+    data, state = tmp_path / "data", tmp_path / "state"
+    export_user(ml100k, "1", data)
+    save_global_state(state, names, arrays, ModelSettings.from_run_config(resolve({})), "r", 1)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(ml100k.items), 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cat = PublishedCatalogue(item_ids=[it.item_id for it in ml100k.items],
+                             texts=texts or [it.render() for it in ml100k.items], embeddings=emb,
+                             bias=np.zeros(len(ml100k.items), dtype=np.float32), state_digest=state_digest(arrays),
+                             run_id="r", round=1, scale=20.0)
+    blob = catalogue_bytes(cat)
+    store_catalogue(state, blob, sha256_hex(blob))
+    write_device_info(state, str(data), "device")
+    return state
+
+
+def test_hostile_catalogue_titles_and_ids_reach_the_terminal_as_plain_text(ml100k, global_state, tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    texts = [f"\x1b[31mRED\x1b[0m [/x] [bold]{it.render()}" for it in ml100k.items]
+    state = _device_state(ml100k, global_state, tmp_path, texts)
+    shown = CliRunner().invoke(app, ["recommend", "--state-dir", str(state), "--k", "3"])
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.output and "[/x]" in shown.output and "[bold]" in shown.output
+    bad_item = CliRunner().invoke(app, ["feedback", "--state-dir", str(state), "--item", "[/x]", "--rating", "5"])
+    assert bad_item.exit_code == 2 and "unknown item id '[/x]'" in bad_item.output
+    bad_text = CliRunner().invoke(app, ["recommend", "--state-dir", str(state), "--text", "caf\udce9"])
+    assert bad_text.exit_code == 2 and "not valid UTF-8" in bad_text.output
+
+
+@pytest.mark.parametrize("setting", [{"lora_rank": "8"}, {"lora_rank": 100000}, {"item_bias": 1}, {"rank": 8}])
+def test_stored_model_settings_are_checked_before_a_model_is_built(ml100k, global_state, tmp_path, setting):
+    from safetensors.numpy import load_file, save_file
+
+    from client.device_state import GLOBAL_STATE, load_global_state
+    from client.recommend import DeviceRecommender
+
+    state = _device_state(ml100k, global_state, tmp_path)
+    path = state / GLOBAL_STATE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata())
+    settings = {**json.loads(meta["settings"]), **setting}
+    meta["settings"] = json.dumps(settings)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(DataFormatError, match=GLOBAL_STATE):
+        load_global_state(state)
+    with pytest.raises(DataFormatError, match=GLOBAL_STATE):
+        DeviceRecommender(state)

@@ -52,7 +52,8 @@ def _tamper_train(node, content):
 
 
 def test_hostile_train_replies_are_rejected_and_never_reach_the_model_or_the_report(small_run_config):
-    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1, "evaluate-clients": 0})
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1, "evaluate-clients": 0,
+                                    "max-failed-share": 1.0})  # the run goes on whatever is rejected
     grid = InProcessGrid(6, cfg, tamper=_tamper_train)
     fed = Federation(grid, cfg)
     run_dir = fed.run()
@@ -87,7 +88,8 @@ def test_malformed_tensors_are_rejected(small_run_config, bad):
             return
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
-    cfg = dict(small_run_config, **{"clients-per-round": 3, "num-server-rounds": 1, "evaluate-clients": 0})
+    cfg = dict(small_run_config, **{"clients-per-round": 3, "num-server-rounds": 1, "evaluate-clients": 0,
+                                    "max-failed-share": 1.0})
     fed = Federation(InProcessGrid(6, cfg, tamper=tamper), cfg)
     start = [a.copy() for a in fed.arrays]
     fed.run()
@@ -126,6 +128,34 @@ def test_hostile_evaluation_replies_are_rejected_and_the_round_completes(small_r
     json.loads((run_dir / "result.json").read_text())
 
 
+def test_one_evaluator_can_no_longer_swing_the_federated_evaluation(small_run_config):
+    """One of 6 evaluators reporting 227.3 (accepted before: it made the federated HR@10 37.7). A value
+    outside the honest range is rejected; one inside it moves the median by at most one rank."""
+    from server.validation import evaluation_release_range
+
+    cfg = dict(small_run_config, **{"num-server-rounds": 1, "evaluate-clients": 6, "eval-noise-multiplier": 4.0,
+                                    "client-epsilon-budget": 8.0})
+    high = evaluation_release_range(4.0)[1]
+    for value, rejected in ((227.3, 1), (high, 0)):
+        first = []
+
+        def evil(content, value=value):
+            if not first:  # the first evaluation reply of the round only
+                first.append(True)
+                _set_metric(content, **{"HR@10": value, "NDCG@10": value})
+
+        grid = _EvaluationTamper(6, dict(cfg, **{"run-name": f"one-evaluator-{rejected}"}), evil=evil)
+        run_dir = Federation(grid, dict(cfg, **{"run-name": f"one-evaluator-{rejected}"})).run()
+        row = _rows(run_dir)[1]
+        honest = sorted(dict(r.content["metrics"])["HR@10"] for r in grid.replies
+                        if r.metadata.message_type == "evaluate")[:-1 if not rejected else None]
+        assert row["federated_rejected"] == rejected and row["federated_clients"] == 6 - rejected
+        if rejected:
+            continue
+        # the median of the 6 (one at the top of the range) lies between the honest values' order statistics
+        assert honest[2] <= row["federated_HR@10"] <= honest[-1]
+
+
 def test_a_non_finite_model_fails_evaluation_loudly_instead_of_scoring_perfectly(small_run_config):
     from common.metrics import NonFiniteScoresError
 
@@ -144,6 +174,32 @@ def test_dead_clients_leave_their_spend_and_the_round_completes(small_run_config
     assert [r["clients_failed"] for r in rows[1:]] == [2, 2] and all(r["clients_accepted"] == 4 for r in rows[1:])
     report = write_audit(run_dir)[2]
     assert report["all_checks_passed"], [c for c in report["checks"] if c["status"] == "fail"]
+
+
+def test_clients_reporting_no_spend_cannot_lower_the_stated_epsilon(small_run_config):
+    cfg = dict(small_run_config, **{"num-server-rounds": 1, "evaluate-clients": 0})
+    grid = InProcessGrid(6, cfg, tamper=lambda node, c: _set_metric(c, epsilon=0.0)
+                         if "arrays" in c.array_records else None)
+    run_dir = Federation(grid, cfg).run()
+    privacy = json.loads((run_dir / "result.json").read_text())["privacy"]
+    ledgers = max(PrivacyLedger.load(p).epsilon for p in (run_dir / "clients").glob("ledger-*.json"))
+    assert privacy["epsilon_reported_by_devices"] == 0.0
+    assert privacy["epsilon"] == pytest.approx(ledgers) and ledgers > 5
+
+
+def test_a_run_whose_clients_mostly_fail_stops_loudly_after_checkpointing(small_run_config):
+    """4 of 6 sampled clients dead (a killed simulation worker, unreachable devices): the run must not go
+    on and report success on the two that answered."""
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 3, "evaluate-clients": 0})
+    fed = Federation(InProcessGrid(6, cfg, drop={101, 102, 103, 104}), cfg)
+    with pytest.raises(RuntimeError, match=r"round 1: 4 of 6 sampled clients sent no usable reply.*max-failed-share 0.5"):
+        fed.run()
+    run_dir = Path(cfg["output-dir"]) / cfg["run-name"]
+    assert json.loads((run_dir / "checkpoint" / "latest.json").read_text())["round"] == 1  # resumable
+    assert not (run_dir / "result.json").exists()
+    looser = dict(cfg, **{"resume": True, "max-failed-share": 0.7})
+    Federation(InProcessGrid(6, looser, drop={101, 102, 103}), looser).run()  # 3 of 6: within 0.7
+    assert (run_dir / "result.json").exists()
 
 
 def test_a_killed_server_resumes_and_the_accounting_stays_whole(small_run_config, monkeypatch):
@@ -168,6 +224,52 @@ def test_a_killed_server_resumes_and_the_accounting_stays_whole(small_run_config
     assert [r["round"] for r in _rows(run_dir)] == [0, 1, 2, 3]
     for name, eps in spent.items():  # sessions of the interrupted round stay recorded
         assert PrivacyLedger.load(run_dir / "clients" / name).epsilon >= eps
+    report = write_audit(run_dir)[2]
+    assert report["all_checks_passed"], [c for c in report["checks"] if c["status"] == "fail"]
+
+
+def _round_replies(grid: InProcessGrid, server_round: int) -> dict[int, tuple]:
+    """node -> (tensor bytes, metrics) of the train replies ``grid`` carried for ``server_round``."""
+    out = {}
+    for msg, reply in zip(grid.sent, grid.replies):
+        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == server_round:
+            arrays = state_of(reply.content) if "arrays" in reply.content.array_records else {}
+            out[int(msg.metadata.dst_node_id)] = ({k: v.tobytes() for k, v in arrays.items()},
+                                                  dict(reply.content["metrics"]))
+    return out
+
+
+def test_a_resumed_round_gets_the_replies_already_released_without_a_new_spend(small_run_config, monkeypatch):
+    """Killed mid-round after its clients answered: on resume they send the same bytes again instead of
+    spending a second session (at a budget of one session they would otherwise refuse)."""
+    import server.federation as federation_mod
+
+    # one session of this configuration costs epsilon 5.38, two cost 7.41: a budget of 6 allows one
+    cfg = dict(small_run_config, **{"num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 0,
+                                    "eval-every": 100, "client-epsilon-budget": 6.0})
+    real = Federation._aggregate
+
+    def die_in_round_2(self, rnd, accepted):
+        if rnd == 2:
+            raise KeyboardInterrupt("server killed after the round's replies arrived")
+        return real(self, rnd, accepted)
+
+    monkeypatch.setattr(federation_mod.Federation, "_aggregate", die_in_round_2)
+    killed = InProcessGrid(6, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(killed, cfg).run()
+    monkeypatch.undo()
+    before = _round_replies(killed, 2)
+    assert len(before) == 3 and all(tensors for tensors, _ in before.values())
+    resumed_cfg = dict(cfg, resume=True)
+    resumed = InProcessGrid(6, resumed_cfg)
+    run_dir = Federation(resumed, resumed_cfg).run()
+    after = _round_replies(resumed, 2)
+    assert after == before  # the same bytes, the same reported spend
+    assert _rows(run_dir, "rounds.jsonl")[1]["trained"] == sorted(before)
+    for p in (run_dir / "clients").glob("ledger-*.json"):
+        rounds = [s.round for s in PrivacyLedger.load(p).sessions if s.kind == "dp-sgd"]
+        assert len(rounds) == len(set(rounds)) <= 1  # nobody spent twice for one round
     report = write_audit(run_dir)[2]
     assert report["all_checks_passed"], [c for c in report["checks"] if c["status"] == "fail"]
 
@@ -341,7 +443,7 @@ def test_a_hostile_reply_cannot_break_the_wire_log(small_run_config):
             content["junk"] = ConfigRecord({"text": "x" * 100_000, "blob": b"\x00" * 10})
 
     cfg = dict(small_run_config, **{"clients-per-round": 3, "num-server-rounds": 1, "evaluate-clients": 0,
-                                    "wire-log": True})
+                                    "wire-log": True, "max-failed-share": 1.0})
     fed = Federation(InProcessGrid(6, cfg, tamper=tamper), cfg)
     run_dir = fed.run()
     rows = [json.loads(x) for x in (run_dir / "wire.jsonl").read_text().splitlines()]  # strict JSON

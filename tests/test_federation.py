@@ -16,13 +16,14 @@ from common.ledger import PrivacyLedger
 from common.run_config import ConfigError, resolve
 from common.secure_random import SecureStream
 from common.wire import RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS, allowed_metrics
+from server.audit.accounting import write_audit
 from server.federation import Federation
 from server.sampling import sample_clients
 from simulations.inprocess_grid import InProcessGrid, state_of
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _rows(run_dir, name="metrics.jsonl"):
+    return [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def _tamper(node, content):
 
 
 def test_bad_replies_are_rejected_and_the_round_completes(small_run_config):
-    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1})
+    cfg = dict(small_run_config, **{"clients-per-round": 6, "num-server-rounds": 1, "max-failed-share": 1.0})
     grid = InProcessGrid(6, cfg, tamper=_tamper, drop={106})
     fed = Federation(grid, cfg)
     fed.run()
@@ -179,7 +180,8 @@ def test_a_run_stored_before_item_bias_scale_existed_resumes_only_at_scale_1(sma
     with pytest.raises(ConfigError, match=r"client-sampling.*item-bias-scale"):
         Federation(InProcessGrid(6, at_default), at_default)
     as_stored = dict(at_default, **{"item-bias-scale": 1.0, "client-sampling": "uniform"})
-    Federation(InProcessGrid(6, as_stored), as_stored)  # accepted: what a run without the keys used
+    with pytest.raises(ConfigError, match="checkpoint"):  # the config is accepted; only the checkpoint is missing
+        Federation(InProcessGrid(6, as_stored), as_stored)
 
 
 def test_cyclic_sampling_trains_every_client_once_before_any_twice():
@@ -245,14 +247,22 @@ def test_federated_evaluation_is_a_noisy_release_each_ledger_counts(small_run_co
     fed = Federation(grid, cfg)
     fed.run()
     evaluations = [dict(r.content["metrics"]) for r in grid.replies if "HR@10" in r.content["metrics"]]
-    assert len(evaluations) == 6
-    # noisy values on the noise's grid, never the exact 0 or 1 of a hit
-    assert all(v["HR@10"] not in (0.0, 1.0) and v["eval-noise-multiplier"] == 2.0 for v in evaluations)
+    assert len(evaluations) == 6 and all(v["eval-noise-multiplier"] == 2.0 for v in evaluations)
+    # Noisy values: a snapped Gaussian of std 2.8 lands exactly on 0 or 1 with probability about 1.2e-3,
+    # so all 12 released values doing so has probability below 1e-30.
+    assert any(v[k] not in (0.0, 1.0) for v in evaluations for k in ("HR@10", "NDCG@10"))
     ledgers = [PrivacyLedger.load(p) for p in (fed.folder.root / "clients").glob("ledger-*.json")]
     assert sum(1 for led in ledgers for s in led.sessions if s.kind == "evaluation") == 6
     row = _rows(fed.folder.root)[1]
     assert row["federated_clients"] == 6 and np.isfinite(row["federated_NDCG@10"])
-    assert row["federated_noise_std_of_mean"] == pytest.approx(2.0 * np.sqrt(2 / 6))
+    assert row["federated_noise_std_of_median"] == pytest.approx(2.0 * np.sqrt(2) * np.sqrt(np.pi / 12))
+    # an honest run with federated evaluation passes the accounting audit: evaluators that did not
+    # train are explained by the round's record, and metrics.jsonl's epsilon includes their releases
+    assert _rows(fed.folder.root, "rounds.jsonl")[0]["evaluated"] == sorted(grid.partition)
+    spend = max(led.epsilon for led in ledgers)
+    assert row["epsilon_max"] == pytest.approx(spend)
+    report = write_audit(fed.folder.root)[2]
+    assert report["all_checks_passed"], [c for c in report["checks"] if c["status"] == "fail"]
 
 
 def test_a_central_dp_release_is_accounted_before_a_crash_can_lose_it(small_run_config, monkeypatch):
@@ -289,7 +299,7 @@ def test_resume_with_another_population_re_derives_the_sampling_rate(small_run_c
     assert [(q, n) for _, q, n in fed.central.history] == [(0.5, 1), (0.75, 1)]
 
 
-def test_a_central_dp_release_before_the_first_checkpoint_still_counts(small_run_config, monkeypatch):
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_silently_restarted(small_run_config, monkeypatch):
     import server.federation as federation_mod
 
     cfg = dict(small_run_config, **{"central-dp": True, "num-server-rounds": 1, "eval-every": 100})
@@ -301,10 +311,25 @@ def test_a_central_dp_release_before_the_first_checkpoint_still_counts(small_run
     with pytest.raises(KeyboardInterrupt):
         Federation(InProcessGrid(6, cfg), cfg).run()
     monkeypatch.undo()
-    resumed = dict(cfg, resume=True)
-    fed = Federation(InProcessGrid(6, resumed), resumed)
-    fed.run()
-    assert fed.central.rounds == 2  # the lost round 1 release, and round 1 again
+    run_dir = Path(cfg["output-dir"]) / cfg["run-name"]
+    records = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "central-dp.json")}
+    with pytest.raises(ConfigError, match=r"checkpoint.*nothing to continue from.*Remove"):
+        Federation(InProcessGrid(6, dict(cfg, resume=True)), dict(cfg, resume=True))
+    with pytest.raises(ConfigError, match="before its first checkpoint.*remove the folder"):
+        Federation(InProcessGrid(6, cfg), cfg)  # a plain retry says how to retry
+    assert {name: (run_dir / name).read_bytes() for name in records} == records  # nothing dropped
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(small_run_config):
+    cfg = dict(small_run_config, **{"num-server-rounds": 1, "eval-every": 100})
+    first = Federation(InProcessGrid(6, cfg), cfg)  # holds the folder from here until run() ends
+    for other in (cfg, dict(cfg, resume=True)):
+        with pytest.raises(ConfigError, match="in use by another privrec run"):
+            Federation(InProcessGrid(6, other), other)
+    first.run()
+    resumed = dict(cfg, **{"resume": True, "num-server-rounds": 2})
+    Federation(InProcessGrid(6, resumed), resumed).run()  # free again once the first run ended
+    assert [r["round"] for r in _rows(Path(cfg["output-dir"]) / cfg["run-name"])] == [0, 1, 2]
 
 
 def test_a_non_finite_global_state_is_refused_by_every_client_before_any_spend(small_run_config):

@@ -16,18 +16,21 @@ pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _left_running(home: Path) -> list[str]:
+    """Processes still running whose command line names ``home`` (the SuperLink and what it started)."""
+    res = subprocess.run(["pgrep", "-af", str(home)], capture_output=True, text=True)
+    return [line for line in res.stdout.splitlines() if "pgrep" not in line]
+
+
 def test_flwr_run_small_simulation(small_ml100k, tmp_path):
     home, out = tmp_path / "flwr-home", tmp_path / "runs"
     env = dict(os.environ, FLWR_HOME=str(home), PRIVREC_SUPERNODES="4", PRIVREC_CPUS="2")
     overrides = (f"dataset='{small_ml100k}' output-dir='{out}' run-name='e2e' num-server-rounds=2 "
                  f"clients-per-round=3 evaluate-clients=2 eval-every=1 examples-per-user=4 history-len=3 "
                  f"max-length=32 batch-size=2 max-update-norm=1000.0")
-    try:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    finally:
-        # The managed local SuperLink runs detached; stop the one this test started.
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert not _left_running(home)  # the launcher stopped the SuperLink it started, and all below it
     run_dir = out / "e2e"
     assert (run_dir / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -47,14 +50,65 @@ def test_the_main_job_exits_non_zero_when_the_run_fails(tmp_path):
     """`flwr run --stream` alone exits 0 when the ServerApp raises; the launcher reads the run's status."""
     home = tmp_path / "flwr-home"
     env = dict(os.environ, FLWR_HOME=str(home), PRIVREC_SUPERNODES="2", PRIVREC_CPUS="1")
-    try:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config",
-                               f"dataset='{tmp_path / 'missing'}' output-dir='{tmp_path / 'runs'}' run-name='f'"],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    finally:
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config",
+                           f"dataset='{tmp_path / 'missing'}' output-dir='{tmp_path / 'runs'}' run-name='f'"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert not _left_running(home)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "finished:failed" in proc.stdout and "missing" in proc.stdout
     bad_key = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", "num-rounds=3"],
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad_key.returncode == 2 and "num-rounds" in bad_key.stderr
+
+
+SLOW_CLIENT = """import time
+
+from flwr.clientapp import ClientApp
+
+import client.app as privrec
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    if int(context.node_config["partition-id"]) == 0 and int(msg.content["config"]["server-round"]) == 2:
+        time.sleep(900)  # a hung client: it answers long after the server stopped waiting
+    return privrec.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    return privrec.evaluate(msg, context)
+"""
+
+
+def test_the_launcher_does_not_wait_for_a_hung_client_after_the_last_round(small_ml100k, tmp_path):
+    """The privrec app with one client that sleeps 900 s in the last round: the server counts it as failed
+    after round-timeout; the launcher exits 0 soon after the ServerApp completed, stops the runtime that
+    still waits for the sleeper, and leaves nothing running."""
+    import time
+
+    app_dir = tmp_path / "slowapp"
+    app_dir.mkdir()
+    pyproject = (ROOT / "pyproject.toml").read_text().replace('clientapp = "client.app:app"',
+                                                              'clientapp = "slow_client:app"')
+    (app_dir / "pyproject.toml").write_text(pyproject.replace('name = "privrec"', 'name = "privrecslow"'))
+    (app_dir / "slow_client.py").write_text(SLOW_CLIENT)
+    home, out = tmp_path / "flwr-home", tmp_path / "runs"
+    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
+    overrides = (f"dataset='{small_ml100k}' output-dir='{out}' run-name='slow' num-server-rounds=2 "
+                 f"clients-per-round=4 evaluate-clients=0 eval-every=100 examples-per-user=4 history-len=3 "
+                 f"max-length=32 batch-size=2 round-timeout=75.0")
+    t0 = time.monotonic()
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "simulations.simulate", "--supernodes", "4",
+                           "--cpus", "2", "--app-dir", str(app_dir), "--run-config", overrides],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert seconds < 600, seconds  # well before the sleeper would have answered
+    assert "finished:completed" in proc.stdout
+    rounds = [json.loads(x) for x in (out / "slow" / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds[1]["failed"]) == 1 and (out / "slow" / "result.json").exists()
+    assert not _left_running(home)

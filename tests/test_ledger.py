@@ -158,6 +158,44 @@ def test_overlapping_sessions_on_one_device_both_count(tmp_path):
         assert ledger.epsilon == pytest.approx(both)
 
 
+def test_a_crash_between_the_first_ledger_and_its_marker_does_not_brick_the_device(tmp_path, monkeypatch):
+    import common.ledger as ledger_mod
+
+    def crash(marker, client_id):
+        raise OSError(28, "No space left on device")  # room for the ledger, not for the marker
+
+    monkeypatch.setattr(ledger_mod, "_enrol", crash)
+    with pytest.raises(OSError), _open(tmp_path):
+        pass
+    monkeypatch.undo()
+    path, _, marker = ledger_paths(tmp_path, "c")
+    assert path.exists() and not marker.exists()  # nothing was released; the ledger is readable
+    with _open(tmp_path) as ledger:  # the next session enrols it and trains
+        ledger.record(_session())
+    assert marker.exists() and PrivacyLedger.load(path).epsilon > 0
+
+
+def test_a_first_ledger_that_cannot_be_written_leaves_no_marker(tmp_path, monkeypatch):
+    import common.ledger as ledger_mod
+
+    real = ledger_mod.write_bytes_atomic
+
+    def room_for_the_marker_only(path, data, private=False):
+        if str(path).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real(path, data, private=private)
+
+    monkeypatch.setattr(ledger_mod, "write_bytes_atomic", room_for_the_marker_only)
+    with pytest.raises(OSError), _open(tmp_path):
+        pass
+    monkeypatch.undo()
+    path, _, marker = ledger_paths(tmp_path, "c")
+    assert not path.exists() and not marker.exists()  # never enrolled: a later session starts cleanly
+    with _open(tmp_path) as ledger:
+        ledger.record(_session())
+    assert marker.exists() and PrivacyLedger.load(path).epsilon > 0
+
+
 def test_a_held_lock_times_out_into_a_refusal(tmp_path):
     with _open(tmp_path):
         with pytest.raises(LedgerUnavailableError, match="another session has held the lock"):

@@ -172,33 +172,41 @@ def check_recomputes(audit: RunAudit) -> Check:
 
 
 def check_server_rounds(audit: RunAudit) -> Check:
-    title = "Ledgers agree with the server's record of who trained in which round"
+    title = "Ledgers agree with the server's record of who trained or evaluated in which round"
     if not audit.local:
         return _na("ledgers_match_rounds", title, "no local DP in this run")
     if not audit.rounds:
         return Check("ledgers_match_rounds", title, "fail", "rounds.jsonl is missing or empty")
-    recorded: dict[tuple[int, int], str] = {}
+    trained: dict[tuple[int, int], str] = {}
+    evaluated: dict[tuple[int, int], str] = {}
     for led in audit.ledgers:
         for s in led.sessions:
             if s.run_id == audit.run_id and s.node_id is not None and s.round is not None:
-                recorded[(int(s.round), int(s.node_id))] = led.client_id
+                (evaluated if s.kind == "evaluation" else trained)[(int(s.round), int(s.node_id))] = led.client_id
     sampled = {(int(r["round"]), int(n)) for r in audit.rounds for n in r.get("sampled", [])}
+    asked = {(int(r["round"]), int(n)) for r in audit.rounds for n in r.get("evaluated", [])}
+    records_evaluators = all("evaluated" in r for r in audit.rounds)  # older run folders lack the field
     problems = []
     for r in audit.rounds:
         for node in [*r.get("trained", []), *r.get("rejected", [])]:
-            if (int(r["round"]), int(node)) not in recorded:
+            if (int(r["round"]), int(node)) not in trained:
                 problems.append(f"round {r['round']}: the server received an update from node {node}, "
                                 f"but no ledger records a session for that node and round (under-reported spend)")
     resumed = bool(audit.cfg["resume"])
-    extra = sorted(k for k in recorded if k not in sampled)
     notes = []
-    for rnd, node in extra:
-        msg = f"round {rnd}: ledger of {recorded[(rnd, node)]} records a session as node {node}, which the server did not sample"
+    unexplained = [(k, trained[k], "trained", "sample") for k in sorted(trained) if k not in sampled]
+    unexplained += [(k, evaluated[k], "evaluated", "ask to evaluate") for k in sorted(evaluated)
+                    if k not in asked and records_evaluators]
+    for (rnd, node), client, did, verb in unexplained:
+        msg = f"round {rnd}: ledger of {client} records that node {node} {did}, which the server did not {verb}"
         (notes if resumed else problems).append(msg)
     if problems:
         return Check("ledgers_match_rounds", title, "fail",
                      f"{len(problems)} disagreements between ledgers and rounds.jsonl", problems + notes)
-    reason = f"every update the server received in {len(audit.rounds)} rounds has a matching ledger session"
+    reason = (f"every update the server received in {len(audit.rounds)} rounds has a matching ledger session, "
+              f"and every ledger session of this run was asked for")
+    if not records_evaluators and evaluated:
+        reason += " (this run's rounds.jsonl predates the record of evaluators: evaluation sessions not matched)"
     if notes:
         reason += (f"; {len(notes)} ledger sessions belong to rounds re-run after a resume (spend recorded "
                    f"for an update the server never used: over-reported, which is safe)")

@@ -1,0 +1,126 @@
+"""The simulation SuperLink the main job runs on: started by the launcher on a free port outside the
+kernel's ephemeral range, declared as the ``local`` connection of ``$FLWR_HOME/config.toml``, and
+stopped (with everything it started: SuperExec, the simulation and its Ray workers) when the
+launcher ends.
+
+Flower's own managed local SuperLink (``address = ":local:"``) listens on fixed ports, so two
+``FLWR_HOME``s (two checkouts, a test beside a benchmark) would share one SuperLink and run on each
+other's installation, and it keeps running, detached, after the command that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from common.flower_env import flwr_env
+from common.io import write_text_atomic
+
+LOWEST_PORT = 10000
+STARTUP_TIMEOUT_S = 60.0
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports it hands out to outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(rng: random.Random | None = None, tries: int = 200) -> int:
+    """A port below the ephemeral range (so no outgoing connection takes it meanwhile) that is free now."""
+    rng = rng or random.Random(os.urandom(16))
+    low, high = ephemeral_range()
+    top = low - 1 if low > LOWEST_PORT + 100 else 65535
+    bottom = LOWEST_PORT if low > LOWEST_PORT + 100 else high + 1
+    for _ in range(tries):
+        port = rng.randint(bottom, top)
+        if port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port found in {bottom}-{top}")
+
+
+def _healthy(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def write_simulation_connection(home: Path, port: int, supernodes: int, cpus: int | None) -> Path:
+    """Declare the ``local`` connection (this SuperLink, with the simulation's options) as the default."""
+    lines = ['[superlink]', 'default = "local"', '', '[superlink.local]', f'address = "127.0.0.1:{port}"',
+             'insecure = true', f'options.num-supernodes = {int(supernodes)}',
+             'options.backend.client-resources.num-cpus = 1']
+    if cpus is not None:  # with RAY_ADDRESS set Ray joins that cluster and refuses a CPU count
+        lines.append(f'options.backend.init-args.num-cpus = {int(cpus)}')
+    return write_text_atomic(home / "config.toml", "\n".join(lines) + "\n")
+
+
+@contextmanager
+def local_superlink(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]:
+    """Start a simulation SuperLink for ``home`` on a free port, declare it in ``home``'s config, yield
+    the port, and stop it and every process it started afterwards."""
+    home = Path(home).resolve()
+    env = flwr_env(home)
+    logs = home / "local-superlink"
+    logs.mkdir(parents=True, exist_ok=True)
+    last_error = ""
+    for _ in range(5):  # another process may take the port between the check and the bind
+        port = free_port()
+        cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+               "--port", str(port), "--database", str(logs / "state.db"), "--log-file", str(logs / "superlink.log")]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None and not _healthy(port):
+            time.sleep(0.3)
+        if proc.poll() is None and _healthy(port):
+            break
+        last_error = f"exit code {proc.poll()}" if proc.poll() is not None else "no answer"
+        _stop(proc)
+    else:
+        raise RuntimeError(f"the simulation SuperLink did not start ({last_error}); see {logs / 'superlink.log'}")
+    try:
+        write_simulation_connection(home, port, supernodes, cpus)
+        yield port
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the SuperLink's whole process group (it leads a session of its own: SuperExec, the
+    simulation and its workers are in it), then kill whatever is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
