@@ -23,6 +23,8 @@ from common.flower_env import flwr_env
 from common.io import make_private_dir, write_bytes_atomic, write_text_atomic
 
 SUPEREXEC_SECRET = "superexec.secret"  # in the state folder: lets only this device's SuperExec take tasks
+TOKENS = "tokens"  # in the state folder: the token files of running ClientApps
+APP_DIR = Path(__file__).resolve().parents[1]  # this installation's privrec app folder
 
 
 def make_node_key(out: str | Path, name: str) -> tuple[Path, Path]:
@@ -51,6 +53,7 @@ def superexec_secret(state_dir: str | Path) -> Path:
     path = Path(state_dir) / SUPEREXEC_SECRET
     if not path.is_file():
         write_bytes_atomic(path, os.urandom(32).hex().encode(), private=True)
+    os.chmod(path, 0o600)
     return path
 
 
@@ -98,12 +101,12 @@ def device_launch(superlink: str, ca_cert: str | Path, key: str | Path, data_pat
                  "--auth-supernode-private-key", str(Path(key).resolve()), "--host", "127.0.0.1", "--port", str(port),
                  "--isolation", "process", "--superexec-auth-secret-file", str(secret),
                  "--node-config", node_config]
-    gate = [sys.executable, "-m", "client.app_gate", "--runtime-api-address", f"127.0.0.1:{port}",
-            "--superexec-auth-secret-file", str(secret)]
+    # -I: never import a `client` package from the folder the owner happens to be in (see client.app_gate)
+    gate = [sys.executable, "-I", "-m", "client.app_gate", "--runtime-api-address", f"127.0.0.1:{port}",
+            "--superexec-auth-secret-file", str(secret), "--token-dir", str(state_dir / TOKENS),
+            "--app-dir", str(Path(app_dir or APP_DIR).resolve())]
     for h in approve or []:
         gate += ["--approve", h]
-    if app_dir is not None:
-        gate += ["--app-dir", str(Path(app_dir).resolve())]
     return DeviceLaunch(supernode=supernode, app_gate=gate)
 
 
@@ -120,9 +123,11 @@ def run_supervised(launch: DeviceLaunch, env: dict[str, str] | None = None, poll
         stop["signal"] = sig
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    supernode_exited_first = False
     try:
         while stop["signal"] is None and supernode.poll() is None and gate.poll() is None:
             time.sleep(poll)
+        supernode_exited_first = supernode.poll() is not None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -135,5 +140,7 @@ def run_supervised(launch: DeviceLaunch, env: dict[str, str] | None = None, poll
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    first = supernode.returncode if stop["signal"] is None and supernode.returncode is not None else gate.returncode
-    return first if isinstance(first, int) and first >= 0 else 1
+    if stop["signal"] is not None:
+        return 1
+    first = supernode if supernode_exited_first else gate
+    return first.returncode if first.returncode is not None and first.returncode >= 0 else 1

@@ -62,17 +62,14 @@ def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any],
             release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,
                               node_id=node_id, kind="evaluation", adjacency=policy.adjacency)
             released = ReleasedReplies(ledger_dir, client_id)
-            earlier = ledger.recorded(run_id, server_round, "evaluation")
-            kept = released.load("evaluation", run_id, server_round) if earlier is not None else None
-            if kept is not None:  # asked again (a resumed server): the same values, no new spend
-                return SessionResult(metrics=kept[2])
-            # A recorded release of the same mechanism whose reply was never kept released nothing yet.
-            new_release = earlier is None or earlier.noise_multiplier != z
-            if new_release and ledger.epsilon_after(release) > ledger.budget_epsilon:
+            if ledger.recorded(run_id, server_round, "evaluation") is not None:
+                kept = released.load("evaluation", run_id, server_round)
+                if kept is not None:  # asked again (a resumed server): the same values, no new spend
+                    return SessionResult(metrics=kept[2])
+            if ledger.epsilon_after(release) > ledger.budget_epsilon:  # anything else: a new, charged release
                 return refusal("privacy-budget")
             exact = np.array(exact_metrics(runtime, data))
-            if new_release:
-                ledger.record(release)
+            ledger.record(release)
             noisy = add_gaussian_noise(exact, z * SENSITIVITY, SecureStream())
             metrics = {"refused": 0.0, "HR@10": float(noisy[0]), "NDCG@10": float(noisy[1]),
                        "eval-noise-multiplier": z, "epsilon": ledger.epsilon, "delta": ledger.delta}

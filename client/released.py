@@ -4,9 +4,10 @@ A server that crashes after some devices answered a round asks them again when i
 device whose ledger already holds that (run, round, kind) answers with the reply it released then:
 sending an already released output again reveals nothing new and costs no privacy, where training
 again would spend a second session (at a one-session budget: a refusal, and the round's work
-lost). The reply is kept (atomically, 0600) *before* it is returned, so a release that left the
-device is always found again; a recorded session whose reply was never kept (the device stopped
-before it finished) released nothing, and may run once more under that record.
+lost). The reply is kept (atomically, 0600) *before* it is returned. Only a kept reply is ever
+sent again: a recorded session whose reply is not kept (the device stopped before it finished, or
+the reply was dropped as old) is never run again under that record; a request for it is a new
+release, planned and charged as one. So a server that cycles round numbers gains nothing.
 
 Files: ``<ledger folder>/released/<client>-<kind>-<run digest>-<round>.safetensors``; the newest
 :data:`KEEP` per client and kind are kept.

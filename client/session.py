@@ -88,28 +88,24 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency)
-            earlier = ledger.recorded(run_id, server_round, "dp-sgd")
-            if earlier is not None:
+            if ledger.recorded(run_id, server_round, "dp-sgd") is not None:
                 kept = released.load("train", run_id, server_round)
                 if kept is not None:  # asked again (a resumed server): the same bytes, no new spend
                     names, arrays, metrics = kept
                     return SessionResult(names=names, arrays=arrays, metrics=metrics)
-                if not _same_mechanism(earlier, planned):
-                    earlier = None  # another mechanism: a new session, recorded as such
-            if earlier is None:
-                allowed = ledger.max_steps_within_budget(planned)
-                if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
-                    return refusal("privacy-budget")
-                session, record = replace(planned, steps=allowed), True
-            else:  # recorded, but its reply was never kept, so never released: run it under that record
-                session, record = earlier, False
+            # Anything else is a new release, planned and charged as one: a recorded session whose
+            # reply is not kept (any more) is never run again under that record.
+            allowed = ledger.max_steps_within_budget(planned)
+            if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
+                return refusal("privacy-budget")
+            session = replace(planned, steps=allowed)
             tcfg.max_steps = session.steps
             texts, targets, weights = padded_rows(data, cfg["examples-per-user"])
             features = _features(runtime, texts)
             # The session never re-encodes the catalogue: item embeddings stay those of the global
             # state, so the runtime's catalogue cache stays valid for the next client of the round.
-            report = train(runtime.model, features, targets, None, tcfg,
-                           on_start=(lambda: ledger.record(session)) if record else None, row_weights=weights)
+            report = train(runtime.model, features, targets, None, tcfg, on_start=lambda: ledger.record(session),
+                           row_weights=weights)
             if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
                 # Opacus' own accounting of this session exceeds what the ledger composed.
                 raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
@@ -119,14 +115,6 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             return SessionResult(names=names, arrays=arrays, metrics=metrics)
     except LedgerUnavailableError:
         return refusal("ledger-unavailable")
-
-
-def _same_mechanism(recorded: Session, planned: Session) -> bool:
-    """Whether a recorded session's mechanism covers the planned one (the same noise, rate and clip,
-    at most as many steps)."""
-    return (recorded.noise_multiplier, recorded.sample_rate, recorded.max_grad_norm, recorded.adjacency) == \
-        (planned.noise_multiplier, planned.sample_rate, planned.max_grad_norm, planned.adjacency) \
-        and recorded.steps <= planned.steps
 
 
 def padded_rows(data: ClientData, cap: int) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -13,4 +13,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured federation; artefacts go to ``<output-dir>/<run-id>/``."""
-    run_federation(grid, dict(context.run_config))
+    run_federation(grid, dict(context.run_config), flower_run_id=int(context.run_id))

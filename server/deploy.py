@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,26 @@ def list_supernodes(name: str = "edge", flwr_home: str | Path | None = None) -> 
 
 RUN_COMPLETE = "[privrec] run complete:"  # the ServerApp's last log line, once result.json is written
 STRAGGLER_GRACE_S = 15.0
+_COMPLETION = re.compile(re.escape(RUN_COMPLETE) + r" flower-run (\d+) result (\"(?:[^\"\\]|\\.)*\")")
+
+
+def completion_line(flower_run_id: int | None, result_path: Path) -> str:
+    """The ServerApp's completion line: Flower's run id and where its ``result.json`` is."""
+    return f"{RUN_COMPLETE} flower-run {flower_run_id} result {json.dumps(str(Path(result_path).resolve()))}"
+
+
+def _completed(line: str, run_id: int) -> bool:
+    """Whether ``line`` announces the completion of run ``run_id`` and the ``result.json`` it names exists
+    and was written by that run. A device's text can reach the ServerApp's log (a reason, a key name),
+    so the line alone proves nothing; the file, which only the ServerApp writes, does."""
+    match = _COMPLETION.search(line)
+    if match is None or int(match.group(1)) != run_id:
+        return False
+    try:
+        result = json.loads(Path(json.loads(match.group(2))).read_text(encoding="utf-8"))
+        return int(result["config"]["flower-run-id"]) == run_id
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _run_state(run_id: int, name: str, flwr_home: str | Path | None) -> str:
@@ -189,7 +210,7 @@ def _follow_log(run_id: int, name: str, flwr_home: str | Path | None, timeout: f
             if stream is not None:
                 stream.write(line)
                 stream.flush()
-            if RUN_COMPLETE in line:
+            if RUN_COMPLETE in line and _completed(line, run_id):
                 complete = True
                 break
     finally:
@@ -204,9 +225,10 @@ def run_and_wait(app_dir: str | Path, run_config: list[str], name: str = "edge",
     """Start a run, stream its log until it ends, and return (run id, final status).
 
     ``flwr run --stream`` exits 0 even when the ServerApp fails, so the status comes from ``flwr ls``.
-    Once the ServerApp has logged :data:`RUN_COMPLETE` the run's work is done; a runtime that still
-    waits for a client task (Flower's simulation finishes every task it started, however long a hung
-    client takes) is stopped after :data:`STRAGGLER_GRACE_S` and the status says so.
+    Once the ServerApp has logged its completion line and the ``result.json`` it names holds this
+    run's id, the run's work is done; a runtime that still waits for a client task (Flower's
+    simulation finishes every task it started, however long a hung client takes) is stopped after
+    :data:`STRAGGLER_GRACE_S` and the status says so. With ``stream`` None the log goes to stdout.
     """
     args = ["run", str(Path(app_dir).resolve()), name, "--format", "json"]
     for rc in run_config:
@@ -216,7 +238,7 @@ def run_and_wait(app_dir: str | Path, run_config: list[str], name: str = "edge",
         run_id = int(json.loads(res.stdout)["run-id"])
     except (ValueError, KeyError):
         raise RuntimeError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-800:]}") from None
-    complete = _follow_log(run_id, name, flwr_home, timeout, stream)
+    complete = _follow_log(run_id, name, flwr_home, timeout, stream if stream is not None else sys.stdout)
     deadline = time.time() + (STRAGGLER_GRACE_S if complete else 120)  # the status trails the log a moment
     while True:
         state = _run_state(run_id, name, flwr_home)

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from common.evaluation import eval_texts, evaluate_scores, user_scores
 from common.model_state import ModelRuntime
 from common.split import Split
-from server.validation import validate_metrics
+from server.validation import printable, validate_metrics
 
 
 class ServerEvaluator:
@@ -71,7 +71,7 @@ def federated_evaluation(replies: Iterable[Message], sent: list[Message],
         verdict = validate_metrics("evaluate", metrics, cfg)
         if not verdict.accepted:
             rejected += 1
-            log(WARNING, "evaluation reply of node %d rejected: %s", node, verdict.reason)
+            log(WARNING, "evaluation reply of node %d rejected: %s", node, printable(verdict.reason))
             continue
         if "epsilon" in metrics:
             epsilons[node] = float(metrics["epsilon"])

@@ -20,18 +20,20 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.dataset import Dataset
 from common.io import write_json_atomic
 from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
 from common.partition import dataset_from_source, split_for
 from common.results import result_record
 from common.run_config import ConfigError, resolve
 from common.secure_random import SecureStream
+from common.split import Split
 from server.aggregation import load_optimizer_state, make_server_step, optimizer_state, server_step, to_record
-from server.aggregators import aggregate
+from server.aggregators import aggregate, without_common_mode
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP, client_rate
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.deploy import RUN_COMPLETE
+from server.deploy import completion_line
 from server.evaluation import ServerEvaluator, federated_evaluation
 from server.privacy_statement import ledgers_epsilon, privacy_statement
 from server.resume import check_resume, restored_central, restored_spend
@@ -58,8 +60,9 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, settle: float = 5.0
 class Federation:
     """One federated run, resumable from its run folder."""
 
-    def __init__(self, grid: Grid, run_config: dict[str, Any]) -> None:
+    def __init__(self, grid: Grid, run_config: dict[str, Any], flower_run_id: int | None = None) -> None:
         self.grid = grid
+        self.flower_run_id = flower_run_id  # Flower's id of this run (None outside Flower's runtime)
         self.cfg = resolve(run_config)
         cfg = self.cfg
         self.run_id = cfg["run-name"] or f"run-{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg['seed']}"
@@ -70,13 +73,17 @@ class Federation:
         self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
         self.folder.lock()  # held until run() ends: one run per folder
         try:
-            check_resume(self.folder, cfg)
-            self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
-                p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
-            self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
+            self._set_up(cfg, data, split)
         except BaseException:
             self.folder.unlock()
             raise
+
+    def _set_up(self, cfg: dict[str, Any], data: Dataset, split: Split) -> None:
+        """Everything past the folder's lock (released by ``__init__`` if this fails)."""
+        check_resume(self.folder, cfg)
+        self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
+            p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
+        self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
         self.names, self.arrays = get_state(self.runtime.model)
         self.specs = adapter_specs(self.names, self.arrays)
         self.max_update_norm = update_norm_bound(cfg, sum(int(a.size) for a in self.arrays))
@@ -132,7 +139,8 @@ class Federation:
             t0 = time.perf_counter()
             row, record = self._train_round(rnd)
             evaluate = rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]
-            metrics, record["evaluated"] = self._evaluate(rnd) if evaluate else ({}, [])
+            metrics, record["evaluated"], record["evaluation_released"] = \
+                self._evaluate(rnd) if evaluate else ({}, [], [])
             self.folder.append(self.folder.rounds, record)
             row.update(self._spend_summary())  # after the round's evaluation releases too
             row["round_seconds"] = round(time.perf_counter() - t0, 2)
@@ -252,13 +260,14 @@ class Federation:
                 len(accepted), self.cfg["min-replies"])
             return False
         if self.central is not None:
+            accepted = without_common_mode(accepted, self.names, self.arrays)
             deltas = [[a - g for a, g in zip(s, self.arrays)] for s in accepted]
             noisy = self.central.noisy_mean(deltas, [a.shape for a in self.arrays], self._noise_stream)
             self.central.record_round()
             write_json_atomic(self.folder.central_dp, self.central.to_json())
             mean = [g + d for g, d in zip(self.arrays, noisy)]
         else:
-            mean = aggregate(accepted, self.cfg)
+            mean = aggregate(accepted, self.cfg, self.names, self.arrays)
             if mean is None:
                 log(WARNING, "round %d: %s cannot aggregate %d updates; global model unchanged", rnd,
                     self.cfg["aggregator"], len(accepted))
@@ -271,8 +280,9 @@ class Federation:
         self.arrays = new
         return True
 
-    def _evaluate(self, rnd: int) -> tuple[dict[str, Any], list[int]]:
-        """(server-side PROTOCOL metrics plus the federated evaluation's, the nodes asked to evaluate)."""
+    def _evaluate(self, rnd: int) -> tuple[dict[str, Any], list[int], list[int]]:
+        """(server-side PROTOCOL metrics plus the federated evaluation's, the nodes asked to evaluate, the
+        nodes whose valid release was received)."""
         cfg = self.cfg
         out: dict[str, Any] = {}
         for split, m in self.evaluator.evaluate(self.names, self.arrays).items():
@@ -280,13 +290,14 @@ class Federation:
             out.update({f"{prefix}_{k}": v for k, v in m.items()})
         k = min(cfg["evaluate-clients"], len(self.nodes))
         if not (k and rnd > 0):
-            return out, []
-        federated, chosen = self._federated_evaluation(rnd, k)
-        return {**out, **federated}, chosen
+            return out, [], []
+        federated, chosen, released = self._federated_evaluation(rnd, k)
+        return {**out, **federated}, chosen, released
 
-    def _federated_evaluation(self, rnd: int, k: int) -> tuple[dict[str, Any], list[int]]:
+    def _federated_evaluation(self, rnd: int, k: int) -> tuple[dict[str, Any], list[int], list[int]]:
         """The robust mean of the validated noisy (HR@10, NDCG@10) releases of ``k`` clients (see
-        :mod:`client.evaluation` and :func:`server.evaluation.federated_evaluation`), and who was asked."""
+        :mod:`client.evaluation` and :func:`server.evaluation.federated_evaluation`), who was asked, and
+        whose release was received."""
         rng = np.random.default_rng([self.cfg["seed"], rnd, 1])
         chosen = sorted(self.nodes[i] for i in rng.choice(len(self.nodes), size=k, replace=False))
         content = self._content(rnd)
@@ -297,7 +308,7 @@ class Federation:
         for node, eps in epsilons.items():  # each release is part of that device's spend
             self.client_epsilon[str(node)] = max(self.client_epsilon.get(str(node), 0.0), eps)
         write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)
-        return out, chosen
+        return out, chosen, sorted(epsilons)
 
     def _record(self, rnd: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         full = {"round": rnd, **row, **metrics, "time": time.time()}
@@ -333,13 +344,15 @@ class Federation:
         started = rows[0]["time"] if rows else time.time()
         method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
         result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
-                               time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"]})
+                               time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"],
+                                                       "flower-run-id": self.flower_run_id})
         self.folder.write_result(result)
         self.folder.write_plots()
-        log(INFO, RUN_COMPLETE + " %s: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
+        log(INFO, completion_line(self.flower_run_id, self.folder.result))
+        log(INFO, "[privrec] run %s: test NDCG@10 %.4f, HR@10 %.4f; artefacts in %s", self.run_id,
             metrics["NDCG@10"], metrics["HR@10"], self.folder.root)
         return self.folder.root
 
-def run_federation(grid: Grid, run_config: dict[str, Any]) -> Path:
+def run_federation(grid: Grid, run_config: dict[str, Any], flower_run_id: int | None = None) -> Path:
     """Entry point used by the ServerApp (and tests): runs or resumes, returns the run folder."""
-    return Federation(grid, run_config).run()
+    return Federation(grid, run_config, flower_run_id).run()

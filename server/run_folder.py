@@ -115,7 +115,8 @@ class RunFolder:
         """rounds.jsonl, each row checked: an integer round and lists of integer node ids."""
         rows = read_jsonl(self.rounds)
         for number, row in enumerate(rows, start=1):
-            ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed", "evaluated")]
+            ids = [row.get(k, []) for k in ("sampled", "trained", "refused", "rejected", "failed", "evaluated",
+                                            "evaluation_released")]
             if not isinstance(row.get("round"), int) or not all(
                     isinstance(x, list) and all(isinstance(n, int) for n in x) for x in ids):
                 raise DataFormatError(self.rounds, "expected an integer 'round' and lists of integer node ids",

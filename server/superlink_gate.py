@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -96,6 +97,10 @@ def serve(public_host: str, public_port: int, control_port: int, flower_args: li
     from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
     from flwr.superlink.main import create_app
 
+    legacy = [name for name in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+              if os.environ.get(name) == "1"]
+    if legacy:  # these start Flower's gRPC Control/Fleet servers on addresses of their own, around the split
+        raise SystemExit(f"unset {', '.join(legacy)}: the SuperLink gate serves the Control API on loopback only")
     config = _flower_config([*flower_args, "--host", LOOPBACK, "--port", str(control_port)])
     if config.certificates is None:
         raise SystemExit("the SuperLink gate needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")

@@ -211,6 +211,13 @@ def evaluation_release_range(eval_noise_multiplier: float) -> tuple[float, float
     return -k, 1.0 + k
 
 
+def printable(text: object, limit: int = 200) -> str:
+    """Text that came from a device (an error reason, a key or field name inside a rejection reason) as
+    the server logs and records it: control characters (newlines, terminal escapes) replaced by '?',
+    cut at ``limit`` characters, so a device can neither forge log lines nor flood the log."""
+    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
+
+
 WIRE_LOG_LIMIT = 200  # characters of a string value, entries of a record, kept in the wire log
 
 
@@ -253,19 +260,20 @@ def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec], gl
     (also when its tensors are then rejected: the update left the device). Nothing in a reply is
     used before it is validated; a reply that cannot even be parsed is rejected, never raised."""
     if reply.has_error():
-        return "failed", [], str(reply.error.reason), None
+        return "failed", [], printable(reply.error.reason), None
     epsilon = None
     try:
         content = reply.content
         if set(content.keys()) - RECORD_NAMES:
-            return "rejected", [], f"unexpected record(s) {sorted(set(content.keys()) - RECORD_NAMES)[:5]}", None
+            return "rejected", [], printable(f"unexpected record(s) {sorted(set(content.keys()) - RECORD_NAMES)[:5]}"), \
+                None
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         if "status" in content.config_records:
             reason = content["status"].get("reason", "")
             return "refused", [], reason if reason in REFUSAL_REASONS else "unknown reason code", None
         verdict = validate_metrics("train", metrics, cfg)
         if not verdict.accepted:
-            return "rejected", [], verdict.reason, None
+            return "rejected", [], printable(verdict.reason), None
         epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
         if "arrays" not in content.array_records:
             return "rejected", [], "no arrays record", epsilon
@@ -273,9 +281,11 @@ def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec], gl
         names = list(record.keys())
         layout = check_layout(names, [record[k] for k in names], specs)
         if not layout.accepted:
-            return "rejected", [], layout.reason, epsilon
+            return "rejected", [], printable(layout.reason), epsilon
         arrays = [record[k].numpy() for k in names]
     except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
         return "rejected", [], f"unreadable reply ({type(exc).__name__})", epsilon
     verdict = validate_reply(names, arrays, specs, global_arrays, max_update_norm)
-    return ("trained", arrays, "", epsilon) if verdict.accepted else ("rejected", [], verdict.reason, epsilon)
+    if not verdict.accepted:
+        return "rejected", [], printable(verdict.reason), epsilon
+    return "trained", arrays, "", epsilon

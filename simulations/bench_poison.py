@@ -10,7 +10,7 @@ run's update norm bound). Its best response per rule (the server's configuration
 | aggregator | the hostile update |
 |---|---|
 | mean | all of the admissible norm on the promoted item's bias |
-| median, trimmed-mean | every item bias outside the honest range: the promoted one above, all others below (6 noise std of an honest coordinate); the adapters unchanged |
+| median, trimmed-mean | the promoted item's bias above the honest range and the biases of the 50 items the global model ranks highest below it (6 noise std of an honest coordinate), the other items' raised just enough to keep the update's sum zero (the server removes any common mode); the adapters unchanged |
 | krum, multikrum, bulyan | no change except the promoted item's bias, by 0.8 x the norm of an honest update's noise, so that it sits closer to every honest update than they sit to each other |
 
 The promoted item is the catalogue item with the median number of training ratings among rated
@@ -45,6 +45,7 @@ from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid, state_of
 
 ROOT = Path(__file__).resolve().parent.parent
+RIVALS = 50  # the items the hostile update pushes down: those the global model ranks highest
 BEST_RESPONSE = {"mean": "norm", "median": "rank", "trimmed-mean": "rank", "krum": "closest",
                  "multikrum": "closest", "bulyan": "closest"}
 
@@ -101,8 +102,15 @@ class PoisonGrid(InProcessGrid):
         elif self.mode == "rank":
             r = 6 * honest_noise_std(cfg)
             delta = {k: np.zeros_like(v) for k, v in delta.items()}
-            delta[bias][:] = -r
+            current_bias = current[bias].astype(np.float64).copy()
+            current_bias[self.target] = -np.inf
+            rivals = np.argsort(-current_bias, kind="stable")[:RIVALS]
+            others = np.ones(len(current_bias), dtype=bool)
+            others[rivals] = False
+            others[self.target] = False
+            delta[bias][rivals] = -r
             delta[bias][self.target] = r
+            delta[bias][others] = (RIVALS - 1) * r / others.sum()  # zero sum: nothing for the server to remove
         else:  # "closest": near every honest update, with a bump on the promoted item
             dimension = sum(v.size for v in delta.values())
             delta = {k: np.zeros_like(v) for k, v in delta.items()}

@@ -119,3 +119,40 @@ def test_the_default_update_bound_follows_from_the_public_mechanism(small_run_co
     assert max(norms) <= bound < 1.2 * noise
     assert update_norm_bound(dict(resolved, **{"max-update-norm": 7.0}), dimension) == 7.0
     assert update_norm_bound(dict(resolved, **{"local-dp": False}), dimension) == 50.0
+
+
+def test_an_examples_item_bias_gradient_sums_to_zero_and_the_server_removes_any_common_mode(tiny_grouplens):
+    """Why the server may project bias updates onto the zero-sum subspace: the softmax is unchanged by a
+    common shift of the logits, so an honest example's bias gradient sums to zero over the items; a
+    hostile update that lowers every other item is left with its zero-sum part only."""
+    import torch
+
+    from common.model_state import ModelRuntime, ModelSettings, get_state
+    from common.partition import client_data, split_for
+    from server.aggregators import without_common_mode
+
+    cfg = resolve({"dataset": str(tiny_grouplens), "history-len": 3, "max-length": 32})
+    split = split_for(cfg["dataset"])
+    runtime = ModelRuntime(split.data, ModelSettings.from_run_config(cfg))
+    runtime.load_state(*get_state(runtime.model))
+    data = client_data(split, 0, 3, 4)
+    feats, mask = runtime.features(data.train_texts).batch(torch.arange(len(data.train_texts)))
+    model = runtime.model
+    for i in range(len(data.train_texts)):
+        model.zero_grad()
+        logits = model(feats[i:i + 1], mask[i:i + 1])
+        torch.nn.functional.cross_entropy(logits, torch.as_tensor(data.train_targets[i:i + 1])).backward()
+        grad = model.head.bias.bias.grad
+        assert abs(float(grad.sum())) < 1e-5 * float(grad.abs().sum())
+    names, current = get_state(model)
+    hostile = [a.copy() for a in current]
+    k = names.index("item_bias")
+    hostile[k] = hostile[k] - 0.5
+    hostile[k][3] += 2.0
+    projected = without_common_mode([hostile], names, current)[0]
+    update = projected[k] - current[k]
+    assert abs(float(update.sum())) < 1e-4
+    # the uniform -0.5 is gone; what is left is the target's +2 made zero-sum
+    assert np.allclose(np.delete(update, 3), -2.0 / len(update), atol=1e-5)
+    assert update[3] == pytest.approx(2.0 - 2.0 / len(update), abs=1e-5)
+    assert all(np.array_equal(a, b) for j, (a, b) in enumerate(zip(projected, hostile)) if j != k)

@@ -191,3 +191,41 @@ def test_an_example_with_a_non_finite_gradient_contributes_nothing():
         assert all(torch.isfinite(p).all() for p in model.parameters())
     finally:
         private.close()
+
+
+def test_a_repeated_request_gets_the_kept_reply_and_nothing_else_is_free(runtime_and_data, tmp_path, monkeypatch):
+    """The same (run, round) again: the same bytes, no new spend. A server that cycles round numbers
+    until the device has dropped an old kept reply, or that asks again after a crash before the reply
+    was kept, gets a new session, charged as one: one recorded spend never yields two releases."""
+    from client.released import KEEP
+
+    runtime, data, cfg = runtime_and_data
+    cfg = dict(cfg, **{"client-epsilon-budget": 50.0})
+
+    policy = DevicePolicy(epsilon_budget=50.0)
+
+    def ask(rnd):
+        return session_mod.run_session(runtime, data, cfg, tmp_path, "user-0", "run", rnd, policy=policy)
+
+    first = ask(1)
+    assert first.arrays and not first.refused
+    again = ask(1)
+    assert [a.tobytes() for a in again.arrays] == [a.tobytes() for a in first.arrays]
+    assert again.metrics == first.metrics and len(_ledger(tmp_path, 50.0).sessions) == 1
+    for rnd in range(2, KEEP + 3):  # round 1's kept reply is dropped as old
+        ask(rnd)
+    spent = len(_ledger(tmp_path, 50.0).sessions)
+    replay = ask(1)
+    assert len(_ledger(tmp_path, 50.0).sessions) == spent + 1  # charged as a new session
+    assert replay.metrics["epsilon"] > first.metrics["epsilon"]
+    # killed after recording a session but before its reply was kept: asking again charges again
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-session")
+
+    monkeypatch.setattr(training_mod, "_run_steps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ask(100)
+    monkeypatch.undo()
+    before = len(_ledger(tmp_path, 50.0).sessions)
+    ask(100)
+    assert len(_ledger(tmp_path, 50.0).sessions) == before + 1

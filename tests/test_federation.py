@@ -258,7 +258,8 @@ def test_federated_evaluation_is_a_noisy_release_each_ledger_counts(small_run_co
     assert row["federated_noise_std_of_median"] == pytest.approx(2.0 * np.sqrt(2) * np.sqrt(np.pi / 12))
     # an honest run with federated evaluation passes the accounting audit: evaluators that did not
     # train are explained by the round's record, and metrics.jsonl's epsilon includes their releases
-    assert _rows(fed.folder.root, "rounds.jsonl")[0]["evaluated"] == sorted(grid.partition)
+    record = _rows(fed.folder.root, "rounds.jsonl")[0]
+    assert record["evaluated"] == record["evaluation_released"] == sorted(grid.partition)
     spend = max(led.epsilon for led in ledgers)
     assert row["epsilon_max"] == pytest.approx(spend)
     report = write_audit(fed.folder.root)[2]

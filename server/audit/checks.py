@@ -192,6 +192,10 @@ def check_server_rounds(audit: RunAudit) -> Check:
             if (int(r["round"]), int(node)) not in trained:
                 problems.append(f"round {r['round']}: the server received an update from node {node}, "
                                 f"but no ledger records a session for that node and round (under-reported spend)")
+        for node in r.get("evaluation_released", []):
+            if (int(r["round"]), int(node)) not in evaluated:
+                problems.append(f"round {r['round']}: the server received an evaluation release from node {node}, "
+                                f"but no ledger records it (under-reported spend)")
     resumed = bool(audit.cfg["resume"])
     notes = []
     unexplained = [(k, trained[k], "trained", "sample") for k in sorted(trained) if k not in sampled]
