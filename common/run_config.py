@@ -138,11 +138,11 @@ FIELDS: dict[str, Field] = {
          "(the bound an honest update exceeds with probability below 1e-9; 50 without local DP)"),
         low=0, high=1000000000.0),
     "aggregator": Field(
-        "mean", "server",
-        ("how accepted updates are combined before the server step: mean, median, trimmed-mean, krum, "
-         "multikrum or bulyan (Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan rules); "
-         "central DP needs mean"),
-        choices=("mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan")),
+        "auto", "server",
+        ("how accepted updates are combined before the server step: auto (trimmed-mean, or mean under "
+         "central DP, which needs it), mean, median, trimmed-mean, krum, multikrum or bulyan (Flower's "
+         "FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan rules)"),
+        choices=("auto", "mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan")),
     "trim-fraction": Field(
         0.1, "server", "trimmed-mean: the fraction of values dropped at each end of every coordinate",
         low=0, high=0.49),
@@ -228,6 +228,8 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, field in FIELDS.items():
         field.check(key, cfg[key])
     cfg["client-sampling"] = _sampling_scheme(cfg)
+    if cfg["aggregator"] == "auto":
+        cfg["aggregator"] = "mean" if cfg["central-dp"] else "trimmed-mean"
     if cfg["central-dp"] and cfg["aggregator"] != "mean":
         raise ConfigError(f"run config 'aggregator': {cfg['aggregator']!r} cannot be used with central-dp=true: the "
                           f"accountant assumes the noise covers a sum of clipped updates (sensitivity central-clip); "

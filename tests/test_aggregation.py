@@ -88,6 +88,7 @@ def test_each_rule_is_flowers_own(aggregator, flower):
 
 
 def test_central_dp_refuses_a_robust_aggregator():
+    assert resolve({})["aggregator"] == "trimmed-mean" and resolve({"central-dp": True})["aggregator"] == "mean"
     for name in AGGREGATORS:
         if name == "mean":
             resolve({"central-dp": True, "aggregator": name})
