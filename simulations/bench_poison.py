@@ -36,7 +36,6 @@ from flwr.app import Array, ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
-from common.evaluation import user_scores
 from common.io import write_json_atomic
 from common.partition import dataset_from_source, split_for
 from common.privacy import client_schedule
