@@ -36,7 +36,7 @@ def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float
     non-finite value, the pair is (0, 0) (a device does the same work either way). A reply or
     refusal that depended on the data would be a release outside the mechanism.
     """
-    feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT])
+    feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT], fixed=True)
     scores = user_scores(runtime.model, feats)[0]
     if data.eval_target is None or not np.isfinite(scores).all():
         return 0.0, 0.0
@@ -59,8 +59,10 @@ def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any],
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
             if ledger.accountant != cfg["accountant"]:
                 return refusal("privacy-policy")
+            # Both metrics lie in [0, 1]: any two pairs, whatever the adjacency or which event is held
+            # out, differ by at most sqrt(2), the clip recorded here, so the sensitivity is 1 clip.
             release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,
-                              node_id=node_id, kind="evaluation", adjacency=policy.adjacency)
+                              node_id=node_id, kind="evaluation", adjacency=policy.adjacency, sensitivity=1.0)
             released = ReleasedReplies(ledger_dir, client_id)
             if ledger.recorded(run_id, server_round, "evaluation") is not None:
                 kept = released.load("evaluation", run_id, server_round)

@@ -24,7 +24,7 @@ from common.features import FeatureSet
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.model_state import ModelRuntime, get_state
 from common.partition import ClientData
-from common.privacy import client_public_size, client_schedule
+from common.privacy import client_public_size, client_schedule, session_sensitivity
 from common.training import TrainConfig, train
 
 PAD_TEXT = "no history yet"  # public: what a user with no history is rendered as
@@ -87,7 +87,8 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
                 return refusal("privacy-policy")  # its ledger composes with the other accountant
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
-                              adjacency=policy.adjacency)
+                              adjacency=policy.adjacency,
+                              sensitivity=session_sensitivity(cfg["examples-per-user"], policy.adjacency))
             if ledger.recorded(run_id, server_round, "dp-sgd") is not None:
                 kept = released.load("train", run_id, server_round)
                 if kept is not None:  # asked again (a resumed server): the same bytes, no new spend
@@ -99,7 +100,7 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
                 return refusal("privacy-budget")
             session = replace(planned, steps=allowed)
-            tcfg.max_steps = session.steps
+            tcfg.max_steps, tcfg.sensitivity = session.steps, session.accounted_sensitivity
             texts, targets, weights = padded_rows(data, cfg["examples-per-user"])
             features = _features(runtime, texts)
             # The session never re-encodes the catalogue: item embeddings stay those of the global
@@ -130,6 +131,7 @@ def padded_rows(data: ClientData, cap: int) -> tuple[list[str], np.ndarray, np.n
 
 
 def _features(runtime: ModelRuntime, texts: list[str]) -> FeatureSet:
+    """The session's features at full length (a DP session's shapes do not depend on the data)."""
     if texts:
-        return runtime.features(texts)
-    return FeatureSet.empty(runtime.settings.max_length, runtime.encoder.dim)
+        return runtime.features(texts, fixed=True)
+    return FeatureSet.empty(runtime.settings.max_length, runtime.encoder.dim, fixed=True)

@@ -17,19 +17,25 @@ class FeatureSet:
     features: torch.Tensor  # float32 [N, L, d]
     mask: torch.Tensor  # int64 [N, L]
     truncated: int  # how many texts were cut at max_length
+    # True on a device under DP: batches keep the full length L, so no tensor's shape (and no amount
+    # of work) depends on how long the device's texts are; the server sees when a reply arrives.
+    fixed: bool = False
 
     @classmethod
-    def empty(cls, max_length: int, dim: int) -> "FeatureSet":
+    def empty(cls, max_length: int, dim: int, fixed: bool = False) -> "FeatureSet":
         """No texts (a client with no examples still takes its noise-only DP steps)."""
         return cls(features=torch.zeros(0, max_length, dim), mask=torch.zeros(0, max_length, dtype=torch.long),
-                   truncated=0)
+                   truncated=0, fixed=fixed)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``idx``, trimmed to the longest text among them (padding beyond it is inert)."""
+        """Rows ``idx``, trimmed to the longest text among them (padding beyond it is inert), or at the
+        full length when ``fixed``."""
         mask = self.mask[idx]
+        if self.fixed:
+            return self.features[idx], mask
         length = max(1, int(mask.sum(1).max())) if len(idx) else 1
         return self.features[idx, :length], mask[:, :length]
 
@@ -62,8 +68,10 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor
 
 
 def compute_features(encoder: TextEncoder, tokenizer, texts: list[str], max_length: int,
-                     chunk: int = 256, label: str | None = None) -> FeatureSet:
-    """Frozen features for every text, in chunks, with a progress bar when ``label`` is given."""
+                     chunk: int = 256, label: str | None = None, fixed: bool = False) -> FeatureSet:
+    """Frozen features for every text, in chunks, with a progress bar when ``label`` is given. With
+    ``fixed`` every chunk runs at ``max_length`` and the set keeps that length in every batch (a
+    device's DP session: its work must not depend on its texts' lengths)."""
     ids, mask, truncated = tokenize(tokenizer, texts, max_length)
     # Sort by length so each chunk pads only to its own longest text.
     lengths = mask.sum(1)
@@ -74,8 +82,8 @@ def compute_features(encoder: TextEncoder, tokenizer, texts: list[str], max_leng
     with progress_bar(label, total=len(texts)) as advance:
         for start in range(0, len(texts), chunk):
             rows = order[start: start + chunk]
-            length = max(1, int(lengths[rows].max()))
+            length = max_length if fixed else max(1, int(lengths[rows].max()))
             out[rows, :length] = encoder.frozen_features(ids[rows, :length], mask[rows, :length])
             advance(len(rows))
     encoder.train(was_training)
-    return FeatureSet(features=out, mask=mask, truncated=truncated)
+    return FeatureSet(features=out, mask=mask, truncated=truncated, fixed=fixed)

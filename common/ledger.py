@@ -29,7 +29,7 @@ from typing import Any
 from common.io import exclusive_lock, write_bytes_atomic
 from common.privacy import epsilon_of_history
 
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
 ADJACENCIES = ("add-remove", "replace-one")
 KINDS = ("dp-sgd", "evaluation")
 MAX_DELTA = 1e-2  # a delta above this is no privacy guarantee worth stating
@@ -46,8 +46,12 @@ class Session:
     """One recorded release: a sampled Gaussian mechanism composed over ``steps``.
 
     ``kind`` is ``dp-sgd`` (a training session) or ``evaluation`` (a noisy evaluation reply,
-    sample rate 1, one step). Under replace-one adjacency one changed example moves the
-    clipped sum by up to twice the clip, so the accountant sees half the noise multiplier.
+    sample rate 1, one step). ``sensitivity`` is the L2 sensitivity of the released sum in units
+    of ``max_grad_norm`` (:func:`common.privacy.session_sensitivity`): 2 when one changed example
+    can move the clipped sum by twice the clip (a window over the device's examples lets another in
+    when one is removed; or replace-one adjacency), so the accountant sees the noise multiplier
+    divided by it. Sessions recorded before the field existed (ledger version 2) carry None and
+    are accounted as they were then: 2 under replace-one, else 1.
     """
 
     noise_multiplier: float
@@ -61,11 +65,18 @@ class Session:
     recorded_at: float = 0.0
     kind: str = "dp-sgd"
     adjacency: str = "add-remove"
+    sensitivity: float | None = None
+
+    @property
+    def accounted_sensitivity(self) -> float:
+        if self.sensitivity is not None:
+            return float(self.sensitivity)
+        return 2.0 if self.adjacency == "replace-one" else 1.0
 
     @property
     def accounted_noise(self) -> float:
-        """The noise multiplier in units of the add/remove sensitivity."""
-        return self.noise_multiplier / (2.0 if self.adjacency == "replace-one" else 1.0)
+        """The noise multiplier in units of the release's sensitivity."""
+        return self.noise_multiplier / self.accounted_sensitivity
 
 
 def session_from_json(raw: dict[str, Any]) -> Session:
@@ -87,6 +98,9 @@ def validate_session(s: Session) -> None:
                                 ("steps", s.steps >= 0 and s.steps == int(s.steps)),
                                 ("max_grad_norm", s.max_grad_norm > 0), ("delta", 0 < s.delta <= MAX_DELTA))
                 if not ok]
+    if s.sensitivity is not None and (isinstance(s.sensitivity, bool) or not isinstance(s.sensitivity, (int, float))
+                                      or not math.isfinite(s.sensitivity) or s.sensitivity < 1):
+        bad.append("sensitivity")
     if s.kind not in KINDS:
         bad.append("kind")
     if s.adjacency not in ADJACENCIES:

@@ -179,8 +179,10 @@ class ModelRuntime:
         self.model.head.item_emb.copy_(torch.as_tensor(embeddings, dtype=torch.float32))
         self._items_for = digest
 
-    def features(self, texts: list[str]) -> FeatureSet:
-        return compute_features(self.encoder, self.tokenizer, texts, self.settings.max_length)
+    def features(self, texts: list[str], fixed: bool = False) -> FeatureSet:
+        """Frozen features of user texts; ``fixed`` keeps every tensor at the full ``max_length``
+        (:func:`common.features.compute_features`)."""
+        return compute_features(self.encoder, self.tokenizer, texts, self.settings.max_length, fixed=fixed)
 
     def load_state(self, names: list[str], arrays: list[np.ndarray], refresh: bool = True) -> None:
         """Set the global state and make sure the catalogue embeddings match it (cached by digest);

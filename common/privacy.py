@@ -148,6 +148,7 @@ class PrivateTraining:
     accountant: IAccountant
     schedule: PublicSchedule
     sampling_stream: SecureStream
+    sensitivity: float = 1.0  # of the clipped sum, in units of the clip (see session_sensitivity)
 
     def batches(self, num_rows: int) -> Iterator[torch.Tensor]:
         """The session's Poisson batches: each row independently with the public rate, every step."""
@@ -156,8 +157,10 @@ class PrivateTraining:
             yield torch.from_numpy(np.flatnonzero(chosen))
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon at ``delta`` of the steps taken so far (the history Opacus' step hook recorded)."""
-        return epsilon_of_history(self.accountant.history, delta, self.accountant.mechanism())
+        """Epsilon at ``delta`` of the steps taken so far (the history Opacus' step hook recorded), with
+        the noise counted in units of the session's sensitivity."""
+        history = [(z / self.sensitivity, q, n) for z, q, n in self.accountant.history]
+        return epsilon_of_history(history, delta, self.accountant.mechanism())
 
     def close(self) -> None:
         """Remove Opacus' hooks from the model (always call it, also when training failed)."""
@@ -165,8 +168,10 @@ class PrivateTraining:
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
-                 max_grad_norm: float, schedule: PublicSchedule, accountant: str) -> PrivateTraining:
-    """Wrap ``model`` and ``optimizer`` for DP-SGD with per-sample gradients (Opacus hooks)."""
+                 max_grad_norm: float, schedule: PublicSchedule, accountant: str,
+                 sensitivity: float = 1.0) -> PrivateTraining:
+    """Wrap ``model`` and ``optimizer`` for DP-SGD with per-sample gradients (Opacus hooks); the session's
+    epsilon is accounted at ``sensitivity`` times the clip (:func:`session_sensitivity`)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     module = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
@@ -180,11 +185,39 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise
     except Exception:
         module._close()
         raise
-    return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream())
+    return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream(), sensitivity)
+
+
+def session_sensitivity(examples_per_user: int, adjacency: str) -> float:
+    """The L2 sensitivity of a client session's clipped gradient sum, in units of the clip norm.
+
+    With a cap on a session's examples (``examples_per_user`` > 0) the session uses the device's
+    most recent that many examples: removing one of them lets the next older one in, so the window
+    changes by a removal *and* an addition and the sum moves by up to 2C. Whether a device holds
+    more examples than the cap is private, so every capped session is accounted at 2C (for a
+    device below the cap this over-states the spend). Without a cap, add/remove of one example
+    moves the sum by C, replace-one by 2C. With a cap replace-one stays 2C: replacing an example
+    changes the window by at most one example swapped for another.
+    """
+    if adjacency not in ("add-remove", "replace-one"):
+        raise ValueError(f"adjacency must be add-remove or replace-one, got {adjacency!r}")
+    return 2.0 if examples_per_user > 0 or adjacency == "replace-one" else 1.0
+
+
+def selection_rule(examples_per_user: int) -> str:
+    """The rule that chooses a session's examples, in words (for the privacy statement)."""
+    if examples_per_user > 0:
+        return (f"the device's {examples_per_user} most recent training examples (all of them when it has fewer), "
+                f"padded with weight-0 rows to {examples_per_user}; a removal that lets an older example into the "
+                f"window is accounted as a replacement (sensitivity 2C)")
+    return "all of the device's training examples"
 
 
 def interaction_group_size(history_len: int, examples_per_user: int) -> int:
-    """How many add/remove-one-example steps separate two datasets that differ in one rating: its own
-    example, a removal plus an addition for each of up to ``history_len`` later examples whose
-    history text it appears in, and, with a most-recent window, one older example let in."""
-    return 2 * history_len + 1 + (1 if examples_per_user > 0 else 0)
+    """How many accounted unit changes separate two datasets that differ in one rating: its own example,
+    and the rewritten history texts of up to ``history_len`` later examples. With a cap on a
+    session's examples each change is accounted as a replacement (sensitivity 2C), so a rewritten
+    history is one change and a removal that lets an older example in is one too: ``history_len + 1``.
+    Without a cap, add/remove adjacency counts a rewritten history as a removal plus an addition:
+    ``2 history_len + 1``."""
+    return history_len + 1 if examples_per_user > 0 else 2 * history_len + 1

@@ -67,8 +67,8 @@ FIELDS: dict[str, Field] = {
          " rate is min(1, batch-size / examples-per-user) (1 when examples-per-user is 0)"), low=1, high=1000000.0),
     "examples-per-user": Field(
         50, "local training",
-        ("a client's most recent training targets used (0: all); the public session size the DP schedule "
-         "is derived from"), low=0, high=1000000.0),
+        ("a client's most recent training targets used, padded to this many rows: the public session size "
+         "the DP schedule is derived from (0: all, only without local DP)"), low=0, high=1000000.0),
     "local-optimizer": Field("sgd", "local training", "adam or sgd on the client", choices=("adam", "sgd")),
     "learning-rate": Field(
         1.0, "local training",
@@ -80,7 +80,7 @@ FIELDS: dict[str, Field] = {
     # -- local DP ----------------------------------------------------------------------------------
     "local-dp": Field(True, "local DP", "Opacus DP-SGD on every client (example-level DP)"),
     "noise-multiplier": Field(
-        0.64, "local DP",
+        1.28, "local DP",
         ("DP-SGD noise multiplier on the client"), low=0, high=10000.0, low_inclusive=False),
     "max-grad-norm": Field(
         1.0, "local DP",
@@ -230,6 +230,10 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg["client-sampling"] = _sampling_scheme(cfg)
     if cfg["aggregator"] == "auto":
         cfg["aggregator"] = "mean" if cfg["central-dp"] else "trimmed-mean"
+    if cfg["local-dp"] and cfg["examples-per-user"] == 0:
+        raise ConfigError("run config 'examples-per-user': 0 (all of a device's examples) cannot be used with "
+                          "local-dp=true: a session's size, and so its duration, would depend on how many examples "
+                          "the device holds; set a public cap (e.g. examples-per-user=200) and sessions pad to it")
     if cfg["central-dp"] and cfg["aggregator"] != "mean":
         raise ConfigError(f"run config 'aggregator': {cfg['aggregator']!r} cannot be used with central-dp=true: the "
                           f"accountant assumes the noise covers a sum of clipped updates (sensitivity central-clip); "

@@ -45,6 +45,9 @@ class TrainConfig:
     public_size: int | None = None
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: a client's update is then its noisy gradient sum)
     max_steps: int | None = None  # cap below the planned steps (a client's remaining budget)
+    # L2 sensitivity of the clipped sum in units of max_grad_norm that the accounting uses (2: a
+    # selection window or replace-one adjacency, see common.privacy.session_sensitivity)
+    sensitivity: float = 1.0
     refresh_at_start: bool = True  # False when the head already holds these adapters' item embeddings
     refresh_at_end: bool = True
 
@@ -160,8 +163,10 @@ def train(model: Recommender, features: FeatureSet, targets: np.ndarray, item_fe
         if sigma is None:
             if cfg.target_epsilon is None:
                 raise ValueError("DP training needs target_epsilon or noise_multiplier")
-            sigma = noise_for_epsilon(cfg.target_epsilon, cfg.delta, schedule.sample_rate, steps, cfg.accountant)
-        private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant)
+            sigma = cfg.sensitivity * noise_for_epsilon(cfg.target_epsilon, cfg.delta, schedule.sample_rate, steps,
+                                                        cfg.accountant)
+        private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant,
+                               sensitivity=cfg.sensitivity)
         module, optimizer = private.module, private.optimizer
         batches = private.batches(n + extra)
         report.noise_multiplier, report.sample_rate, report.delta = sigma, schedule.sample_rate, cfg.delta

@@ -32,11 +32,25 @@ def client_rate(clients_per_round: int, population: int) -> float:
     return min(1.0, clients_per_round / population)
 
 
+def _norm(delta: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
+
+
 def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray], float]:
-    """Scale ``delta`` to L2 norm at most ``clip``; returns the clipped update and the original norm."""
-    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
-    factor = min(1.0, clip / norm) if norm > 0 else 1.0
-    return [d * np.float32(factor) for d in delta], norm
+    """Scale ``delta`` to L2 norm at most ``clip``; returns the clipped update and the original norm.
+
+    The factor is applied in float64 and the float32 result checked: when rounding to float32 puts
+    the norm above ``clip``, the factor is stepped down (a few ulps) until it does not, so no
+    clipped update ever exceeds the sensitivity the accountant assumes."""
+    norm = _norm(delta)
+    if not norm > clip:
+        return [np.asarray(d, dtype=np.float32) for d in delta], norm
+    factor = clip / norm
+    while True:
+        clipped = [(np.asarray(d, dtype=np.float64) * factor).astype(np.float32) for d in delta]
+        if _norm(clipped) <= clip:
+            return clipped, norm
+        factor = float(np.nextafter(factor * (1 - 1e-7), 0.0))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from common.ledger import LedgerUnavailableError, PrivacyLedger
-from common.privacy import client_schedule, interaction_group_size
+from common.privacy import client_schedule, interaction_group_size, selection_rule, session_sensitivity
 from common.wire import EVALUATE_METRICS, TRAIN_METRICS
 from server.central_dp import CentralDP
 
@@ -53,7 +53,14 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                "client_epsilon_budget": cfg["client-epsilon-budget"], "noise_multiplier": cfg["noise-multiplier"],
                "max_grad_norm": cfg["max-grad-norm"], "sample_rate": schedule.sample_rate,
                "steps_per_session": schedule.steps, "denominator": schedule.expected_batch_size,
+               "selection": selection_rule(cfg["examples-per-user"]),
+               "sensitivity": session_sensitivity(cfg["examples-per-user"], "add-remove"),
                "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
+               "timing": ("every session pads its rows to examples-per-user and every text to max-length tokens, "
+                          "and takes the public steps: the tensors entering the encoder, and so its work, have "
+                          "the same shape whatever the device holds; reading the device's files and building "
+                          "its example texts still take time in proportion to its history (measured: see the "
+                          "README), which is outside the epsilon"),
                "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
                "released_fields": {"train": ["arrays", *(f"metrics.{k}" for k in sorted(TRAIN_METRICS))],
                                    "evaluate": [f"metrics.{k}" for k in sorted(EVALUATE_METRICS)]},
@@ -63,9 +70,11 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                            "ledger-dir to account for repeated runs. Deployed devices keep their ledger in "
                            "their own state-dir."),
                "note": (f"example-level per client; one rating changes up to "
-                        f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} examples "
+                        f"{interaction_group_size(cfg['history-len'], cfg['examples-per-user'])} accounted examples "
                         f"(its own, and the rewritten histories of later ones), so interaction-level DP "
-                        f"follows only by group privacy with that group size")}
+                        f"follows only by group privacy with that group size"),
+               "outside_guarantee": ("a device's owner can erase its own ledger and enrolment record, which "
+                                     "starts its spend again at 0; the guarantee is per ledger")}
     if central is not None:
         if out["unit"] == "none":
             out = {"unit": "user", "epsilon": central.epsilon(), "delta": central.delta,
@@ -73,7 +82,10 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
         out.update({"user_epsilon": central.epsilon(), "user_delta": central.delta,
                     "user_accountant": "rdp", "user_adjacency": "add-remove (one whole client)",
                     "user_trust": "the server (aggregator) adds the noise and keeps who was sampled secret",
-                    "user_sampling": f"poisson, q={central.sample_rate:.4g}",
+                    "user_sampling": (f"poisson, q={central.sample_rate:.4g} = clients-per-round / N, with N the "
+                                      f"{central.population} nodes connected at the start (treated as public; "
+                                      f"nodes that join later are never sampled and a node that leaves keeps "
+                                      f"its place, so each node is included with exactly the accounted q)"),
                     "user_noise_multiplier": central.noise_multiplier, "user_clip": central.clip,
                     "outside_user_guarantee": ("metrics.jsonl and rounds.jsonl (who was sampled, per-round "
                                                "counts of accepted, refused, rejected and failed clients) are "

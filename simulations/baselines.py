@@ -20,7 +20,7 @@ from common.examples import training_examples
 from common.features import FeatureSet, compute_features
 from common.io import write_json_atomic
 from common.model import Recommender, refresh_items
-from common.privacy import interaction_group_size
+from common.privacy import interaction_group_size, session_sensitivity
 from common.results import NO_PRIVACY, result_record
 from common.split import Split, cold_start_items, leave_one_out, without_items
 from common.training import TrainConfig, train
@@ -160,6 +160,8 @@ class BaselineRunner:
             examples = training_examples(train_split, cfg.history_len, cfg.examples_per_user)
             feats = self.features.get(ex_key, lambda: examples.texts, cfg.max_length)
             tcfg = replace(cfg.dp_train if dp else cfg.train, seed=seed)
+            if dp:  # each user's most recent examples_per_user: a removal can let an older one in
+                tcfg = replace(tcfg, sensitivity=session_sensitivity(cfg.examples_per_user, "add-remove"))
             label = f"{method} seed {seed} ({tag})" if self.verbose else None
             report = train(model, feats, examples.targets, item_feats, tcfg, label=label)
             train_info = {"train_examples": len(examples.targets), "train_steps": report.steps,
@@ -171,14 +173,18 @@ class BaselineRunner:
                 group = interaction_group_size(cfg.history_len, cfg.examples_per_user)
                 privacy = {"unit": "example", "epsilon": round(report.epsilon, 4), "delta": tcfg.delta,
                            "accountant": tcfg.accountant, "adjacency": "add-remove",
+                           "selection": (f"each user's {cfg.examples_per_user} most recent training examples; a "
+                                         f"removal that lets an older one in is accounted as a replacement"
+                                         if cfg.examples_per_user > 0 else "every training example"),
+                           "sensitivity": tcfg.sensitivity,
                            "trust": "the curator who trains centrally holds every example",
                            "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
                            "steps": report.steps, "max_grad_norm": tcfg.max_grad_norm,
                            "denominator": report.expected_batch_size,
                            "note": (f"example-level only: one rating is the target of one example and appears in "
-                                    f"the histories of up to {cfg.history_len} more (each a removal plus an "
-                                    f"addition), so interaction-level DP follows only by group privacy with "
-                                    f"group size {group}; the training set's size is treated as public")}
+                                    f"the histories of up to {cfg.history_len} more, so interaction-level DP "
+                                    f"follows only by group privacy with group size {group}; the training set's "
+                                    f"size is treated as public")}
         else:
             refresh_items(model, item_feats)
         scores = {}

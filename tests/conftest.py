@@ -74,7 +74,7 @@ def small_run_config(tiny_grouplens, tmp_path):
     """A fast federated run on the made-up 12-item catalogue: 6 clients, short texts, few examples."""
     return {"dataset": str(tiny_grouplens), "num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 2,
             "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
-            "noise-multiplier": 1.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path / "runs"), "run-name": "t"}
+            "noise-multiplier": 2.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path / "runs"), "run-name": "t"}
 
 
 @pytest.fixture(autouse=True)

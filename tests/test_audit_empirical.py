@@ -17,6 +17,10 @@ from simulations.cli import app
 pytestmark = [pytest.mark.audit, pytest.mark.slow]
 
 REQUIRED = {"epsilon_lower_bound", "confidence", "accountant_epsilon", "delta", "privacy_unit", "reading"}
+# A correct mechanism's one-run lower bound exceeds its true epsilon (at most the accountant's) with
+# probability at most 1 - confidence: the correct-setup audits run at 1 - 1e-9, so they cannot fail by
+# chance (at 0.95 they would one run in twenty at worst).
+SURE = 1 - 1e-9
 
 
 def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
@@ -37,7 +41,8 @@ AUDITED_BATCH = 20
 
 
 def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
-    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH}, canaries=2000)
+    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH}, canaries=2000,
+                                 confidence=SURE)
     assert REQUIRED <= set(report)
     assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
@@ -62,7 +67,7 @@ def test_mechanism_audit_catches_a_broken_setup(broken, tmp_path):
 
 
 def test_membership_audit_of_the_correct_setup_stays_below_the_accountant():
-    report = run_membership_audit(canaries=200)
+    report = run_membership_audit(canaries=200, confidence=SURE)
     assert REQUIRED <= set(report)
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
     assert report["canaries"]["count"] == 200 and report["training_rows"]["real_examples"] > 0
@@ -82,7 +87,7 @@ def test_gaussian_dp_epsilon_matches_known_points():
 def test_client_level_audit_runs_the_federation_with_canary_clients(small_ml100k, tmp_path):
     overrides = {"dataset": str(small_ml100k), "num-server-rounds": 2, "examples-per-user": 4, "history-len": 3,
                  "max-length": 32, "batch-size": 2, "max-update-norm": 1000.0}
-    report = run_client_audit(overrides, tmp_path, real_clients=3, canaries=40)
+    report = run_client_audit(overrides, tmp_path, real_clients=3, canaries=40, confidence=SURE)
     assert REQUIRED <= set(report) and report["privacy_unit"].startswith("user")
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
     assert report["mechanism_claimed"]["rounds"] == 2 and report["delta"] == 1e-4

@@ -72,9 +72,10 @@ def test_a_correct_run_passes_every_check_and_reports_each_unit(run_copy):
     assert example["delta"] == 1e-5 and example["accountant"] == "rdp"
     assert 0 < example["epsilon"]["min"] <= example["epsilon"]["median"] <= example["epsilon"]["max"] <= 8.0
     assert sum(example["epsilon"]["histogram"]["counts"]) == example["epsilon"]["clients"]
-    # history-len 3 and a most-recent window: one rating is at most 2*3 + 1 + 1 examples away.
-    assert units["interaction"]["group_size"] == 8 and units["interaction"]["bound"] == "group privacy"
-    assert units["interaction"]["epsilon"] == pytest.approx(8 * example["epsilon"]["max"])
+    # history-len 3 and a most-recent window, accounted as replacements: one rating is at most 3 + 1
+    # accounted examples away (its own, and the rewritten histories of 3 later ones).
+    assert units["interaction"]["group_size"] == 4 and units["interaction"]["bound"] == "group privacy"
+    assert units["interaction"]["epsilon"] == pytest.approx(4 * example["epsilon"]["max"])
     assert units["user"]["covered"] is False
     budget = report["budget"]
     assert budget["cap"] == 8.0 and budget["clients_with_ledger"] == example["epsilon"]["clients"]

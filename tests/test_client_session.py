@@ -21,7 +21,7 @@ from common.wire import TRAIN_METRICS
 @pytest.fixture(scope="module")
 def runtime_and_data(tiny_grouplens):
     cfg = resolve({"dataset": str(tiny_grouplens), "examples-per-user": 4, "history-len": 3, "max-length": 32,
-                   "batch-size": 2, "noise-multiplier": 1.0})
+                   "batch-size": 2, "noise-multiplier": 2.0})
     split = split_for(cfg["dataset"])
     runtime = ModelRuntime(split.data, ModelSettings.from_run_config(cfg))
     runtime.load_state(*get_state(runtime.model))
@@ -229,3 +229,101 @@ def test_a_repeated_request_gets_the_kept_reply_and_nothing_else_is_free(runtime
     before = len(_ledger(tmp_path, 50.0).sessions)
     ask(100)
     assert len(_ledger(tmp_path, 50.0).sessions) == before + 1
+
+
+def test_a_sessions_tensors_have_the_same_shape_whatever_the_device_holds(ml100k, small_ml100k, tmp_path,
+                                                                          monkeypatch):
+    """Devices with 0, 1, 10 and cap+10 events, short and long titles: every tensor that enters the
+    encoder, in the same order, has the same shape (the server sees when a reply arrives)."""
+    import client.app as client_app
+    from client.export import export_user
+    from common.encoder import TextEncoder
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    cap = 6
+    run_config = {"dataset": str(small_ml100k), "examples-per-user": cap, "batch-size": cap, "history-len": 3,
+                  "max-length": 32, "noise-multiplier": 1.5}
+    runtime = ModelRuntime(ml100k, ModelSettings.from_run_config(resolve(run_config)))
+    names, arrays = get_state(runtime.model)
+    export_user(ml100k, "1", tmp_path / "user1")
+    events = (tmp_path / "user1" / "events.jsonl").read_text().splitlines()
+    by_length = sorted(events, key=lambda e: len(ml100k.items[ml100k.item_index[json.loads(e)["item"]]].title))
+    devices = {"none": [], "one-short": by_length[:1], "ten-long": by_length[-10:], "cap+10": events[:cap + 10]}
+    seen: dict[str, list] = {}
+    calls: list = []
+    for method in ("frozen_features", "forward_features"):
+        real = getattr(TextEncoder, method)
+
+        def spy(self, *tensors, _real=real, _name=method):
+            calls.append((_name, [tuple(t.shape) for t in tensors]))
+            return _real(self, *tensors)
+
+        monkeypatch.setattr(TextEncoder, method, spy)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    for warm_up_then_name in ["warm-up", *devices]:
+        lines = devices.get(warm_up_then_name, [])
+        folder = tmp_path / warm_up_then_name
+        folder.mkdir(exist_ok=True)
+        (folder / "catalogue.jsonl").write_bytes((tmp_path / "user1" / "catalogue.jsonl").read_bytes())
+        (folder / "events.jsonl").write_text("".join(line + "\n" for line in lines))
+        msg = Message(RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in zip(names, arrays)}),
+                                  "config": ConfigRecord({"server-round": 1, "run-id": warm_up_then_name,
+                                                          "run-dir": str(tmp_path)})}),
+                      dst_node_id=5, message_type=MessageType.TRAIN)
+        ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config=run_config,
+                      node_config={"data-path": str(folder), "state-dir": str(tmp_path / f"state-{warm_up_then_name}"),
+                                   "privacy-epsilon-budget": 60.0})
+        calls.clear()
+        reply = client_app.train(msg, ctx)
+        assert "arrays" in reply.content.array_records, warm_up_then_name
+        seen[warm_up_then_name] = list(calls)
+    del seen["warm-up"]  # the first session also encodes the catalogue once for the process
+    shapes = list(seen.values())
+    assert shapes[0] and all(s == shapes[0] for s in shapes), seen
+    session = [ts for _, ts in shapes[0] if ts[0][0] == cap]  # the session's rows (the rest is the catalogue)
+    assert session and all(shape[1] == 32 for ts in session for shape in ts)  # every text at full max-length
+
+
+def _clipped_sum(runtime, texts: list[str], targets: list[int], clip: float) -> list:
+    """Sum over examples of each example's own gradient clipped to ``clip`` (Opacus' flat clipping), no noise."""
+    import torch
+
+    params = [p for p in runtime.model.parameters() if p.requires_grad]
+    feats = runtime.features(texts, fixed=True)
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(texts)):
+        x, m = feats.batch(torch.tensor([i]))
+        loss = torch.nn.functional.cross_entropy(runtime.model(x, m), torch.tensor([targets[i]]))
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads)]
+    return total
+
+
+def test_a_removal_that_shifts_the_window_stays_within_the_accounted_sensitivity(runtime_and_data, tmp_path):
+    """A device above the cap, and the same device without its newest example: the window takes the next
+    older example in, so the session's noiseless clipped sum moves by more than one clip norm (a removal
+    and an addition). The ledger must account at least that."""
+    import torch
+
+    from common.examples import user_examples
+
+    runtime, _, cfg = runtime_and_data
+    cap = 3
+    cfg = dict(cfg, **{"examples-per-user": cap, "batch-size": cap, "client-epsilon-budget": 100.0})
+    split = split_for(cfg["dataset"])
+    texts, targets = user_examples(split, 0, cfg["history-len"], 0)
+    assert len(targets) > cap  # the device holds more than the cap
+    window = (texts[-cap:], targets[-cap:])
+    without_newest = (texts[:-1][-cap:], targets[:-1][-cap:])  # the neighbouring dataset's window
+    clip = cfg["max-grad-norm"]
+    a = _clipped_sum(runtime, *window, clip)
+    b = _clipped_sum(runtime, *without_newest, clip)
+    moved = float(torch.sqrt(sum(((x - y).double() ** 2).sum() for x, y in zip(a, b))))
+    data = client_data(split, 0, cfg["history-len"], cap)
+    session_mod.run_session(runtime, data, cfg, tmp_path, "user-0", "run", 1, policy=DevicePolicy(epsilon_budget=100.0))
+    accounted = _ledger(tmp_path, 100.0).sessions[0].accounted_sensitivity
+    assert moved > 1.05 * clip  # more than one example's worth: the add/remove accounting of before was wrong
+    assert moved <= accounted * clip * (1 + 1e-6)

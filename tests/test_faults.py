@@ -279,7 +279,7 @@ def checkpointed_run(small_ml100k, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = {"dataset": str(small_ml100k), "num-server-rounds": 1, "clients-per-round": 3, "evaluate-clients": 0,
            "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
-           "noise-multiplier": 1.0, "max-update-norm": 1000.0, "output-dir": str(out), "run-name": "ck"}
+           "noise-multiplier": 2.0, "max-update-norm": 1000.0, "output-dir": str(out), "run-name": "ck"}
     Federation(InProcessGrid(6, cfg), cfg).run()
     return cfg, out / "ck"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from common.ledger import ledger_paths
-from common.privacy import client_schedule
+from common.privacy import client_schedule, session_sensitivity
 from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS
 from server.central_dp import client_rate
 
@@ -261,6 +261,10 @@ def check_config(audit: RunAudit) -> Check:
                 for key, value in want.items():
                     if not _close(float(getattr(s, key)), value):
                         bad.append(f"{where}: {key} {getattr(s, key):g}, config says {value:g}")
+                need = session_sensitivity(int(audit.cfg["examples-per-user"]), s.adjacency)
+                if s.accounted_sensitivity < need:
+                    bad.append(f"{where}: accounted at sensitivity {s.accounted_sensitivity:g} x the clip; the "
+                               f"session's selection rule needs {need:g} (a removal that shifts its window)")
                 if not _close(s.sample_rate, schedule.sample_rate):
                     bad.append(f"{where}: sample rate {s.sample_rate:g}, the public schedule gives "
                                f"{schedule.sample_rate:g}")
