@@ -20,6 +20,8 @@ median rank and the share of users with it in their top 10.
 
     python -m simulations.bench_poison [--aggregator trimmed-mean] [--strategy fedadam] [--seed 0]
         [--rounds 48] [--clients 943] [--only attacked|clean] [--out simulations/results/poison]
+        [--resume RUN-FOLDER-NAME]  (an interrupted run continues from its checkpoint; the hostile
+        client of each later round is drawn from a fresh stream)
 """
 
 from __future__ import annotations
@@ -142,13 +144,16 @@ def promotion(fed: Federation, target: int) -> dict:
 
 
 def run_one(aggregator: str, strategy: str, seed: int, attacked: bool, rounds: int | None, clients: int | None,
-            out: Path, extra: dict) -> dict:
+            out: Path, extra: dict, resume: str | None = None) -> dict:
     source = "recbole"
     population = clients or dataset_from_source(source).num_users
     target = promoted_item(source)
     name = f"{aggregator}-{strategy}-{'attacked' if attacked else 'clean'}-seed{seed}"
+    run_name = resume or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume and not resume.startswith(name + "-"):
+        raise typer.BadParameter(f"--resume {resume}: not a run folder of {name}")
     cfg = {"seed": seed, "aggregator": aggregator, "strategy": strategy, "output-dir": str(out / "runs"),
-           "run-name": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", **extra}
+           "run-name": run_name, "resume": bool(resume), **extra}
     if rounds is not None:
         cfg["num-server-rounds"] = rounds
     resolve(cfg)
@@ -162,6 +167,7 @@ def run_one(aggregator: str, strategy: str, seed: int, attacked: bool, rounds: i
     row = {"aggregator": aggregator, "strategy": strategy, "seed": seed, "attacked": attacked,
            "attack": BEST_RESPONSE[aggregator] if attacked else None, "promoted_item": target,
            "promoted_item_id": fed.runtime.data.items[target].item_id, "hostile_replies": grid.sent_hostile,
+           "resumed_after_round": fed.start_round - 1,
            "rejected": sum(len(r["rejected"]) for r in rounds_rows), "max_update_norm": fed.max_update_norm,
            "test_NDCG@10": result["metrics"]["NDCG@10"], "test_HR@10": result["metrics"]["HR@10"],
            **promotion(fed, target), "clients": population, "rounds": result["config"]["rounds"],
@@ -198,6 +204,8 @@ def main(aggregator: str = typer.Option("trimmed-mean", help="aggregator under t
          clients: Optional[int] = typer.Option(None, help="use only the first N MovieLens users"),
          only: Optional[str] = typer.Option(None, help="run only 'clean' or 'attacked'"),
          table: bool = typer.Option(False, "--table", help="print the markdown table of the rows in --out and stop"),
+         resume: Optional[str] = typer.Option(None, help="continue this interrupted run folder (under --out/runs) "
+                                              "from its checkpoint; needs --only"),
          set_: Optional[list[str]] = typer.Option(None, "--set", help="run-config override key=value (repeatable)"),
          out: Path = typer.Option(ROOT / "simulations" / "results" / "poison", help="folder for the result rows")) -> None:
     """Run the clean and the attacked federation for one configuration and print the comparison."""
@@ -207,8 +215,10 @@ def main(aggregator: str = typer.Option("trimmed-mean", help="aggregator under t
         print(markdown_table(out))
         return
     extra = parse_overrides(set_ or [])
+    if resume and only is None:
+        raise typer.BadParameter("--resume continues one run: say which with --only")
     which = [False, True] if only is None else [only == "attacked"]
-    rows = [run_one(aggregator, strategy, seed, attacked, rounds, clients, out, extra) for attacked in which]
+    rows = [run_one(aggregator, strategy, seed, attacked, rounds, clients, out, extra, resume) for attacked in which]
     table = Table(title=f"poisoning: 1 hostile client per round, {aggregator} + {strategy}, seed {seed}")
     for col in ("run", "attack", "test NDCG@10", "test HR@10", "promoted median rank", "promoted top-10 share",
                 "hostile sent", "rejected", "seconds"):
