@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from common.errors import ConfigError
 from common.ledger import ADJACENCIES, MAX_DELTA
+from common.privacy import session_sensitivity
 
 NODE_CONFIG_KEYS = {
     "privacy-local-dp": "require_local_dp",
@@ -31,6 +32,8 @@ class DevicePolicy:
     """The device's floor on privacy; a run that asks for less is refused."""
 
     require_local_dp: bool = True
+    # the least noise per unit of a release's sensitivity, as the accountant sees it: a training
+    # session's noise-multiplier / 2 (every session is capped, sensitivity 2C), evaluation's as set
     min_noise_multiplier: float = 0.5
     max_clip: float = 1.0
     delta: float = 1e-5  # the delta this device accounts at; a run must state the same delta
@@ -77,7 +80,8 @@ class DevicePolicy:
         if self.require_local_dp and not cfg["local-dp"]:
             out.append("local-dp")
         if cfg["local-dp"] or self.require_local_dp:
-            if cfg["noise-multiplier"] < self.min_noise_multiplier:
+            per_sensitivity = cfg["noise-multiplier"] / session_sensitivity(cfg["examples-per-user"], self.adjacency)
+            if per_sensitivity < self.min_noise_multiplier:
                 out.append("noise-multiplier")
             if cfg["max-grad-norm"] > self.max_clip:
                 out.append("max-grad-norm")

@@ -17,8 +17,9 @@ class FeatureSet:
     features: torch.Tensor  # float32 [N, L, d]
     mask: torch.Tensor  # int64 [N, L]
     truncated: int  # how many texts were cut at max_length
-    # True on a device under DP: batches keep the full length L, so no tensor's shape (and no amount
-    # of work) depends on how long the device's texts are; the server sees when a reply arrives.
+    # True on a device under DP: batches keep the full length L, so no tensor entering the encoder
+    # has a shape that depends on how long the device's texts are; the server sees when a reply
+    # arrives (tokenizing the texts still takes time in proportion to their length).
     fixed: bool = False
 
     @classmethod

@@ -50,8 +50,10 @@ class Session:
     of ``max_grad_norm`` (:func:`common.privacy.session_sensitivity`): 2 when one changed example
     can move the clipped sum by twice the clip (a window over the device's examples lets another in
     when one is removed; or replace-one adjacency), so the accountant sees the noise multiplier
-    divided by it. Sessions recorded before the field existed (ledger version 2) carry None and
-    are accounted as they were then: 2 under replace-one, else 1.
+    divided by it. Sessions recorded before the field existed (ledger versions 1 and 2) carry None:
+    a training session among them is accounted at 2 (their default session was already capped at
+    50 examples, and which of them were capped was not recorded, so the larger value is the one
+    that cannot under-report), an evaluation release at 2 under replace-one, else 1.
     """
 
     noise_multiplier: float
@@ -71,7 +73,7 @@ class Session:
     def accounted_sensitivity(self) -> float:
         if self.sensitivity is not None:
             return float(self.sensitivity)
-        return 2.0 if self.adjacency == "replace-one" else 1.0
+        return 2.0 if self.kind == "dp-sgd" or self.adjacency == "replace-one" else 1.0
 
     @property
     def accounted_noise(self) -> float:
@@ -199,6 +201,8 @@ class PrivacyLedger:
                 raise ValueError(f"delta {ledger.delta} / accountant {ledger.accountant!r} out of range")
             if any(s.delta != ledger.delta for s in sessions):
                 raise ValueError("a session's delta differs from the ledger's")
+            # an older ledger's stored total may predate today's accounting of its sessions
+            ledger.epsilon = max(ledger.epsilon, ledger.recomputed_epsilon())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerUnavailableError(f"{path}: unreadable privacy ledger ({exc}); refusing to train "
                                          f"without it") from None

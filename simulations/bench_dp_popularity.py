@@ -43,7 +43,7 @@ LEARNING_RATES = (3.0, 10.0, 30.0, 100.0)
 def _max_sessions(noise: float, delta: float, budget: float) -> int:
     """Sessions of one full-batch step a client can run before its composed epsilon exceeds the budget."""
     n = 0
-    while composed_epsilon([Session(noise, 1.0, 1, 1.0, delta)] * (n + 1), delta) <= budget:
+    while composed_epsilon([Session(noise, 1.0, 1, 1.0, delta, sensitivity=1.0)] * (n + 1), delta) <= budget:
         n += 1
         if n > 10_000:
             break

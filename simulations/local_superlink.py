@@ -78,9 +78,31 @@ def write_simulation_connection(home: Path, port: int, supernodes: int, cpus: in
 
 
 @contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """While inside: SIGTERM and SIGHUP end this process through SystemExit, as Ctrl-C does through
+    KeyboardInterrupt, so the ``finally`` below still stops the SuperLink (their default action
+    would end the process at once and leave it running)."""
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
 def local_superlink(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]:
     """Start a simulation SuperLink for ``home`` on a free port, declare it in ``home``'s config, yield
-    the port, and stop it and every process it started afterwards."""
+    the port, and stop it and every process it started afterwards, also when this process is told to
+    terminate (SIGTERM, SIGHUP) or interrupted."""
+    with _exit_on_termination():
+        yield from _serve(home, supernodes, cpus)
+
+
+def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]:
     home = Path(home).resolve()
     env = flwr_env(home)
     logs = home / "local-superlink"

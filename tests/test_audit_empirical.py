@@ -33,9 +33,10 @@ def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
     assert rows[2].shape == (2, 4) and rows[2][0][7 - 6] == 5.0 and rows[2].abs().sum() == 5.0
 
 
-# Noise 1.0 and batch 20, not the defaults 0.64 and 50 (one full-batch step): there the audited session's accountant epsilon (about 1.6) is
-# below what 2,000 canaries can prove (largest reachable about 4.2; a broken setup scores about
-# 2.9), so a broken setup is caught. At 0.64 it is about 5.1, above the largest reachable bound.
+# Noise 1.0 and batch 20 (several Poisson steps), the setting of the published audit: the audited
+# session's accountant epsilon (about 1.6; its canaries need no window, so sensitivity C) is below what
+# 2,000 canaries can prove (largest reachable about 4.2; a broken setup scores about 2.9), so a
+# broken setup is caught. At noise 0.64 in one full-batch step it would be about 5.1, out of reach.
 AUDITED_NOISE = 1.0
 AUDITED_BATCH = 20
 

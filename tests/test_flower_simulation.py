@@ -112,3 +112,29 @@ def test_the_launcher_does_not_wait_for_a_hung_client_after_the_last_round(small
     rounds = [json.loads(x) for x in (out / "slow" / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds[1]["failed"]) == 1 and (out / "slow" / "result.json").exists()
     assert not _left_running(home)
+
+
+HOLD_A_SUPERLINK = """import sys, time
+from simulations.local_superlink import local_superlink
+with local_superlink(sys.argv[1], 2, 1) as port:
+    print(port, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_launcher_told_to_terminate_still_stops_its_superlink(tmp_path, signal_name):
+    """kill (or a closed terminal) must not leave the simulation SuperLink and what it started running."""
+    import signal
+
+    home = tmp_path / "flwr-home"
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", HOLD_A_SUPERLINK, str(home)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout.readline().strip().isdigit()  # the SuperLink is up
+        assert any("flower-superlink" in line for line in _left_running(home))
+        proc.send_signal(getattr(signal, signal_name))
+        assert proc.wait(timeout=60) == 128 + getattr(signal, signal_name)
+        assert not _left_running(home)
+    finally:
+        proc.kill()

@@ -15,6 +15,7 @@ from common.privacy import epsilon_of_history
 
 
 def _session(steps: int = 50, sigma: float = 1.0, q: float = 0.05, **kw) -> Session:
+    kw.setdefault("sensitivity", 2.0 if kw.get("adjacency") == "replace-one" else 1.0)
     return Session(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=1e-5, **kw)
 
 
@@ -201,3 +202,21 @@ def test_a_held_lock_times_out_into_a_refusal(tmp_path):
         with pytest.raises(LedgerUnavailableError, match="another session has held the lock"):
             with PrivacyLedger.session(tmp_path, "c", 50.0, 1e-5, lock_timeout=0.2):
                 pass
+
+
+def test_an_older_ledger_is_read_at_todays_sensitivity_and_never_below_it(tmp_path):
+    """A version-2 ledger has no sensitivity field; its training sessions used the capped window by
+    default, so they count at 2C (their stored total was computed at C), evaluation releases at C."""
+    train = {"noise_multiplier": 0.64, "sample_rate": 1.0, "steps": 1, "max_grad_norm": 1.0, "delta": 1e-5,
+             "run_id": "old", "round": 1, "kind": "dp-sgd", "adjacency": "add-remove"}
+    evaluation = {**train, "noise_multiplier": 4.0, "round": 2, "kind": "evaluation"}
+    old_total = composed_epsilon([_session(steps=1, sigma=0.64, q=1.0)], 1e-5)  # what version 2 stored
+    path = tmp_path / "ledger-c.json"
+    path.write_text(json.dumps({"version": 2, "client_id": "c", "accountant": "rdp", "delta": 1e-5,
+                                "budget_epsilon": 100.0, "epsilon": old_total, "policy": {},
+                                "sessions": [train, evaluation]}))
+    ledger = PrivacyLedger.load(path, "c")
+    assert [s.accounted_sensitivity for s in ledger.sessions] == [2.0, 1.0]
+    expected = composed_epsilon([_session(steps=1, sigma=0.32, q=1.0), _session(steps=1, sigma=4.0, q=1.0)], 1e-5)
+    assert ledger.epsilon == pytest.approx(expected, rel=1e-12)
+    assert ledger.epsilon > 2 * old_total  # 7.97 stored, about 18.8 accounted

@@ -75,9 +75,10 @@ def _summary(values: list[float]) -> dict[str, Any]:
             "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
 
 
-GROUP_WHY = ("removing one rating removes the example it is the target of, rewrites the history text of up to "
-             "{h} later examples (each a removal plus an addition) and, when examples-per-user keeps only the "
-             "most recent targets, lets one older example in: datasets at most {k} examples apart")
+GROUP_WHY = ("removing one rating removes the example it is the target of (with a most-recent window, one older "
+             "example comes in: a removal and an addition, which the 2C accounting of every session covers as one "
+             "example) and rewrites the history text of up to {h} later examples (each a replacement, also one "
+             "accounted example at 2C): datasets at most {k} accounted examples apart")
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:

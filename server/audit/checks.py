@@ -86,7 +86,9 @@ def check_policy(audit: RunAudit) -> Check:
             if s.run_id != audit.run_id:
                 continue
             clip_ok = s.kind == "evaluation" or s.max_grad_norm <= float(p["max_clip"]) * (1 + REL_TOL)
-            if s.noise_multiplier < float(p["min_noise_multiplier"]) * (1 - REL_TOL) or not clip_ok \
+            # the policy's floor is on the noise per unit of sensitivity (a training session's / 2)
+            per_sensitivity = s.noise_multiplier / (s.accounted_sensitivity if s.kind == "dp-sgd" else 1.0)
+            if per_sensitivity < float(p["min_noise_multiplier"]) * (1 - REL_TOL) or not clip_ok \
                     or s.adjacency != p["adjacency"]:
                 bad.append(f"{led.client_id} round {s.round}: noise {s.noise_multiplier:g}, clip "
                            f"{s.max_grad_norm:g}, adjacency {s.adjacency} break the recorded policy {p}")

@@ -132,8 +132,9 @@ def session_report(kind: str, claimed: TrainConfig, run_cfg: TrainConfig, broken
     """The fields every audit of one client DP-SGD session reports: the bound beside the accountant's
     epsilon for the *claimed* mechanism (Poisson rate from ``rows``, ``steps`` taken)."""
     q = dp_schedule(rows, claimed).sample_rate
+    # the canary is one added example with no window to shift: sensitivity C
     claimed_eps = composed_epsilon([Session(claimed.noise_multiplier, q, steps, claimed.max_grad_norm,
-                                            claimed.delta)], claimed.delta, claimed.accountant)
+                                            claimed.delta, sensitivity=1.0)], claimed.delta, claimed.accountant)
     bound = audit_scores(scores, included, claimed.delta, confidence)
     return {
         "audit": kind,
