@@ -50,8 +50,11 @@ def _run(config: str, seed: int, central: bool, runs: Path) -> Path:
         raise typer.BadParameter(f"{folder} already holds a finished run; move it away to measure again")
     overrides = " ".join(x for x in (CONFIGS[config], CENTRAL_DP if central else "", f"seed={seed}",
                                      f'run-name="{name}"') if x)
-    if folder.exists():  # an interrupted earlier attempt: continue it from its checkpoint
-        overrides += " resume=true"
+    if folder.exists():
+        # Flower's simulation numbers its nodes afresh on every start, so a resumed cyclic run would
+        # sample clients that already trained (they refuse: their budget is spent) and skip others
+        raise typer.BadParameter(f"{folder} holds an interrupted run; a resumed simulation does not measure the "
+                                 f"same federation (new node ids), so move it away to measure again")
     subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides], cwd=ROOT, check=True)
     if not (folder / "result.json").exists():
         raise RuntimeError(f"{folder}: the run ended without result.json")
