@@ -150,6 +150,7 @@ class PrivacyLedger:
     sessions: list[Session] = field(default_factory=list)
     epsilon: float = 0.0  # cached composed epsilon, rewritten with every record
     policy: dict[str, Any] = field(default_factory=dict)  # the device policy in force at the last record
+    stored_epsilon: float | None = None  # the total as read from the file (what an audit checks), None if new
 
     @classmethod
     @contextmanager
@@ -202,6 +203,7 @@ class PrivacyLedger:
             if any(s.delta != ledger.delta for s in sessions):
                 raise ValueError("a session's delta differs from the ledger's")
             # an older ledger's stored total may predate today's accounting of its sessions
+            ledger.stored_epsilon = ledger.epsilon
             ledger.epsilon = max(ledger.epsilon, ledger.recomputed_epsilon())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerUnavailableError(f"{path}: unreadable privacy ledger ({exc}); refusing to train "

@@ -220,3 +220,4 @@ def test_an_older_ledger_is_read_at_todays_sensitivity_and_never_below_it(tmp_pa
     expected = composed_epsilon([_session(steps=1, sigma=0.32, q=1.0), _session(steps=1, sigma=4.0, q=1.0)], 1e-5)
     assert ledger.epsilon == pytest.approx(expected, rel=1e-12)
     assert ledger.epsilon > 2 * old_total  # 7.97 stored, about 18.8 accounted
+    assert ledger.stored_epsilon == old_total  # kept as read, for the audit's comparison

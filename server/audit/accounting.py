@@ -55,7 +55,7 @@ def read_ledger(path: Path) -> LedgerRecord:
     try:
         ledger = PrivacyLedger.load(path)
         rec.client_id, rec.budget, rec.delta = ledger.client_id, ledger.budget_epsilon, ledger.delta
-        rec.accountant, rec.stored_epsilon, rec.sessions = ledger.accountant, ledger.epsilon, ledger.sessions
+        rec.accountant, rec.stored_epsilon, rec.sessions = ledger.accountant, ledger.stored_epsilon, ledger.sessions
         rec.policy = ledger.policy
         rec.epsilon = ledger.recomputed_epsilon()
         if not math.isfinite(rec.epsilon):
