@@ -1,7 +1,6 @@
 """Federated quality benchmark: named configurations over seeds through the real Flower simulation.
 
     python -m simulations.bench_federated default [--seeds 0,1,2] [--central-dp]
-    python -m simulations.bench_federated all-examples --seeds 0
 
 Each run is ``bash scripts/simulate.sh`` (``flwr run .`` on Flower's simulation runtime,
 all 943 MovieLens-100K users as clients) with the configuration's overrides, ``seed`` and a
