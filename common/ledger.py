@@ -204,7 +204,10 @@ class PrivacyLedger:
                 raise ValueError("a session's delta differs from the ledger's")
             # an older ledger's stored total may predate today's accounting of its sessions
             ledger.stored_epsilon = ledger.epsilon
-            ledger.epsilon = max(ledger.epsilon, ledger.recomputed_epsilon())
+            recomputed = ledger.recomputed_epsilon()
+            if not math.isfinite(recomputed):
+                raise ValueError(f"the recorded sessions compose to epsilon {recomputed}")
+            ledger.epsilon = max(ledger.epsilon, recomputed)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerUnavailableError(f"{path}: unreadable privacy ledger ({exc}); refusing to train "
                                          f"without it") from None

@@ -46,6 +46,7 @@ from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid, state_of
 
 ROOT = Path(__file__).resolve().parent.parent
+HOSTILE_LOG = "hostile.jsonl"  # one line per hostile reply sent, in the run folder
 RIVALS = 50  # the items the hostile update pushes down: those the global model ranks highest
 BEST_RESPONSE = {"mean": "norm", "median": "rank", "trimmed-mean": "rank", "krum": "closest",
                  "multikrum": "closest", "bulyan": "closest"}
@@ -76,15 +77,18 @@ class PoisonGrid(InProcessGrid):
 
     def __init__(self, num_nodes: int, run_config: dict, seed: int, target: int, mode: str | None) -> None:
         super().__init__(num_nodes, run_config, tamper=self._poison if mode else None)
-        self.rng = np.random.default_rng([seed, 99])
+        self.seed = seed
         self.target, self.mode = target, mode
         self.federation: Federation | None = None
         self.hostile: int | None = None
-        self.sent_hostile = 0
 
     def send_and_receive(self, messages, timeout: float):
-        train = [m.metadata.dst_node_id for m in messages if m.metadata.message_type == "train"]
-        self.hostile = int(self.rng.choice(train)) if train else None
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        self.hostile, self.round = None, None
+        if train:  # drawn from (seed, round): a resumed run draws what an uninterrupted one would
+            rnd = self.round = int(train[0].content["config"]["server-round"])
+            self.hostile = int(np.random.default_rng([self.seed, 99, rnd]).choice(
+                [m.metadata.dst_node_id for m in train]))
         return super().send_and_receive(messages, timeout)
 
     def _poison(self, node: int, content) -> None:
@@ -120,7 +124,8 @@ class PoisonGrid(InProcessGrid):
         if norm > bound:
             delta = {k: v * (bound / norm) for k, v in delta.items()}
         content["arrays"] = ArrayRecord({k: Array((current[k] + delta[k]).astype(np.float32)) for k in names})
-        self.sent_hostile += 1
+        with open(fed.folder.root / HOSTILE_LOG, "a", encoding="utf-8") as log:  # survives a resume
+            log.write(json.dumps({"round": self.round, "node": node, "mode": self.mode}) + "\n")
 
 
 def promotion(fed: Federation, target: int) -> dict:
@@ -162,18 +167,34 @@ def run_one(aggregator: str, strategy: str, seed: int, attacked: bool, rounds: i
     fed = Federation(grid, cfg)
     grid.federation = fed
     run_dir = fed.run()
+    before_seconds = _seconds_before(run_dir, fed.start_round - 1)
     result = json.loads((run_dir / "result.json").read_text())
     rounds_rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     row = {"aggregator": aggregator, "strategy": strategy, "seed": seed, "attacked": attacked,
            "attack": BEST_RESPONSE[aggregator] if attacked else None, "promoted_item": target,
-           "promoted_item_id": fed.runtime.data.items[target].item_id, "hostile_replies": grid.sent_hostile,
+           "promoted_item_id": fed.runtime.data.items[target].item_id, "hostile_replies": _hostile_replies(run_dir),
            "resumed_after_round": fed.start_round - 1,
            "rejected": sum(len(r["rejected"]) for r in rounds_rows), "max_update_norm": fed.max_update_norm,
            "test_NDCG@10": result["metrics"]["NDCG@10"], "test_HR@10": result["metrics"]["HR@10"],
            **promotion(fed, target), "clients": population, "rounds": result["config"]["rounds"],
-           "wall_seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), "extra": extra}
+           "wall_seconds": round(before_seconds + time.perf_counter() - t0, 1), "run_dir": str(run_dir), "extra": extra}
     write_json_atomic(out / f"{name}.json", row)
     return row
+
+
+def _hostile_replies(run_dir: Path) -> int:
+    """Hostile replies sent over the whole run (both sides of a resume; a round re-run after a crash
+    counts once)."""
+    log = run_dir / HOSTILE_LOG
+    if not log.exists():
+        return 0
+    return len({json.loads(x)["round"] for x in log.read_text(encoding="utf-8").splitlines()})
+
+
+def _seconds_before(run_dir: Path, last_round: int) -> float:
+    """The recorded seconds of rounds 1..last_round (those a resumed run took over)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return float(sum(r.get("round_seconds", 0.0) for r in rows if 1 <= r["round"] <= last_round))
 
 
 def markdown_table(folder: Path) -> str:

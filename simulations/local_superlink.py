@@ -81,11 +81,13 @@ def write_simulation_connection(home: Path, port: int, supernodes: int, cpus: in
 def _exit_on_termination() -> Iterator[None]:
     """While inside: SIGTERM and SIGHUP end this process through SystemExit, as Ctrl-C does through
     KeyboardInterrupt, so the ``finally`` below still stops the SuperLink (their default action
-    would end the process at once and leave it running)."""
+    would end the process at once and leave it running). A signal this process ignores (SIGHUP
+    under ``nohup``) stays ignored."""
     def _exit(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is signal.SIG_DFL}
     try:
         yield
     finally:
@@ -114,9 +116,13 @@ def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]
                "--port", str(port), "--database", str(logs / "state.db"), "--log-file", str(logs / "superlink.log")]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None and not _healthy(port):
-            time.sleep(0.3)
+        try:  # a signal while it starts must stop it too
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while time.monotonic() < deadline and proc.poll() is None and not _healthy(port):
+                time.sleep(0.3)
+        except BaseException:
+            _stop(proc)
+            raise
         if proc.poll() is None and _healthy(port):
             break
         last_error = f"exit code {proc.poll()}" if proc.poll() is not None else "no answer"
@@ -132,7 +138,17 @@ def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]
 
 def _stop(proc: subprocess.Popen) -> None:
     """Terminate the SuperLink's whole process group (it leads a session of its own: SuperExec, the
-    simulation and its workers are in it), then kill whatever is left."""
+    simulation and its workers are in it), then kill whatever is left; a second SIGTERM or SIGHUP
+    meanwhile does not interrupt this."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _terminate_group(proc)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _terminate_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:

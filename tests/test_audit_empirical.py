@@ -36,7 +36,7 @@ def test_dirac_canary_rows_put_their_norm_on_their_own_coordinate():
 # Noise 1.0 and batch 20 (several Poisson steps), the setting of the published audit: the audited
 # session's accountant epsilon (about 1.6; its canaries need no window, so sensitivity C) is below what
 # 2,000 canaries can prove (largest reachable about 4.2; a broken setup scores about 2.9), so a
-# broken setup is caught. At noise 0.64 in one full-batch step it would be about 5.1, out of reach.
+# broken setup is caught. At noise 0.64 (batch 20) it would be about 5.0, out of reach.
 AUDITED_NOISE = 1.0
 AUDITED_BATCH = 20
 

@@ -138,3 +138,24 @@ def test_a_launcher_told_to_terminate_still_stops_its_superlink(tmp_path, signal
         assert not _left_running(home)
     finally:
         proc.kill()
+
+
+def test_a_launcher_under_nohup_keeps_running_when_its_terminal_closes(tmp_path):
+    """SIGHUP ignored by the parent (nohup) stays ignored; SIGTERM still stops everything."""
+    import signal
+    import time
+
+    home = tmp_path / "flwr-home"
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", HOLD_A_SUPERLINK, str(home)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip().isdigit()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None and any("flower-superlink" in line for line in _left_running(home))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not _left_running(home)
+    finally:
+        proc.kill()

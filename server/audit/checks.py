@@ -90,7 +90,8 @@ def check_policy(audit: RunAudit) -> Check:
             per_sensitivity = s.noise_multiplier / (s.accounted_sensitivity if s.kind == "dp-sgd" else 1.0)
             if per_sensitivity < float(p["min_noise_multiplier"]) * (1 - REL_TOL) or not clip_ok \
                     or s.adjacency != p["adjacency"]:
-                bad.append(f"{led.client_id} round {s.round}: noise {s.noise_multiplier:g}, clip "
+                bad.append(f"{led.client_id} round {s.round}: noise {s.noise_multiplier:g} ({per_sensitivity:g} per "
+                           f"unit of sensitivity), clip "
                            f"{s.max_grad_norm:g}, adjacency {s.adjacency} break the recorded policy {p}")
     return _verdict("policy_recorded", title, bad, f"{len(bad)} ledgers lack a policy or break it",
                     f"all {len(audit.ledgers)} ledgers record a device policy that every session of this run meets")
