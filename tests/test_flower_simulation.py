@@ -128,8 +128,10 @@ def test_a_launcher_told_to_terminate_still_stops_its_superlink(tmp_path, signal
     import signal
 
     home = tmp_path / "flwr-home"
+    # the default disposition, whatever this test inherited (under nohup SIGHUP is ignored, and stays so)
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", HOLD_A_SUPERLINK, str(home)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip().isdigit()  # the SuperLink is up
         assert any("flower-superlink" in line for line in _left_running(home))
