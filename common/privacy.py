@@ -204,13 +204,15 @@ def session_sensitivity(examples_per_user: int, adjacency: str) -> float:
     return 2.0 if examples_per_user > 0 or adjacency == "replace-one" else 1.0
 
 
-def selection_rule(examples_per_user: int) -> str:
-    """The rule that chooses a session's examples, in words (for the privacy statement)."""
+def selection_rule(examples_per_user: int, padded: bool = True) -> str:
+    """The rule that chooses a session's examples, in words (for the privacy statement); ``padded``
+    when sessions fill up to the cap with weight-0 rows (a device's, not the central baseline's)."""
     if examples_per_user > 0:
-        return (f"the device's {examples_per_user} most recent training examples (all of them when it has fewer), "
-                f"padded with weight-0 rows to {examples_per_user}; a removal that lets an older example into the "
-                f"window is accounted as a replacement (sensitivity 2C)")
-    return "all of the device's training examples"
+        padding = f", padded with weight-0 rows to {examples_per_user}" if padded else ""
+        return (f"the user's {examples_per_user} most recent training examples (all of them when fewer){padding}; "
+                f"a removal that lets an older example into the window is accounted as a replacement "
+                f"(sensitivity 2C)")
+    return "all of the user's training examples"
 
 
 def interaction_group_size(history_len: int, examples_per_user: int) -> int:

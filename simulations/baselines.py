@@ -20,7 +20,7 @@ from common.examples import training_examples
 from common.features import FeatureSet, compute_features
 from common.io import write_json_atomic
 from common.model import Recommender, refresh_items
-from common.privacy import interaction_group_size, session_sensitivity
+from common.privacy import interaction_group_size, selection_rule, session_sensitivity
 from common.results import NO_PRIVACY, result_record
 from common.split import Split, cold_start_items, leave_one_out, without_items
 from common.training import TrainConfig, train
@@ -173,9 +173,7 @@ class BaselineRunner:
                 group = interaction_group_size(cfg.history_len, cfg.examples_per_user)
                 privacy = {"unit": "example", "epsilon": round(report.epsilon, 4), "delta": tcfg.delta,
                            "accountant": tcfg.accountant, "adjacency": "add-remove",
-                           "selection": (f"each user's {cfg.examples_per_user} most recent training examples; a "
-                                         f"removal that lets an older one in is accounted as a replacement"
-                                         if cfg.examples_per_user > 0 else "every training example"),
+                           "selection": selection_rule(cfg.examples_per_user, padded=False),
                            "sensitivity": tcfg.sensitivity,
                            "trust": "the curator who trains centrally holds every example",
                            "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
