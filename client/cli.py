@@ -32,7 +32,8 @@ def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="Super
                      policy: Optional[list[str]] = typer.Option(
                          None, help="this device's privacy policy, KEY=VALUE (repeatable): privacy-local-dp, "
                                     "privacy-min-noise-multiplier, privacy-max-clip, privacy-delta, "
-                                    "privacy-epsilon-budget, privacy-adjacency"),
+                                    "privacy-epsilon-budget, privacy-adjacency, privacy-max-history-len, "
+                                    "privacy-max-length"),
                      approve: Optional[list[str]] = typer.Option(
                          None, help="also run the app bundle with this SHA-256 (repeatable); by default the device "
                                     "runs only the app of its own privrec installation")) -> None:

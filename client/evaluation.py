@@ -62,7 +62,8 @@ def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any],
             # Both metrics lie in [0, 1]: any two pairs, whatever the adjacency or which event is held
             # out, differ by at most sqrt(2), the clip recorded here, so the sensitivity is 1 clip.
             release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,
-                              node_id=node_id, kind="evaluation", adjacency=policy.adjacency, sensitivity=1.0)
+                              node_id=node_id, kind="evaluation", adjacency=policy.adjacency, sensitivity=1.0,
+                              history_len=cfg["history-len"], max_length=cfg["max-length"])
             released = ReleasedReplies(ledger_dir, client_id)
             if ledger.recorded(run_id, server_round, "evaluation") is not None:
                 kept = released.load("evaluation", run_id, server_round)

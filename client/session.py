@@ -88,7 +88,8 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency,
-                              sensitivity=session_sensitivity(cfg["examples-per-user"], policy.adjacency))
+                              sensitivity=session_sensitivity(cfg["examples-per-user"], policy.adjacency),
+                              history_len=cfg["history-len"], max_length=cfg["max-length"])
             if ledger.recorded(run_id, server_round, "dp-sgd") is not None:
                 kept = released.load("train", run_id, server_round)
                 if kept is not None:  # asked again (a resumed server): the same bytes, no new spend

@@ -24,6 +24,8 @@ NODE_CONFIG_KEYS = {
     "privacy-delta": "delta",
     "privacy-epsilon-budget": "epsilon_budget",
     "privacy-adjacency": "adjacency",
+    "privacy-max-history-len": "max_history_len",
+    "privacy-max-length": "max_length",
 }
 
 
@@ -39,17 +41,25 @@ class DevicePolicy:
     delta: float = 1e-5  # the delta this device accounts at; a run must state the same delta
     epsilon_budget: float = 8.0  # the most this device will ever spend (a run may ask for less)
     adjacency: str = "add-remove"  # replace-one: accounted with twice the sensitivity
+    # The unit of privacy is one example, whose input is the user's last ``history-len`` interactions
+    # rendered in at most ``max-length`` tokens: one rating touches up to history-len later examples,
+    # so these bound how far the example-level guarantee is from a rating-level one.
+    max_history_len: int = 50
+    max_length: int = 128
 
     def __post_init__(self) -> None:
         checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),
                   ("max_clip", math.isfinite(self.max_clip) and self.max_clip > 0),
                   ("delta", 0 < self.delta <= MAX_DELTA),
                   ("epsilon_budget", math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0),
-                  ("adjacency", self.adjacency in ADJACENCIES))
+                  ("adjacency", self.adjacency in ADJACENCIES),
+                  ("max_history_len", _positive_int(self.max_history_len)),
+                  ("max_length", _positive_int(self.max_length)))
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ConfigError(f"device privacy policy: invalid {', '.join(bad)} in {asdict(self)} (noise, clip and "
-                              f"budget must be positive, delta in (0, {MAX_DELTA:g}], adjacency one of {ADJACENCIES})")
+                              f"budget must be positive, delta in (0, {MAX_DELTA:g}], adjacency one of {ADJACENCIES}, "
+                              f"history and token limits positive integers)")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "DevicePolicy":
@@ -65,6 +75,9 @@ class DevicePolicy:
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"node config '{key}': expected true or false, got {value!r}")
+            elif isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"node config '{key}': expected an integer, got {value!r}")
             elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"node config '{key}': expected a number, got {value!r}")
@@ -91,7 +104,17 @@ class DevicePolicy:
                 out.append("client-epsilon-budget")
             if cfg["eval-noise-multiplier"] < self.min_noise_multiplier:
                 out.append("eval-noise-multiplier")
+        # these define the unit of privacy, with DP or without
+        if cfg["history-len"] > self.max_history_len:
+            out.append("history-len")
+        if cfg["max-length"] > self.max_length:
+            out.append("max-length")
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """The policy as stored in the ledger."""
         return asdict(self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -29,7 +29,7 @@ from typing import Any
 from common.io import exclusive_lock, write_bytes_atomic
 from common.privacy import epsilon_of_history
 
-LEDGER_VERSION = 3
+LEDGER_VERSION = 4
 ADJACENCIES = ("add-remove", "replace-one")
 KINDS = ("dp-sgd", "evaluation")
 MAX_DELTA = 1e-2  # a delta above this is no privacy guarantee worth stating
@@ -68,6 +68,10 @@ class Session:
     kind: str = "dp-sgd"
     adjacency: str = "add-remove"
     sensitivity: float | None = None
+    # What one example was in this session (the unit the epsilon is about): its history length and
+    # token limit. None in sessions recorded before ledger version 4.
+    history_len: int | None = None
+    max_length: int | None = None
 
     @property
     def accounted_sensitivity(self) -> float:
@@ -103,6 +107,10 @@ def validate_session(s: Session) -> None:
     if s.sensitivity is not None and (isinstance(s.sensitivity, bool) or not isinstance(s.sensitivity, (int, float))
                                       or not math.isfinite(s.sensitivity) or s.sensitivity < 1):
         bad.append("sensitivity")
+    for name in ("history_len", "max_length"):
+        value = getattr(s, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            bad.append(name)
     if s.kind not in KINDS:
         bad.append("kind")
     if s.adjacency not in ADJACENCIES:

@@ -11,6 +11,7 @@ import pytest
 import client.session as session_mod
 import common.training as training_mod
 from common.device_policy import DevicePolicy
+from common.errors import ConfigError
 from common.ledger import PrivacyLedger, ledger_paths
 from common.model_state import ModelRuntime, ModelSettings, get_state
 from common.partition import ClientData, client_data, split_for
@@ -126,9 +127,10 @@ def test_reply_fields_do_not_depend_on_the_number_of_examples(runtime_and_data, 
 
 # noise 0.9 is above the floor of 0.5 but a capped session is accounted at 2C: 0.45 per unit of sensitivity
 @pytest.mark.parametrize("override", [{"local-dp": False}, {"noise-multiplier": 0.3}, {"noise-multiplier": 0.9},
-                                      {"max-grad-norm": 5.0}, {"client-epsilon-budget": 50.0}, {"delta": 1e-3}],
+                                      {"max-grad-norm": 5.0}, {"client-epsilon-budget": 50.0}, {"delta": 1e-3},
+                                      {"history-len": 51}, {"max-length": 256}],
                          ids=["dp-off", "less-noise", "less-noise-per-sensitivity", "larger-clip", "larger-budget",
-                              "larger-delta"])
+                              "larger-delta", "longer-history", "more-tokens"])
 def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_data, tmp_path, override):
     runtime, data, cfg = runtime_and_data
     names, start = get_state(runtime.model)
@@ -140,7 +142,7 @@ def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_dat
     # a device whose own policy allows it trains (DP off: no ledger, no guarantee)
     asked = {**cfg, "client-epsilon-budget": 100.0, **override}
     lax = DevicePolicy(require_local_dp=False, min_noise_multiplier=0.1, max_clip=10.0, delta=asked["delta"],
-                       epsilon_budget=100.0)
+                       epsilon_budget=100.0, max_history_len=1000, max_length=512)
     assert not session_mod.run_session(runtime, data, asked, tmp_path, "user-0", "run", 1, policy=lax).refused
     runtime.load_state(names, start)
 
@@ -163,6 +165,23 @@ def test_every_session_encodes_and_samples_the_public_number_of_rows(runtime_and
         session_mod.run_session(runtime, fewer, cfg, tmp_path / str(keep), "user-0", "run", 1)
     runtime.load_state(names, start)
     assert seen == [(4, 4.0), (4, 1.0), (4, 0.0)]  # always the cap's rows, padding rows weigh 0
+
+
+def test_each_session_records_the_unit_it_was_about(runtime_and_data, tmp_path):
+    runtime, data, cfg = runtime_and_data
+    names, start = get_state(runtime.model)
+    assert not session_mod.run_session(runtime, data, cfg, tmp_path, "user-0", "run", 1).refused
+    runtime.load_state(names, start)
+    session = _ledger(tmp_path).sessions[0]
+    assert (session.history_len, session.max_length) == (cfg["history-len"], cfg["max-length"])
+
+
+def test_a_policy_bounds_the_history_and_token_limit_from_the_node_config():
+    policy = DevicePolicy.from_node_config({"privacy-max-history-len": 20, "privacy-max-length": 64})
+    assert (policy.max_history_len, policy.max_length) == (20, 64)
+    for bad in ({"privacy-max-history-len": 2.5}, {"privacy-max-length": 0}, {"privacy-max-history-len": True}):
+        with pytest.raises(ConfigError):
+            DevicePolicy.from_node_config(bad)
 
 
 def test_a_ledger_kept_with_the_other_accountant_refuses_before_recording(runtime_and_data, tmp_path):
