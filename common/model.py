@@ -119,3 +119,11 @@ def refresh_items(model: Recommender, item_features: FeatureSet, chunk: int = 51
         feats, mask = item_features.batch(idx)
         model.head.item_emb[idx] = model.encoder.forward_features(feats, mask)
     model.train(was_training)
+
+
+@torch.no_grad()
+def catalogue_vectors(encoder: TextEncoder, item_features: FeatureSet) -> torch.Tensor:
+    """The encoder's unit-norm embedding of every item text (with its current adapters), (items, dim)."""
+    model = Recommender(encoder, len(item_features), item_bias=False)
+    refresh_items(model, item_features)
+    return model.head.item_emb.clone()

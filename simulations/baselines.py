@@ -83,7 +83,8 @@ class FeatureCache:
         return self._store[key]
 
 
-def _cold_users(split: Split, held_out: np.ndarray) -> np.ndarray:
+def cold_start_users(split: Split, held_out: np.ndarray) -> np.ndarray:
+    """The evaluation users whose test item is one of the held-out (cold-start) items."""
     held = np.zeros(split.data.num_items, dtype=bool)
     held[held_out] = True
     users = split.eval_users()
@@ -103,7 +104,7 @@ class BaselineRunner:
         self.split = leave_one_out(data)
         self.held_out = cold_start_items(data.num_items)
         self.cold_split = without_items(self.split, self.held_out)
-        self.cold_users = _cold_users(self.split, self.held_out)
+        self.cold_users = cold_start_users(self.split, self.held_out)
         self._features: FeatureCache | None = None
 
     @property

@@ -1,0 +1,130 @@
+"""The training loop of the sequence model, without or with DP-SGD (Opacus per-sample gradients).
+
+One row is one (history prefix, next item) example and its loss a softmax cross-entropy over the
+public catalogue, so per-example clipping bounds exactly one example's contribution. Under DP the
+batches are Poisson-sampled and the noise drawn from the secure streams of :mod:`common.privacy`;
+the rate, steps and denominator come from a public size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
+from common.progress import progress_bar
+from common.sequence import SequenceRecommender, SequenceRows
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class SequenceTrainConfig:
+    """Knobs of one training run of the sequence model (recorded with every result)."""
+
+    epochs: float = 10.0
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    seed: int = 0  # initialisation and (without DP) data order; never any DP randomness
+    dp: bool = False
+    target_epsilon: float | None = 8.0
+    noise_multiplier: float | None = None  # overrides target_epsilon when set
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    sensitivity: float = 1.0  # of the clipped sum, in units of max_grad_norm
+    public_size: int | None = None  # public example count of the DP schedule (None: the rows' count)
+    max_steps: int | None = None
+
+
+@dataclass
+class SequenceTrainReport:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    epsilon: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    expected_batch_size: int | None = None
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    while True:
+        yield from torch.randperm(n, generator=generator).split(batch_size)
+
+
+def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: SequenceTrainConfig,
+                   row_weights: np.ndarray | None = None, label: str | None = None) -> SequenceTrainReport:
+    """Train ``model`` in place on ``rows``; ``row_weights`` (0/1) marks weight-0 padding rows."""
+    n = len(rows)
+    if n == 0 and not cfg.dp:
+        raise ValueError("no training rows")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    items, ratings = torch.from_numpy(rows.items), torch.from_numpy(rows.ratings)
+    targets = torch.from_numpy(rows.targets)
+    weights = torch.ones(n) if row_weights is None else torch.as_tensor(row_weights, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[cfg.optimizer](params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report = SequenceTrainReport()
+    private: PrivateTraining | None = None
+    module: nn.Module = model
+    if cfg.dp:
+        schedule = PublicSchedule.from_public_size(cfg.public_size or n, cfg.batch_size, cfg.epochs)
+        steps = schedule.steps
+        sigma = cfg.noise_multiplier
+        if sigma is None:
+            sigma = cfg.sensitivity * noise_for_epsilon(cfg.target_epsilon, cfg.delta, schedule.sample_rate, steps,
+                                                        cfg.accountant)
+        private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant,
+                               sensitivity=cfg.sensitivity)
+        module, optimizer = private.module, private.optimizer
+        batches = private.batches(n)
+        report.noise_multiplier, report.sample_rate = sigma, schedule.sample_rate
+        report.expected_batch_size = schedule.expected_batch_size
+    else:
+        steps = max(1, int(np.ceil(cfg.epochs * n / cfg.batch_size)))
+        batches = _batches(n, cfg.batch_size, generator)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    dropout = model.settings.id_dropout if (model.id_out is not None or model.item_bias is not None) else 0.0
+    model.train()
+    start = time.perf_counter()
+    try:
+        with progress_bar(label, total=steps) as advance:
+            for idx in batches:
+                if report.steps >= steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx) == 0:  # an empty Poisson batch still takes its noise step
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:
+                    id_mask = None
+                    if dropout > 0:  # which items' ID terms this row drops (not a privacy mechanism)
+                        id_mask = (torch.rand(len(idx), model.num_items, generator=generator) >= dropout).float()
+                    logits = module(items[idx], ratings[idx], id_mask)
+                    per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")
+                    loss = (per_row * weights[idx]).sum() / len(idx)
+                    loss.backward()
+                    report.losses.append(float(loss.detach()))
+                optimizer.step()
+                report.steps += 1
+                report.examples += int(weights[idx].sum())
+                advance(1)
+        if private is not None:
+            report.epsilon = private.epsilon(cfg.delta)
+    finally:
+        if private is not None:
+            private.close()
+    report.seconds = time.perf_counter() - start
+    model.eval()
+    return report

@@ -1,0 +1,219 @@
+"""Central references for the sequence model on the PROTOCOL split (and the training-free heuristic).
+
+    python -m simulations.bench_sequence METHOD [--seeds 0,1,2] [--out DIR]
+
+Methods:
+  text-heuristic  zero-shot text vectors, rating-weighted recency-decayed user, + popularity (no training;
+                  decay and popularity weight chosen on validation from a 20-point grid)
+  sequence        the sequence model trained centrally without privacy on every training example
+  sequence-dp     the same model trained centrally with DP-SGD (example level, epsilon 8, delta 1e-5)
+
+Trained methods run ``--max-epochs`` epochs and keep the epoch with the best validation NDCG@10
+(chosen on validation only); the test split is scored once, with that epoch's model. The cold-start
+row trains the same way on the split without the held-out items (PROTOCOL section 4) and reports
+the cold-start test users. Result files (PROTOCOL section 5) go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import typer
+
+from common.encoder import TextEncoder, load_tokenizer
+from common.evaluation import evaluate_scores
+from common.features import compute_features
+from common.io import write_json_atomic
+from common.model import catalogue_vectors
+from common.movielens import load_recbole
+from common.privacy import interaction_group_size
+from common.results import NO_PRIVACY, result_record
+from common.sequence import (SequenceRecommender, SequenceSettings, evaluation_rows, sequence_scores,
+                             training_rows)
+from common.sequence_training import SequenceTrainConfig, train_sequence
+from common.split import Split, cold_start_items, leave_one_out, without_items
+from simulations.baselines import cold_start_users
+from simulations.text_heuristic import choose_on_validation, heuristic_scores
+
+RESULTS = Path(__file__).parent / "results" / "sequence"
+ITEM_MAX_LENGTH = 32
+
+SETTINGS = SequenceSettings(history_len=50, dim=64, layers=2, heads=2, dropout=0.0, id_dropout=0.3)
+TRAIN = SequenceTrainConfig(epochs=1.0, batch_size=256, learning_rate=1e-3)
+DP_TRAIN = SequenceTrainConfig(epochs=3.0, batch_size=1024, learning_rate=3e-3, dp=True, target_epsilon=8.0,
+                               delta=1e-5, max_grad_norm=1.0)
+
+app = typer.Typer(add_completion=False)
+
+
+def zero_shot_item_text(data) -> torch.Tensor:
+    """The encoder's embedding of every item text with zero-initialised adapters (public)."""
+    encoder = TextEncoder()
+    feats = compute_features(encoder, load_tokenizer(), data.item_texts(), ITEM_MAX_LENGTH)
+    return catalogue_vectors(encoder, feats)
+
+
+def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train_cfg: SequenceTrainConfig,
+        max_epochs: int, seed: int, label: str) -> tuple[SequenceRecommender, dict]:
+    """Train and return the model with what was done.
+
+    Without DP: epoch by epoch, keeping the epoch with the best validation NDCG@10. With DP: one
+    run of ``train_cfg.epochs`` epochs whose noise is solved for the target epsilon over all of its
+    steps, and the final model (no choice on validation figures, which would be a release too)."""
+    torch.manual_seed(seed)
+    model = SequenceRecommender(item_text, settings)
+    model.set_known(torch.as_tensor(split.train_item_counts() > 0))
+    rows = training_rows(split, settings.history_len)
+    if train_cfg.dp:
+        report = train_sequence(model, rows, replace(train_cfg, seed=seed), label=label)
+        return model, {"train_rows": len(rows), "train_seconds": round(report.seconds, 1), "steps": report.steps,
+                       "epsilon": report.epsilon, "noise_multiplier": report.noise_multiplier,
+                       "sample_rate": report.sample_rate, "expected_batch_size": report.expected_batch_size}
+    users = split.eval_users()
+    validation = evaluation_rows(split, "validation", settings.history_len, users)
+    best, best_state, curve, seconds = -1.0, None, [], 0.0
+    for epoch in range(max_epochs):
+        report = train_sequence(model, rows, replace(train_cfg, epochs=1.0, seed=seed * 1000 + epoch),
+                                label=f"{label} epoch {epoch + 1}")
+        seconds += report.seconds
+        ndcg = evaluate_scores(sequence_scores(model, validation), split, "validation", users)["NDCG@10"]
+        curve.append(round(ndcg, 5))
+        if ndcg > best:
+            best, best_state = ndcg, (epoch + 1, copy.deepcopy(model.state_dict()))
+    epochs, state = best_state
+    model.load_state_dict(state)
+    return model, {"train_rows": len(rows), "epochs_run": max_epochs, "epoch_chosen": epochs,
+                   "validation_curve": curve, "train_seconds": round(seconds, 1)}
+
+
+def _dp_privacy(train_cfg: SequenceTrainConfig, info: dict, history_len: int) -> dict:
+    return {"unit": "example", "epsilon": round(info["epsilon"], 4), "delta": train_cfg.delta, "accountant": "rdp",
+            "adjacency": "add-remove", "selection": "all of the training examples", "sensitivity": 1.0,
+            "trust": "the curator who trains centrally holds every example",
+            "noise_multiplier": info["noise_multiplier"], "sample_rate": info["sample_rate"], "steps": info["steps"],
+            "max_grad_norm": train_cfg.max_grad_norm, "denominator": info["expected_batch_size"],
+            "note": (f"example-level only: one rating is the target of one example and in the histories of up to "
+                     f"{history_len} later ones, so interaction-level DP follows only by group privacy with group "
+                     f"size {interaction_group_size(history_len, 0)}; the training set's size is treated as public")}
+
+
+def with_overrides(settings: SequenceSettings, train_cfg: SequenceTrainConfig,
+                   overrides: list[str]) -> tuple[SequenceSettings, SequenceTrainConfig]:
+    """Apply ``key=value`` overrides to the model settings or the training config (a field of either)."""
+    model_fields, train_fields = asdict(settings), asdict(train_cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or (key not in model_fields and key not in train_fields):
+            raise typer.BadParameter(f"--set {item!r}: expected FIELD=VALUE with a field of SequenceSettings "
+                                     f"or SequenceTrainConfig")
+        target = model_fields if key in model_fields else train_fields
+        value = json.loads(raw)
+        if isinstance(target[key], bool) != isinstance(value, bool):
+            raise typer.BadParameter(f"--set {item!r}: {key} takes a {type(target[key]).__name__}")
+        target[key] = value
+    return SequenceSettings(**model_fields), SequenceTrainConfig(**train_fields)
+
+
+def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path, max_epochs: int,
+               overrides: list[str] | None = None, cold_start: bool = True) -> list[dict]:
+    """Evaluate one method for one seed and write its result files."""
+    split = leave_one_out(data)
+    held_out = cold_start_items(data.num_items)
+    cold_split, cold_users = without_items(split, held_out), cold_start_users(split, held_out)
+    users = split.eval_users()
+    records = []
+    t0 = time.perf_counter()
+    if method == "text-heuristic":
+        rows = {w: evaluation_rows(split, w, 50, users) for w in ("validation", "test")}
+        choice, tried = choose_on_validation(item_text, split, rows["validation"], users)
+        config = {"history_len": 50, **choice, "configurations_tried": len(tried), "grid": tried}
+        counts = split.train_item_counts()
+        for which in ("validation", "test"):
+            metrics = evaluate_scores(heuristic_scores(item_text, rows[which], counts, **choice), split, which, users)
+            records.append(result_record(method, which, metrics, len(users), seed, NO_PRIVACY,
+                                         time.perf_counter() - t0, config))
+        cold_counts = cold_split.train_item_counts()
+        cold_rows = evaluation_rows(split, "test", 50, cold_users)
+        metrics = evaluate_scores(heuristic_scores(item_text, cold_rows, cold_counts, **choice), split, "test",
+                                  cold_users)
+        records.append(result_record(method, "test-cold-start", {k: metrics[k] for k in ("HR@10", "NDCG@10")},
+                                     len(cold_users), seed, NO_PRIVACY, time.perf_counter() - t0, config))
+    elif method in ("sequence", "sequence-dp"):
+        settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN,
+                                             overrides or [])
+        model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}")
+        privacy = _dp_privacy(train_cfg, info, settings.history_len) if train_cfg.dp else NO_PRIVACY
+        config = {"settings": asdict(settings), "train": asdict(train_cfg), **info}
+        for which in ("validation", "test"):
+            rows = evaluation_rows(split, which, settings.history_len, users)
+            metrics = evaluate_scores(sequence_scores(model, rows), split, which, users)
+            records.append(result_record(method, which, metrics, len(users), seed, privacy,
+                                         time.perf_counter() - t0, config))
+        t1 = time.perf_counter()
+        if not cold_start:
+            return _write(records, method, seed, out)
+        cold_model, cold_info = fit(item_text, cold_split, settings, train_cfg, max_epochs, seed,
+                                    f"{method} seed {seed} (cold)")
+        rows = evaluation_rows(split, "test", settings.history_len, cold_users)
+        metrics = evaluate_scores(sequence_scores(cold_model, rows), split, "test", cold_users)
+        cold_privacy = _dp_privacy(train_cfg, cold_info, settings.history_len) if train_cfg.dp else NO_PRIVACY
+        records.append(result_record(method, "test-cold-start", {k: metrics[k] for k in ("HR@10", "NDCG@10")},
+                                     len(cold_users), seed, cold_privacy, time.perf_counter() - t1,
+                                     {**config, **cold_info, "cold_start_items": len(held_out)}))
+    else:
+        raise typer.BadParameter(f"method must be text-heuristic, sequence or sequence-dp, got {method!r}")
+    return _write(records, method, seed, out)
+
+
+def _write(records: list[dict], method: str, seed: int, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        write_json_atomic(out / f"{method}-seed{seed}-{r['split']}.json", r)
+    return records
+
+
+def results_table(folder: Path) -> str:
+    """Mean ± std over seeds of every method's result files in ``folder``, as a markdown table."""
+    from simulations.summary import summarise
+
+    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*-seed*-*.json"))]
+    head = ("| method | privacy | seeds | test HR@10 | test NDCG@10 | test MRR@10 | test HR@20 | validation NDCG@10 "
+            "| cold-start HR@10 | cold-start NDCG@10 |\n|" + "---|" * 10)
+    return "\n".join([head, *("| " + " | ".join(row) + " |" for row in summarise(records))])
+
+
+@app.command()
+def main(method: str = typer.Argument(..., help="text-heuristic, sequence or sequence-dp"),
+         seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+         max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept)"),
+         out: Path = typer.Option(RESULTS, help="folder for the result files"),
+         set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
+         cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),
+         table: bool = typer.Option(False, help="print the markdown table of the result files in --out and stop")
+         ) -> None:
+    """Run METHOD for each seed and print test NDCG@10 / HR@10 and the cold-start HR@10."""
+    if table:
+        print(results_table(out))
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_recbole()
+    item_text = zero_shot_item_text(data)
+    seed_list = [int(s) for s in seeds.split(",")] if method != "text-heuristic" else [0]
+    for seed in seed_list:
+        records = {r["split"]: r for r in run_method(method, seed, data, item_text, out, max_epochs, set_,
+                                                               cold_start)}
+        print(json.dumps({"method": method, "seed": seed,
+                          "test_NDCG@10": round(records["test"]["metrics"]["NDCG@10"], 4),
+                          "test_HR@10": round(records["test"]["metrics"]["HR@10"], 4),
+                          "validation_NDCG@10": round(records["validation"]["metrics"]["NDCG@10"], 4),
+                          "cold_HR@10": round(records["test-cold-start"]["metrics"]["HR@10"], 4)
+                          if "test-cold-start" in records else None}), flush=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,230 @@
+"""The sequence user model: per-sample gradients, no leakage of the target, cold-start scoring, DP loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.dataset import Dataset, Item
+from common.sequence import (SequenceRecommender, SequenceRows, SequenceSettings, evaluation_rows, rating_codes,
+                             sequence_scores, training_rows, user_sequence_rows)
+from common.sequence_training import SequenceTrainConfig, train_sequence
+from common.split import leave_one_out
+
+NUM_ITEMS, TEXT_DIM = 30, 12
+
+
+def _item_text(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(NUM_ITEMS, TEXT_DIM, generator=g), dim=-1)
+
+
+def _model(settings: SequenceSettings | None = None, known: torch.Tensor | None = None) -> SequenceRecommender:
+    torch.manual_seed(0)
+    model = SequenceRecommender(_item_text(), settings or SequenceSettings(history_len=6, dim=8, layers=2, heads=2),
+                                known)
+    with torch.no_grad():  # every parameter away from its (partly zero) initialisation
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _rows(n: int, history_len: int = 6, seed: int = 1) -> SequenceRows:
+    rng = np.random.default_rng(seed)
+    items = rng.integers(0, NUM_ITEMS, size=(n, history_len))
+    ratings = rng.integers(1, 6, size=(n, history_len))
+    for k in range(n):  # left padding of different lengths, one row with no history at all
+        pad = k % (history_len + 1)
+        items[k, :pad], ratings[k, :pad] = NUM_ITEMS, 0
+    return SequenceRows(items, ratings, rng.integers(0, NUM_ITEMS, size=n), np.zeros(n, dtype=np.int64))
+
+
+def _dataset(sequences: list[list[int]]) -> Dataset:
+    items = [Item(item_id=str(i + 1), title=f"item {i}") for i in range(NUM_ITEMS)]
+    user, item, ts = [], [], []
+    for u, seq in enumerate(sequences):
+        for k, it in enumerate(seq):
+            user.append(u), item.append(it), ts.append(1000.0 * u + k)
+    n = len(user)
+    return Dataset(items=items, user_ids=[str(u + 1) for u in range(len(sequences))], user=np.array(user),
+                   item=np.array(item), rating=np.full(n, 4.0), timestamp=np.array(ts))
+
+
+def test_per_sample_gradients_equal_each_examples_own_gradient():
+    from opacus.grad_sample.utils import wrap_model
+
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[-5:] = False
+    model = _model(known=known)
+    rows = _rows(7)
+    rows.targets[:] = np.arange(7)  # known targets
+    items, ratings, targets = (torch.from_numpy(a) for a in (rows.items, rows.ratings, rows.targets))
+    expected = []
+    for k in range(len(rows)):  # each example alone
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(items[k:k + 1], ratings[k:k + 1]), targets[k:k + 1]).backward()
+        expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    try:
+        torch.nn.functional.cross_entropy(gsm(items, ratings), targets).backward()
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert {"text_bias.weight", "item_bias.bias", "id_in.weight", "id_out.weight", "text_in.weight",
+                "blocks.1.attention.query.weight", "blocks.0.norm1.weight", "rating.weight",
+                "query.weight"} <= set(names)
+        for name, p in model.named_parameters():
+            assert p.grad_sample.shape == (len(rows), *p.shape), name
+            for k in range(len(rows)):
+                want = expected[k][name]
+                assert torch.allclose(p.grad_sample[k], want, atol=1e-6, rtol=1e-4), (name, k)
+            assert any(float(expected[k][name].abs().sum()) > 0 for k in range(len(rows))), name
+    finally:
+        gsm._close()
+
+
+def test_rows_use_only_interactions_before_their_target():
+    seqs = [[3, 7, 1, 9, 4, 2, 8], [5, 6, 0, 11]]
+    split = leave_one_out(_dataset(seqs))
+    rows = user_sequence_rows(split, 0, history_len=3)
+    train = seqs[0][:-2]  # validation 2, test 8
+    assert rows.targets.tolist() == train[1:]
+    pad = NUM_ITEMS
+    assert rows.items.tolist() == [[pad, pad, 3], [pad, 3, 7], [3, 7, 1], [7, 1, 9]]
+    # changing what comes after a target changes no earlier row
+    later = leave_one_out(_dataset([[3, 7, 1, 9, 20, 21, 22], [5, 6, 0, 11]]))
+    assert user_sequence_rows(later, 0, 3).items[:2].tolist() == rows.items[:2].tolist()
+    users = np.array([0, 1])
+    val, test = evaluation_rows(split, "validation", 3, users), evaluation_rows(split, "test", 3, users)
+    assert val.items[0].tolist() == [1, 9, 4] and val.targets[0] == 2
+    assert test.items[0].tolist() == [9, 4, 2] and test.targets[0] == 8
+    assert 8 not in val.items[0] and 2 not in training_rows(split, 3).items[:len(rows)].ravel()
+
+
+def test_the_capped_rows_are_the_most_recent():
+    split = leave_one_out(_dataset([list(range(12))]))
+    rows = user_sequence_rows(split, 0, history_len=4, examples_per_user=3)
+    assert rows.targets.tolist() == [7, 8, 9]
+
+
+def test_rating_codes():
+    assert rating_codes(np.array([1.0, 4.6, np.nan, 5.0])).tolist() == [1, 5, 0, 5]
+
+
+def test_unseen_items_are_rankable_and_ignore_every_id_parameter():
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[[2, 11, 17]] = False
+    model = _model(known=known)
+    rows = _rows(5)
+    rows.items[rows.items == 2] = 3
+    before = sequence_scores(model, rows)
+    assert np.isfinite(before).all()
+    with torch.no_grad():
+        for layer in (model.id_out, model.item_bias):
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p))
+        model.id_in.weight[[2, 11, 17]] += 5.0  # an unseen item's input ID row is never used
+    after = sequence_scores(model, rows)
+    cold = (~known).numpy()
+    np.testing.assert_allclose(after[:, cold], before[:, cold], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(after[:, ~cold], before[:, ~cold])
+    logits = model(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))
+    assert torch.isinf(logits[:, ~known]).all() and torch.isfinite(logits[:, known]).all()
+
+
+def test_a_history_of_unseen_items_only_reads_their_text():
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[[4, 5]] = False
+    model = _model(known=known)
+    items = torch.tensor([[NUM_ITEMS, 4, 5]])
+    ratings = torch.tensor([[0, 3, 4]])
+    model.settings = SequenceSettings(history_len=3, dim=8)
+    a = model.user_vectors(items, ratings)
+    with torch.no_grad():
+        model.id_in.weight[[4, 5]] = 100.0
+    assert torch.allclose(model.user_vectors(items, ratings), a)
+
+
+def test_an_empty_history_gives_a_finite_user():
+    model = _model()
+    rows = _rows(1)
+    rows.items[:], rows.ratings[:] = NUM_ITEMS, 0
+    assert np.isfinite(sequence_scores(model, rows)).all()
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_training_lowers_the_loss_and_reports_its_privacy(dp):
+    rows = _rows(64, seed=3)
+    rows.targets[:] = rows.items[:, -1] % 7  # learnable from the last item
+    model = _model()
+    cfg = SequenceTrainConfig(epochs=30 if not dp else 8, batch_size=16, learning_rate=1e-2, dp=dp,
+                              noise_multiplier=0.5 if dp else None, max_grad_norm=5.0)
+    report = train_sequence(model, rows, cfg)
+    assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
+    if dp:
+        from common.privacy import epsilon_of_history
+
+        assert report.epsilon == pytest.approx(epsilon_of_history(
+            [(0.5, 16 / 64, report.steps)], cfg.delta))
+        assert report.steps == 32
+    else:
+        assert report.epsilon is None
+        assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5]) - 0.5
+
+
+def test_the_text_heuristic_is_the_stated_formula():
+    from simulations.text_heuristic import heuristic_scores
+
+    text = _item_text()
+    rows = SequenceRows(np.array([[NUM_ITEMS, 4, 9]]), np.array([[0, 5, 2]]), np.array([1]), np.array([0]))
+    counts = np.arange(NUM_ITEMS)
+    got = heuristic_scores(text, rows, counts, decay=0.5, pop_weight=0.3)[0]
+    user = (5 - 2.5) * 0.5 * text[4].double() + (2 - 2.5) * 1.0 * text[9].double()
+    user = user / user.norm()
+    want = (text.double() @ user).numpy() + 0.3 * np.log1p(counts)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_bench_overrides_name_a_field_and_keep_its_type():
+    import typer
+
+    from simulations.bench_sequence import SETTINGS, TRAIN, with_overrides
+
+    settings, cfg = with_overrides(SETTINGS, TRAIN, ["dim=32", "learning_rate=0.002"])
+    assert settings.dim == 32 and cfg.learning_rate == 0.002 and settings.layers == SETTINGS.layers
+    for bad in (["nope=1"], ["dim"], ["dp=1"]):
+        with pytest.raises(typer.BadParameter):
+            with_overrides(SETTINGS, TRAIN, bad)
+
+
+def test_the_text_prior_is_the_heuristic_without_popularity():
+    from simulations.text_heuristic import heuristic_scores
+
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, prior_weight=1.0, prior_decay=0.7))
+    rows = _rows(5)
+    rows.items[0], rows.ratings[0] = NUM_ITEMS, 0  # no history: the prior is 0
+    got = model.text_prior(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings)).numpy()
+    want = heuristic_scores(model.item_text[:NUM_ITEMS], rows, np.zeros(NUM_ITEMS), decay=0.7, pop_weight=0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not got[0].any()
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_the_central_reference_keeps_the_best_validation_epoch_or_the_private_run(dp):
+    from dataclasses import replace
+
+    from common.privacy import epsilon_of_history
+    from simulations.bench_sequence import DP_TRAIN, TRAIN, fit
+
+    rng = np.random.default_rng(0)
+    split = leave_one_out(_dataset([list(rng.permutation(NUM_ITEMS)[:12]) for _ in range(8)]))
+    settings = SequenceSettings(history_len=4, dim=8, layers=1, heads=2, id_dropout=0.3)
+    cfg = replace(DP_TRAIN, batch_size=16, epochs=2.0) if dp else replace(TRAIN, batch_size=16)
+    model, info = fit(_item_text(), split, settings, cfg, max_epochs=3, seed=0, label=None)
+    if dp:
+        assert info["epsilon"] == pytest.approx(epsilon_of_history(
+            [(info["noise_multiplier"], info["sample_rate"], info["steps"])], cfg.delta))
+        assert info["epsilon"] <= cfg.target_epsilon + 1e-6
+    else:
+        assert len(info["validation_curve"]) == 3
+        assert info["validation_curve"][info["epoch_chosen"] - 1] == max(info["validation_curve"])
