@@ -8,10 +8,13 @@ Methods:
   sequence        the sequence model trained centrally without privacy on every training example
   sequence-dp     the same model trained centrally with DP-SGD (example level, epsilon 8, delta 1e-5)
 
-Trained methods run ``--max-epochs`` epochs and keep the epoch with the best validation NDCG@10
-(chosen on validation only); the test split is scored once, with that epoch's model. The cold-start
-row trains the same way on the split without the held-out items (PROTOCOL section 4) and reports
-the cold-start test users. Result files (PROTOCOL section 5) go to ``--out``.
+The non-private model runs ``--max-epochs`` epochs and keeps the epoch with the best validation
+NDCG@10 (chosen on validation only); the DP model runs its configured epochs once, with the noise
+solved for epsilon 8 over all of its steps, and keeps the last model (a choice among epochs by
+validation figures would be a release its epsilon does not cover). The test split is scored once.
+The cold-start row trains the same way on the split without the held-out items (PROTOCOL section
+4) and reports the cold-start test users. Result files (PROTOCOL section 5) go to ``--out``;
+``--table`` prints the table of the files in ``--out``.
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
               "server_learning_rate": server_learning_rate, "sessions_trained": trained, "sessions_refused": refused,
               "parameters": int(sum(p.numel() for p in params)), "curve": curve,
               "simulation": "in-process reference of the local-DP mechanism (see the module docstring)"}
-    tag = (f"seq-fed-{aggregator}-seed{seed}" + (f"-eps{target_epsilon:g}" if target_epsilon else "")
+    level = "" if target_epsilon == 0 else "-no-noise" if target_epsilon < 0 else f"-eps{target_epsilon:g}"
+    tag = (f"seq-fed-{aggregator}-seed{seed}" + level
            + ("-" + "-".join(s.replace("=", "") for s in set_) if set_ else ""))
     wall = time.perf_counter() - t0
     for which in ("validation", "test"):

@@ -228,3 +228,16 @@ def test_the_central_reference_keeps_the_best_validation_epoch_or_the_private_ru
     else:
         assert len(info["validation_curve"]) == 3
         assert info["validation_curve"][info["epoch_chosen"] - 1] == max(info["validation_curve"])
+
+
+def test_a_federated_session_always_has_the_public_number_of_rows():
+    from simulations.bench_sequence_federated import padded_session_rows
+
+    seqs = [list(range(12)), [3, 4, 5], [7, 8, 9, 10, 11, 12, 13]]
+    split = leave_one_out(_dataset(seqs))
+    for user in range(3):
+        rows, weights = padded_session_rows(split, user, cap=6, history_len=4)
+        real = user_sequence_rows(split, user, 4, 6)
+        assert rows.items.shape == (6, 4) and len(weights) == 6
+        assert weights.tolist() == [1.0] * len(real) + [0.0] * (6 - len(real))
+        assert rows.items[len(real):].tolist() == [[NUM_ITEMS] * 4] * (6 - len(real))
