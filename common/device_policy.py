@@ -43,9 +43,10 @@ class DevicePolicy:
     adjacency: str = "add-remove"  # replace-one: accounted with twice the sensitivity
     # The unit of privacy is one example, whose input is the user's last ``history-len`` interactions
     # rendered in at most ``max-length`` tokens: one rating touches up to history-len later examples,
-    # so these bound how far the example-level guarantee is from a rating-level one.
-    max_history_len: int = 50
-    max_length: int = 128
+    # so these bound how far the example-level guarantee is from a rating-level one. The defaults are
+    # the published run defaults: a server cannot lengthen the unit without the device owner's say.
+    max_history_len: int = 5
+    max_length: int = 64
 
     def __post_init__(self) -> None:
         checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),

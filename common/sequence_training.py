@@ -113,6 +113,8 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                         id_mask = (torch.rand(len(idx), model.num_items, generator=generator) >= dropout).float()
                     logits = module(items[idx], ratings[idx], id_mask)
                     per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")
+                    # a padding row's loss is exactly 0 even if its (unused) target is masked out (inf x 0)
+                    per_row = torch.where(weights[idx] > 0, per_row, torch.zeros_like(per_row))
                     loss = (per_row * weights[idx]).sum() / len(idx)
                     loss.backward()
                     report.losses.append(float(loss.detach()))

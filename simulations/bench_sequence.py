@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
@@ -62,7 +63,8 @@ def zero_shot_item_text(data) -> torch.Tensor:
 
 
 def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train_cfg: SequenceTrainConfig,
-        max_epochs: int, seed: int, label: str) -> tuple[SequenceRecommender, dict]:
+        max_epochs: int, seed: int, label: str | None,
+        held_out: np.ndarray = np.empty(0, dtype=np.int64)) -> tuple[SequenceRecommender, dict]:
     """Train and return the model with what was done.
 
     Without DP: epoch by epoch, keeping the epoch with the best validation NDCG@10. With DP: one
@@ -70,7 +72,10 @@ def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train
     steps, and the final model (no choice on validation figures, which would be a release too)."""
     torch.manual_seed(seed)
     model = SequenceRecommender(item_text, settings)
-    model.set_known(torch.as_tensor(split.train_item_counts() > 0))
+    if train_cfg.dp:  # a public set: the catalogue without the protocol's published hold-out list (if any)
+        model.set_known(torch.as_tensor(~np.isin(np.arange(split.data.num_items), held_out)))
+    else:  # non-private: the items with training ratings
+        model.set_known(torch.as_tensor(split.train_item_counts() > 0))
     rows = training_rows(split, settings.history_len)
     if train_cfg.dp:
         report = train_sequence(model, rows, replace(train_cfg, seed=seed), label=label)
@@ -161,7 +166,7 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         if not cold_start:
             return _write(records, method, seed, out)
         cold_model, cold_info = fit(item_text, cold_split, settings, train_cfg, max_epochs, seed,
-                                    f"{method} seed {seed} (cold)")
+                                    f"{method} seed {seed} (cold)", held_out)
         rows = evaluation_rows(split, "test", settings.history_len, cold_users)
         metrics = evaluate_scores(sequence_scores(cold_model, rows), split, "test", cold_users)
         cold_privacy = _dp_privacy(train_cfg, cold_info, settings.history_len) if train_cfg.dp else NO_PRIVACY
@@ -193,7 +198,7 @@ def results_table(folder: Path) -> str:
 @app.command()
 def main(method: str = typer.Argument(..., help="text-heuristic, sequence or sequence-dp"),
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
-         max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept)"),
+         max_epochs: int = typer.Option(4, help="epochs per trained model (the best on validation is kept)"),
          out: Path = typer.Option(RESULTS, help="folder for the result files"),
          set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
          cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),

@@ -35,7 +35,7 @@ from common.io import write_json_atomic
 from common.ledger import Session, composed_epsilon
 from common.model_state import ITEM_BIAS_KEY
 from common.movielens import load_recbole
-from common.privacy import noise_for_epsilon
+from common.privacy import PublicSchedule, interaction_group_size, noise_for_epsilon
 from common.results import result_record
 from common.sequence import (SequenceRecommender, SequenceRows, SequenceSettings, concat_rows, evaluation_rows,
                              sequence_scores, user_sequence_rows)
@@ -51,6 +51,7 @@ SETTINGS = SequenceSettings(history_len=50, dim=32, layers=1, heads=2, id_terms=
 SESSION = SequenceTrainConfig(epochs=1.0, batch_size=50, learning_rate=1.0, optimizer="sgd", dp=True,
                               noise_multiplier=1.28, max_grad_norm=1.0, delta=1e-5, public_size=50, sensitivity=2.0)
 BUDGET = 8.0
+MODEL_FIELDS = set(asdict(SETTINGS))
 
 app = typer.Typer(add_completion=False)
 
@@ -84,6 +85,10 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
     """Train and evaluate; print validation/test NDCG@10 every 12 rounds."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    mechanism = [item for item in set_ if item.partition("=")[0] not in MODEL_FIELDS | {"learning_rate"}]
+    if mechanism:
+        raise typer.BadParameter(f"--set {mechanism[0]!r}: only model settings and learning_rate may be changed here; "
+                                 f"the mechanism is the default run's (use --target-epsilon for the noise)")
     settings, session_cfg = with_overrides(SETTINGS, SESSION, set_)
     budget = BUDGET
     if target_epsilon > 0:
@@ -97,7 +102,8 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
     item_text = zero_shot_item_text(data)
     torch.manual_seed(seed)
     model = SequenceRecommender(item_text, settings)
-    model.set_known(torch.as_tensor(split.train_item_counts() > 0))
+    # Every catalogue item is "known": which items anyone rated is private (the union of the
+    # clients' data), so no rule may depend on it.
     torch.nn.init.zeros_(model.text_out.weight)  # the first model is the text prior alone
     names, params = exchanged(model)
     step = make_server_step(strategy, server_learning_rate)
@@ -111,8 +117,9 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
 
     order = np.random.default_rng(seed).permutation(data.num_users)
     spent: dict[int, list[Session]] = {}
-    one = Session(session_cfg.noise_multiplier if private else 1.0, 1.0, 1, session_cfg.max_grad_norm,
-                  session_cfg.delta, sensitivity=session_cfg.sensitivity)
+    schedule = PublicSchedule.from_public_size(session_cfg.public_size, session_cfg.batch_size, session_cfg.epochs)
+    one = Session(session_cfg.noise_multiplier if private else 1.0, schedule.sample_rate, schedule.steps,
+                  session_cfg.max_grad_norm, session_cfg.delta, sensitivity=session_cfg.sensitivity)
     curve, trained, refused = [], 0, 0
     for r in range(rounds):
         current = [p.detach().numpy().copy() for p in params]
@@ -124,7 +131,10 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
                 continue
             spent.setdefault(user, []).append(one)
             rows, weights = padded_session_rows(split, user, session_cfg.public_size, settings.history_len)
-            train_sequence(model, rows, replace(session_cfg, seed=seed), row_weights=weights)
+            report = train_sequence(model, rows, replace(session_cfg, seed=seed), row_weights=weights)
+            if private and (report.steps, report.sample_rate) != (one.steps, one.sample_rate):
+                raise RuntimeError(f"session ran {report.steps} steps at rate {report.sample_rate}, "
+                                   f"accounted {one.steps} at {one.sample_rate}")
             states.append([p.detach().numpy().copy() for p in params])
             trained += 1
             with torch.no_grad():
@@ -145,7 +155,11 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
     privacy = {"unit": "none", "note": "clipped, no noise"} if not private else {"unit": "example", "epsilon": round(epsilon, 4), "delta": session_cfg.delta, "accountant": "rdp",
                "adjacency": "add-remove", "trust": "none (local DP on each simulated client)",
                "selection": f"the user's {session_cfg.public_size} most recent training examples, padded with "
-                            f"weight-0 rows; accounted at sensitivity 2C", "sensitivity": session_cfg.sensitivity}
+                            f"weight-0 rows; accounted at sensitivity 2C", "sensitivity": session_cfg.sensitivity,
+               "note": (f"example-level only: one example's input is the user's last {settings.history_len} "
+                        f"interactions, so one rating touches up to "
+                        f"{interaction_group_size(settings.history_len, session_cfg.public_size)} accounted examples "
+                        f"(group privacy); simulated in one process (no wire, ledgers or device policies)")}
     config = {"settings": asdict(settings), "session": asdict(session_cfg), "rounds": rounds,
               "clients_per_round": clients_per_round, "aggregator": aggregator, "strategy": strategy,
               "server_learning_rate": server_learning_rate, "sessions_trained": trained, "sessions_refused": refused,

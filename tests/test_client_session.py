@@ -128,7 +128,7 @@ def test_reply_fields_do_not_depend_on_the_number_of_examples(runtime_and_data, 
 # noise 0.9 is above the floor of 0.5 but a capped session is accounted at 2C: 0.45 per unit of sensitivity
 @pytest.mark.parametrize("override", [{"local-dp": False}, {"noise-multiplier": 0.3}, {"noise-multiplier": 0.9},
                                       {"max-grad-norm": 5.0}, {"client-epsilon-budget": 50.0}, {"delta": 1e-3},
-                                      {"history-len": 51}, {"max-length": 256}],
+                                      {"history-len": 6}, {"max-length": 128}],
                          ids=["dp-off", "less-noise", "less-noise-per-sensitivity", "larger-clip", "larger-budget",
                               "larger-delta", "longer-history", "more-tokens"])
 def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_data, tmp_path, override):

@@ -241,3 +241,26 @@ def test_a_federated_session_always_has_the_public_number_of_rows():
         assert rows.items.shape == (6, 4) and len(weights) == 6
         assert weights.tolist() == [1.0] * len(real) + [0.0] * (6 - len(real))
         assert rows.items[len(real):].tolist() == [[NUM_ITEMS] * 4] * (6 - len(real))
+
+
+def test_a_padding_row_with_a_masked_target_adds_nothing():
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[0] = False  # padding rows' (unused) target
+    model = _model(known=known)
+    rows = _rows(4, seed=5)
+    rows.targets[:] = [3, 4, 0, 0]
+    cfg = SequenceTrainConfig(epochs=1.0, batch_size=4, learning_rate=0.1, dp=True, noise_multiplier=0.5,
+                              public_size=4, sensitivity=2.0)
+    report = train_sequence(model, rows, cfg, row_weights=np.array([1.0, 1.0, 0.0, 0.0]))
+    assert all(np.isfinite(loss) for loss in report.losses)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_the_federated_reference_refuses_to_change_its_mechanism():
+    from typer.testing import CliRunner
+
+    from simulations.bench_sequence_federated import app
+
+    for bad in ("dp=false", "sensitivity=1.0", "epochs=2.0", "noise_multiplier=0.5", "public_size=10"):
+        result = CliRunner().invoke(app, ["--set", bad, "--rounds", "1"])
+        assert result.exit_code != 0 and "only model settings" in result.output, bad
