@@ -9,7 +9,6 @@ from the run config, which only states what a run asks for.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from logging import ERROR
 from pathlib import Path
 
@@ -22,40 +21,63 @@ from flwr.common.logger import log
 from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.evaluation import run_evaluation
 from client.session import SessionResult, refusal, run_session
+from common.catalogue_file import PublishedCatalogue
 from common.dataset import Dataset
 from common.device_policy import DevicePolicy
 from common.errors import DataFormatError
-from common.model_state import ModelRuntime, ModelSettings, state_digest
-from common.partition import ClientData, client_data, dataset_from_source, device_client_data, device_dataset, split_for
+from common.model_state import state_digest
+from common.partition import (ClientData, client_data, dataset_from_source, device_client_data,
+                              device_client_sequences, device_dataset, run_split)
 from common.run_config import resolve
+from common.runtimes import Runtime, make_runtime, runtime_settings
+from common.sequence_runtime import ClientSequences, client_sequences
 
 app = ClientApp()
 
 
-@lru_cache(maxsize=1)
-def _runtime(source: str, settings: ModelSettings) -> ModelRuntime:
-    torch.set_num_threads(1)  # one simulated client per core
-    return ModelRuntime(dataset_from_source(source), settings)
+_RUNTIMES: dict[tuple, Runtime] = {}
 
 
-_DEVICE_RUNTIMES: dict[tuple[str, ModelSettings], ModelRuntime] = {}
+def _runtime(source: str, cfg: dict) -> Runtime:
+    """The simulation process's runtime for this run's model (one kept: building it costs seconds)."""
+    key = (source, runtime_settings(cfg))
+    if key not in _RUNTIMES:
+        torch.set_num_threads(1)  # one simulated client per core
+        _RUNTIMES.clear()
+        _RUNTIMES[key] = make_runtime(dataset_from_source(source), cfg)
+    return _RUNTIMES[key]
 
 
-def _device_runtime(data_path: str, settings: ModelSettings, data: Dataset) -> ModelRuntime:
-    """The device's runtime, built from its already-loaded data (it only needs the catalogue)."""
-    key = (data_path, settings)
+_DEVICE_RUNTIMES: dict[tuple, Runtime] = {}
+
+
+def _device_runtime(data_path: str, cfg: dict, data: Dataset, catalogue: PublishedCatalogue | None) -> Runtime:
+    """The device's runtime, built from its already-loaded data (it only needs the catalogue; the
+    sequence model takes the published item vectors when there are some instead of encoding them)."""
+    key = (data_path, runtime_settings(cfg))
     if key not in _DEVICE_RUNTIMES:
         _DEVICE_RUNTIMES.clear()
-        _DEVICE_RUNTIMES[key] = ModelRuntime(data, settings)
+        _DEVICE_RUNTIMES[key] = make_runtime(data, cfg, item_text=None if catalogue is None else catalogue.embeddings)
     return _DEVICE_RUNTIMES[key]
 
 
-def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData, Path, ModelRuntime]:
+def _client_inputs(cfg: dict, split_or_path, user: int | None, loaded: Dataset | None = None
+                   ) -> ClientData | ClientSequences:
+    """The user's inputs for the run's model: a simulated user of the split, or a device's folder."""
+    sequence = cfg["user-model"] == "sequence"
+    if user is None:
+        build = device_client_sequences if sequence else device_client_data
+        return build(split_or_path, cfg["history-len"], cfg["examples-per-user"], loaded)
+    build = client_sequences if sequence else client_data
+    return build(split_or_path, user, cfg["history-len"], cfg["examples-per-user"])
+
+
+def _prepare(msg: Message, context: Context, cfg: dict
+             ) -> tuple[str, ClientData | ClientSequences, Path, Runtime]:
     """Client id, its data, its ledger folder, and a runtime holding the received global state
     (simulation: the partition-id's user, ledgers in ``ledger-dir`` or the run folder's
     ``clients/``; deployment: the device's data-path, ledger in its own state-dir)."""
     node = context.node_config
-    settings = ModelSettings.from_run_config(cfg)
     server_config = msg.content["config"]
     names, arrays = _global_state(msg)
     if "data-path" in node:
@@ -63,39 +85,50 @@ def _prepare(msg: Message, context: Context, cfg: dict) -> tuple[str, ClientData
         state_dir = Path(str(node.get("state-dir", Path(data_path) / "state")))
         client_id = str(node.get("client-id", "device"))
         loaded = device_dataset(data_path)
-        data = device_client_data(data_path, cfg["history-len"], cfg["examples-per-user"], loaded)
-        runtime = _device_runtime(data_path, settings, loaded)
-        _keep_on_device(msg, runtime, state_dir, names, arrays, settings)
+        data = _client_inputs(cfg, data_path, None, loaded)
+        catalogue = _received_catalogue(msg, state_dir, loaded)
+        runtime = _device_runtime(data_path, cfg, loaded, catalogue)
+        _use_state(runtime, names, arrays, catalogue)
+        save_global_state(state_dir, names, arrays, runtime.settings, str(server_config["run-id"]),
+                          int(server_config["server-round"]))
         write_device_info(state_dir, data_path, client_id)
         return client_id, data, state_dir, runtime
     if "partition-id" not in node:
         raise ValueError("node config needs partition-id (simulation) or data-path (deployment)")
     user = int(node["partition-id"])
-    data = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
-    runtime = _runtime(cfg["dataset"], settings)
+    data = _client_inputs(cfg, run_split(cfg), user)
+    runtime = _runtime(cfg["dataset"], cfg)
     runtime.load_state(names, arrays)
     ledgers = Path(cfg["ledger-dir"]) if cfg["ledger-dir"] else Path(str(server_config["run-dir"])) / "clients"
     return f"user-{user}", data, ledgers, runtime
 
 
-def _keep_on_device(msg: Message, runtime: ModelRuntime, state_dir: Path, names: list[str],
-                    arrays: list[np.ndarray], settings: ModelSettings) -> None:
-    """Store the global state and the published catalogue (checksum verified) for on-device
-    recommendations, and use the catalogue's item embeddings instead of re-encoding the catalogue."""
-    config = msg.content["config"]
-    save_global_state(state_dir, names, arrays, settings, str(config["run-id"]), int(config["server-round"]))
+def _received_catalogue(msg: Message, state_dir: Path, data: Dataset) -> PublishedCatalogue | None:
+    """The catalogue the server published with this message (checksum verified, then kept for
+    on-device recommendations), or None when it sent none."""
     if "catalogue" not in msg.content.config_records:
-        runtime.load_state(names, arrays)
-        return
+        return None
+    config = msg.content["config"]
     catalogue = store_catalogue(state_dir, bytes(msg.content["catalogue"]["file"]), str(config["catalogue-sha256"]))
-    local_ids = [it.item_id for it in runtime.data.items]
+    local_ids = [it.item_id for it in data.items]
     if catalogue.item_ids != local_ids:
         raise DataFormatError(state_dir / "catalogue.safetensors",
                               f"the server's catalogue ({len(catalogue.item_ids)} items) does not list the same item "
                               f"ids in the same order as this device's catalogue.jsonl ({len(local_ids)} items)")
-    published_for_this_state = catalogue.state_digest == state_digest(arrays)
-    runtime.load_state(names, arrays, refresh=not published_for_this_state)
-    if published_for_this_state:
+    return catalogue
+
+
+def _use_state(runtime: Runtime, names: list[str], arrays: list[np.ndarray],
+               catalogue: PublishedCatalogue | None) -> None:
+    """Load the received global state; take the published item vectors instead of encoding the catalogue
+    here (the text model's only when they were computed for this state; the sequence model's never depend
+    on it)."""
+    if catalogue is None:
+        runtime.load_state(names, arrays)
+        return
+    usable = runtime.kind == "sequence" or catalogue.state_digest == state_digest(arrays)
+    runtime.load_state(names, arrays, refresh=not usable)
+    if usable:
         runtime.use_item_embeddings(catalogue.embeddings, catalogue.state_digest)
 
 

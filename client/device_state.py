@@ -1,8 +1,8 @@
 """A device's persistent state folder (``state-dir``): what survives restarts of the SuperNode.
 
 - ``ledger-<client-id>.json``: the privacy ledger (:mod:`common.ledger`);
-- ``global-state.safetensors``: the latest global adapters and item biases received, with the
-  model settings needed to use them;
+- ``global-state.safetensors``: the latest global state received (the text model's adapters and
+  item biases, or the sequence model's layers), with the model settings needed to use them;
 - ``catalogue.safetensors`` + ``catalogue.sha256``: the catalogue the server published for that
   state, and the checksum it was sent with (verified on every read);
 - ``device.json``: where the device's own data lives and who it is.
@@ -23,6 +23,8 @@ from common.catalogue_file import PublishedCatalogue, read_catalogue, sha256_hex
 from common.errors import DataFormatError
 from common.io import load_tensors, save_tensors, write_bytes_atomic, write_json_atomic, write_text_atomic
 from common.model_state import ModelSettings
+from common.sequence import SequenceSettings
+from common.sequence_runtime import settings_from_stored
 
 GLOBAL_STATE = "global-state.safetensors"
 CATALOGUE = "catalogue.safetensors"
@@ -30,18 +32,21 @@ CATALOGUE_SHA = "catalogue.sha256"
 DEVICE = "device.json"
 
 
-def save_global_state(state_dir: Path, names: list[str], arrays: list[np.ndarray], settings: ModelSettings,
-                      run_id: str, server_round: int) -> Path:
-    """Keep the latest global state (the exchange order is kept in the metadata)."""
+def save_global_state(state_dir: Path, names: list[str], arrays: list[np.ndarray],
+                      settings: ModelSettings | SequenceSettings, run_id: str, server_round: int) -> Path:
+    """Keep the latest global state (the exchange order and which user model it is go in the metadata)."""
     path = Path(state_dir) / GLOBAL_STATE
-    meta = {"names": json.dumps(names), "settings": json.dumps(asdict(settings)), "run_id": run_id,
-            "round": str(server_round)}
+    kind = "sequence" if isinstance(settings, SequenceSettings) else "text"
+    meta = {"names": json.dumps(names), "settings": json.dumps(asdict(settings)), "user-model": kind,
+            "run_id": run_id, "round": str(server_round)}
     save_tensors(path, dict(zip(names, arrays)), meta, private=True)
     return path
 
 
-def load_global_state(state_dir: Path) -> tuple[list[str], list[np.ndarray], ModelSettings, dict[str, str]]:
-    """(names, arrays, model settings, metadata) of the latest global state on this device."""
+def load_global_state(state_dir: Path
+                      ) -> tuple[list[str], list[np.ndarray], ModelSettings | SequenceSettings, dict[str, str]]:
+    """(names, arrays, model settings, metadata) of the latest global state on this device; the settings
+    are :class:`SequenceSettings` for the sequence model (metadata ``user-model``), else the text model's."""
     path = Path(state_dir) / GLOBAL_STATE
     if not path.is_file():
         raise DataFormatError(path, "missing: this device has not received a global model yet (join a run first)")
@@ -49,7 +54,11 @@ def load_global_state(state_dir: Path) -> tuple[list[str], list[np.ndarray], Mod
     try:
         names = json.loads(meta["names"])
         arrays = [tensors[n] for n in names]
-        settings = ModelSettings.from_stored(json.loads(meta["settings"]))
+        kind = meta.get("user-model", "text")  # states saved before the sequence model existed are text
+        if kind not in ("text", "sequence"):
+            raise ValueError(f"unknown user-model {kind!r}")
+        stored = json.loads(meta["settings"])
+        settings = settings_from_stored(stored) if kind == "sequence" else ModelSettings.from_stored(stored)
     except Exception as exc:  # noqa: BLE001
         raise DataFormatError(path, f"unreadable global state ({type(exc).__name__}: {exc})") from None
     return names, arrays, settings, meta

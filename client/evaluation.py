@@ -22,22 +22,29 @@ from common.device_policy import DevicePolicy
 from common.evaluation import user_scores
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
 from common.metrics import metrics_from_ranks, target_rank
-from common.model_state import ModelRuntime
 from common.partition import ClientData
+from common.runtimes import Runtime
+from common.sequence import sequence_scores
+from common.sequence_runtime import ClientSequences, SequenceRuntime
 from common.secure_random import SecureStream, add_gaussian_noise
 
 SENSITIVITY = math.sqrt(2.0)
 
 
-def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float]:
+def exact_metrics(runtime: Runtime, data: ClientData | ClientSequences) -> tuple[float, float]:
     """(HR@10, NDCG@10) of the loaded global state on the device's held-out item.
 
     Total by design: without a held-out item, or when the received model scores it with a
     non-finite value, the pair is (0, 0) (a device does the same work either way). A reply or
     refusal that depended on the data would be a release outside the mechanism.
     """
-    feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT], fixed=True)
-    scores = user_scores(runtime.model, feats)[0]
+    if isinstance(runtime, SequenceRuntime):
+        if not isinstance(data, ClientSequences):
+            raise TypeError("the sequence model evaluates ClientSequences")
+        scores = sequence_scores(runtime.model, data.eval_row)[0]  # an all-padding row without a target
+    else:
+        feats = runtime.features([data.eval_text if data.eval_target is not None else PAD_TEXT], fixed=True)
+        scores = user_scores(runtime.model, feats)[0]
     if data.eval_target is None or not np.isfinite(scores).all():
         return 0.0, 0.0
     excluded = np.zeros(len(scores), dtype=bool)
@@ -46,7 +53,7 @@ def exact_metrics(runtime: ModelRuntime, data: ClientData) -> tuple[float, float
     return m["HR@10"], m["NDCG@10"]
 
 
-def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], ledger_dir: str | Path,
+def run_evaluation(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[str, Any], ledger_dir: str | Path,
                    client_id: str, run_id: str, server_round: int, node_id: int | None = None,
                    policy: DevicePolicy | None = None) -> SessionResult:
     """The noisy (HR@10, NDCG@10) pair, or a refusal (policy, budget, ledger)."""
@@ -57,7 +64,8 @@ def run_evaluation(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any],
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
-            if ledger.accountant != cfg["accountant"]:
+            if ledger.accountant != cfg["accountant"] or \
+                    policy.lengthens_unit(cfg, [s.history_len for s in ledger.sessions]):
                 return refusal("privacy-policy")
             # Both metrics lie in [0, 1]: any two pairs, whatever the adjacency or which event is held
             # out, differ by at most sqrt(2), the clip recorded here, so the sensitivity is 1 clip.

@@ -1,6 +1,10 @@
 """On-device recommendations: rank the published catalogue for this device's user with the latest
-global adapters and the user's local history (plus optional free text), and explain each item by
-the history items closest to it. Runs entirely on the device; nothing is sent anywhere."""
+global model and the user's local history (plus optional free text), and explain each item by
+the history items closest to it. Runs entirely on the device; nothing is sent anywhere.
+
+The sequence model reads the user's last ``history-len`` items and scores the published item text
+vectors; free text, if given, adds the zero-shot encoder's cosine of the text with each item's
+vector at the model's prior weight. The text model renders the history as text for its LoRA encoder."""
 
 from __future__ import annotations
 
@@ -19,8 +23,13 @@ from common.features import compute_features
 from common.model import Recommender
 from common.model_state import set_state, state_digest
 from common.partition import device_dataset
+from common.sequence import SequenceRecommender, SequenceSettings, history_window
+from common.sequence_runtime import checked_item_vectors, set_sequence_state
 from common.split import leave_one_out
 from common.text import rating_words, user_text
+
+
+ITEM_TEXT_TOKENS = 32  # free text for the sequence model is read like an item text
 
 
 @dataclass
@@ -45,12 +54,26 @@ class DeviceRecommender:
             raise DataFormatError(self.state_dir / "catalogue.safetensors",
                                   "the catalogue belongs to another global state than global-state.safetensors")
         self.tokenizer = load_tokenizer()
-        self.encoder = TextEncoder(LoraSettings(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha))
-        self.model = Recommender(self.encoder, len(self.catalogue.item_ids), scale=self.catalogue.scale,
-                                 item_bias=self.settings.item_bias, bias_scale=self.settings.item_bias_scale)
-        set_state(self.model, names, arrays)
-        self.model.head.item_emb.copy_(torch.as_tensor(self.catalogue.embeddings))
-        self.model.eval()
+        self.sequence: SequenceRecommender | None = None
+        self.encoder: TextEncoder | None = None
+        if isinstance(self.settings, SequenceSettings):
+            try:
+                vectors = checked_item_vectors(self.catalogue.embeddings, len(self.catalogue.item_ids))
+            except ValueError as exc:
+                raise DataFormatError(self.state_dir / "catalogue.safetensors", str(exc)) from None
+            self.sequence = SequenceRecommender(vectors, self.settings)
+            try:
+                set_sequence_state(self.sequence, names, arrays)
+            except ValueError as exc:
+                raise DataFormatError(self.state_dir / "global-state.safetensors", str(exc)) from None
+            self.sequence.eval()
+        else:
+            self.encoder = TextEncoder(LoraSettings(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha))
+            self.model = Recommender(self.encoder, len(self.catalogue.item_ids), scale=self.catalogue.scale,
+                                     item_bias=self.settings.item_bias, bias_scale=self.settings.item_bias_scale)
+            set_state(self.model, names, arrays)
+            self.model.head.item_emb.copy_(torch.as_tensor(self.catalogue.embeddings))
+            self.model.eval()
         unit = self.catalogue.embeddings / np.maximum(np.linalg.norm(self.catalogue.embeddings, axis=1,
                                                                      keepdims=True), 1e-12)
         self._unit = unit.astype(np.float32)
@@ -76,11 +99,8 @@ class DeviceRecommender:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         data, rows = self._history()
-        query = user_text(data, rows, self.settings.history_len)
-        if text and text.strip():
-            query = f"{text.strip()}; {query}"
-        feats = compute_features(self.encoder, self.tokenizer, [query], self.settings.max_length)
-        scores = user_scores(self.model, feats)[0]
+        scores = self._sequence_scores(data, rows, text) if self.sequence is not None else \
+            self._text_scores(data, rows, text)
         if not np.isfinite(scores).all():
             raise ValueError("the stored global model scores items with non-finite values; refusing to recommend")
         seen = np.unique(data.item[rows])
@@ -102,3 +122,23 @@ class DeviceRecommender:
             out.append(Recommendation(rank, self.catalogue.item_ids[int(j)], self.catalogue.texts[int(j)],
                                       float(scores[j]), because))
         return out
+
+    def _text_scores(self, data: Dataset, rows: np.ndarray, text: str | None) -> np.ndarray:
+        query = user_text(data, rows, self.settings.history_len)
+        if text and text.strip():
+            query = f"{text.strip()}; {query}"
+        feats = compute_features(self.encoder, self.tokenizer, [query], self.settings.max_length)
+        return user_scores(self.model, feats)[0]
+
+    def _sequence_scores(self, data: Dataset, rows: np.ndarray, text: str | None) -> np.ndarray:
+        split = leave_one_out(data)
+        items, codes = history_window(split, rows, self.settings.history_len)
+        scores = self.sequence.score(torch.from_numpy(items[None]), torch.from_numpy(codes[None]))[0].numpy()
+        if text and text.strip():
+            if self.encoder is None:  # the zero-shot encoder (the item vectors' own), loaded on first use
+                self.encoder = TextEncoder()
+            feats = compute_features(self.encoder, self.tokenizer, [text.strip()], ITEM_TEXT_TOKENS)
+            query = self.encoder.forward_features(feats.features, feats.mask)[0].numpy()
+            weight = self.settings.prior_weight or 1.0
+            scores = scores + weight * (self._unit @ (query / max(float(np.linalg.norm(query)), 1e-12)))
+        return scores

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,9 +22,12 @@ from client.released import ReleasedReplies
 from common.device_policy import DevicePolicy
 from common.features import FeatureSet
 from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
-from common.model_state import ModelRuntime, get_state
+from common.model_state import ModelRuntime
 from common.partition import ClientData
 from common.privacy import client_public_size, client_schedule, session_sensitivity
+from common.runtimes import Runtime
+from common.sequence_runtime import ClientSequences, SequenceRuntime, padded_sequence_rows
+from common.sequence_training import SequenceTrainConfig, train_sequence
 from common.training import TrainConfig, train
 
 PAD_TEXT = "no history yet"  # public: what a user with no history is rendered as
@@ -64,27 +67,38 @@ def mechanism_metrics(ledger: PrivacyLedger, session: Session, expected_batch_si
             "adjacency-replace-one": 1.0 if session.adjacency == "replace-one" else 0.0}
 
 
-def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], ledger_dir: str | Path,
-                client_id: str, run_id: str, server_round: int, node_id: int | None = None,
+def sequence_train_config(cfg: dict[str, Any], seed: int) -> SequenceTrainConfig:
+    """The sequence model's session knobs (one learning rate for every tensor)."""
+    return SequenceTrainConfig(epochs=cfg["local-epochs"], batch_size=cfg["batch-size"],
+                               learning_rate=cfg["learning-rate"], optimizer=cfg["local-optimizer"], seed=seed,
+                               dp=cfg["local-dp"], target_epsilon=None, noise_multiplier=cfg["noise-multiplier"],
+                               delta=cfg["delta"], max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"],
+                               public_size=client_public_size(cfg))
+
+
+def run_session(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[str, Any],
+                ledger_dir: str | Path, client_id: str, run_id: str, server_round: int, node_id: int | None = None,
                 policy: DevicePolicy | None = None) -> SessionResult:
     """Train the loaded global state on this client's data under its policy and budget; a refusal
-    is returned, never raised."""
+    is returned, never raised. ``data`` is :class:`ClientData` for the text model and
+    :class:`ClientSequences` for the sequence model."""
     policy = policy or DevicePolicy()
     if policy.violations(cfg):
         return refusal("privacy-policy")
-    tcfg = train_config(cfg, seed=cfg["seed"])
-    if not tcfg.dp:  # allowed only by a device policy that does not require local DP
-        features = runtime.features(data.train_texts)
-        train(runtime.model, features, data.train_targets, None, tcfg)
-        names, arrays = get_state(runtime.model)
+    if not cfg["local-dp"]:  # allowed only by a device policy that does not require local DP
+        _train(runtime, data, cfg, steps=None, sensitivity=1.0, on_start=None)
+        names, arrays = runtime.state()
         return SessionResult(names=names, arrays=arrays, metrics={"refused": 0.0})
+    tcfg = train_config(cfg, seed=cfg["seed"])
     schedule = client_schedule(cfg)  # the same for every client, whatever it holds
     released = ReleasedReplies(ledger_dir, client_id)
     try:
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
-            if ledger.accountant != cfg["accountant"]:
-                return refusal("privacy-policy")  # its ledger composes with the other accountant
+            if ledger.accountant != cfg["accountant"] or \
+                    policy.lengthens_unit(cfg, [s.history_len for s in ledger.sessions]):
+                # its ledger composes with the other accountant, or the run would lengthen its unit
+                return refusal("privacy-policy")
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency,
@@ -101,22 +115,43 @@ def run_session(runtime: ModelRuntime, data: ClientData, cfg: dict[str, Any], le
             if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
                 return refusal("privacy-budget")
             session = replace(planned, steps=allowed)
-            tcfg.max_steps, tcfg.sensitivity = session.steps, session.accounted_sensitivity
-            texts, targets, weights = padded_rows(data, cfg["examples-per-user"])
-            features = _features(runtime, texts)
-            # The session never re-encodes the catalogue: item embeddings stay those of the global
-            # state, so the runtime's catalogue cache stays valid for the next client of the round.
-            report = train(runtime.model, features, targets, None, tcfg, on_start=lambda: ledger.record(session),
-                           row_weights=weights)
-            if report.epsilon is not None and report.epsilon > ledger.epsilon + 1e-6:
+            epsilon = _train(runtime, data, cfg, steps=session.steps, sensitivity=session.accounted_sensitivity,
+                             on_start=lambda: ledger.record(session))
+            if epsilon is not None and epsilon > ledger.epsilon + 1e-6:
                 # Opacus' own accounting of this session exceeds what the ledger composed.
-                raise RuntimeError(f"session epsilon {report.epsilon} exceeds the ledger's total {ledger.epsilon}")
-            names, arrays = get_state(runtime.model)
+                raise RuntimeError(f"session epsilon {epsilon} exceeds the ledger's total {ledger.epsilon}")
+            names, arrays = runtime.state()
             metrics = mechanism_metrics(ledger, session, schedule.expected_batch_size)
             released.save("train", run_id, server_round, names, arrays, metrics)  # kept before it leaves
             return SessionResult(names=names, arrays=arrays, metrics=metrics)
     except LedgerUnavailableError:
         return refusal("ledger-unavailable")
+
+
+def _train(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[str, Any], steps: int | None,
+           sensitivity: float, on_start: Callable[[], None] | None) -> float | None:
+    """One session of the runtime's model on the client's rows padded to the public cap (DP-SGD with
+    ``steps`` and ``sensitivity`` when local DP is on); Opacus' epsilon of the session, if any."""
+    cap = cfg["examples-per-user"]
+    if isinstance(runtime, SequenceRuntime):
+        if not isinstance(data, ClientSequences):
+            raise TypeError("the sequence model trains on ClientSequences")
+        scfg = sequence_train_config(cfg, seed=cfg["seed"])
+        scfg.max_steps, scfg.sensitivity = steps, sensitivity
+        rows, weights = padded_sequence_rows(data.train, cap, runtime.model.num_items) if cap > 0 else \
+            (data.train, None)
+        return train_sequence(runtime.model, rows, scfg, row_weights=weights, on_start=on_start).epsilon
+    if not isinstance(data, ClientData):
+        raise TypeError("the text model trains on ClientData")
+    tcfg = train_config(cfg, seed=cfg["seed"])
+    tcfg.max_steps, tcfg.sensitivity = steps, sensitivity
+    if not tcfg.dp:
+        return train(runtime.model, runtime.features(data.train_texts), data.train_targets, None, tcfg).epsilon
+    texts, targets, weights = padded_rows(data, cap)
+    # The session never re-encodes the catalogue: item embeddings stay those of the global
+    # state, so the runtime's catalogue cache stays valid for the next client of the round.
+    return train(runtime.model, _features(runtime, texts), targets, None, tcfg, on_start=on_start,
+                 row_weights=weights).epsilon
 
 
 def padded_rows(data: ClientData, cap: int) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -29,6 +29,9 @@ NODE_CONFIG_KEYS = {
 }
 
 
+LEGACY_HISTORY_LEN = 5  # the run default (and so the unit) of the releases whose ledgers did not record it
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     """The device's floor on privacy; a run that asks for less is refused."""
@@ -42,11 +45,16 @@ class DevicePolicy:
     epsilon_budget: float = 8.0  # the most this device will ever spend (a run may ask for less)
     adjacency: str = "add-remove"  # replace-one: accounted with twice the sensitivity
     # The unit of privacy is one example, whose input is the user's last ``history-len`` interactions
-    # rendered in at most ``max-length`` tokens: one rating touches up to history-len later examples,
-    # so these bound how far the example-level guarantee is from a rating-level one. The defaults are
-    # the published run defaults: a server cannot lengthen the unit without the device owner's say.
-    max_history_len: int = 5
+    # (the text model: rendered in at most ``max-length`` tokens): one rating touches up to history-len
+    # later examples, so these bound how far the example-level guarantee is from a rating-level one. The
+    # defaults are the published run defaults: a server cannot lengthen the unit beyond them without the
+    # device owner's say, nor beyond what the device's ledger already recorded.
+    max_history_len: int = 50
     max_length: int = 64
+    # Whether the owner set privacy-max-history-len. If not, a device whose ledger already holds sessions
+    # never lets a run lengthen the unit beyond the longest history it recorded (:meth:`lengthens_unit`):
+    # an upgrade that raised this default (5 before the sequence model) changes nothing for it.
+    owner_set_history_len: bool = False
 
     def __post_init__(self) -> None:
         checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),
@@ -69,7 +77,7 @@ class DevicePolicy:
         unknown = sorted(set(given) - set(NODE_CONFIG_KEYS))
         if unknown:
             raise ConfigError(f"node config: unknown privacy key(s) {unknown}; allowed: {sorted(NODE_CONFIG_KEYS)}")
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"owner_set_history_len": "privacy-max-history-len" in given}
         for key, value in given.items():
             name = NODE_CONFIG_KEYS[key]
             default = getattr(cls(), name)
@@ -111,6 +119,15 @@ class DevicePolicy:
         if cfg["max-length"] > self.max_length:
             out.append("max-length")
         return out
+
+    def lengthens_unit(self, cfg: Mapping[str, Any], recorded_history_lens: list[int | None]) -> bool:
+        """True when the run asks for a longer history than every session this device has recorded
+        and its owner did not set ``privacy-max-history-len`` (a session recorded before ledgers kept
+        the history length ran under a release whose default, and limit, was 5)."""
+        if self.owner_set_history_len or not recorded_history_lens:
+            return False
+        longest = max(LEGACY_HISTORY_LEN if h is None else h for h in recorded_history_lens)
+        return cfg["history-len"] > longest
 
     def to_json(self) -> dict[str, Any]:
         """The policy as stored in the ledger."""

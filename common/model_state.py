@@ -83,6 +83,32 @@ def state_bytes(arrays: list[np.ndarray]) -> int:
     return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
+def checked_stored_values(raw: Any, defaults: dict[str, Any], run_config_keys: dict[str, str]) -> dict[str, Any]:
+    """Model settings read back from a file, as a dict: a JSON object with no unknown field, every value of
+    its default's type (finite numbers) and, for fields in ``run_config_keys``, within that run-config
+    key's range; a ValueError naming the field otherwise (before any model is built from them)."""
+    from common.run_config import FIELDS
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"settings must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    values = {}
+    for name, default in defaults.items():
+        value = raw.get(name, default)
+        wanted = bool if isinstance(default, bool) else int if isinstance(default, int) else float
+        ok = isinstance(value, bool) if wanted is bool else (
+            isinstance(value, int) and not isinstance(value, bool) if wanted is int else
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok:
+            raise ValueError(f"setting {name}: {value!r} is not a {wanted.__name__}")
+        if name in run_config_keys:  # ConfigError is a ValueError
+            FIELDS[run_config_keys[name]].check(run_config_keys[name], value)
+        values[name] = wanted(value)
+    return values
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """What fixes the model's shape and inputs (taken from the resolved run config)."""
@@ -102,27 +128,12 @@ class ModelSettings:
         range (a ValueError naming the field otherwise), checked before any model is built from them."""
         from common.run_config import FIELDS
 
-        if not isinstance(raw, dict):
-            raise ValueError(f"settings must be a JSON object, got {type(raw).__name__}")
         defaults = asdict(cls())
-        unknown = sorted(set(raw) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown settings {unknown}")
-        values = {}
-        for name, default in defaults.items():
-            value = raw.get(name, default)
-            wanted = bool if isinstance(default, bool) else int if isinstance(default, int) else float
-            ok = isinstance(value, bool) if wanted is bool else (
-                isinstance(value, int) and not isinstance(value, bool) if wanted is int else
-                isinstance(value, (int, float)) and not isinstance(value, bool))
-            if not ok:
-                raise ValueError(f"setting {name}: {value!r} is not a {wanted.__name__}")
-            key = name.replace("_", "-")
-            if key in FIELDS:
-                FIELDS[key].check(key, value)
-            elif not (math.isfinite(value) and value > 0):
-                raise ValueError(f"setting {name}: {value!r} must be a positive number")
-            values[name] = wanted(value)
+        keys = {n: n.replace("_", "-") for n in defaults if n.replace("_", "-") in FIELDS}
+        values = checked_stored_values(raw, defaults, keys)
+        for name in set(defaults) - set(keys):
+            if not values[name] > 0:
+                raise ValueError(f"setting {name}: {values[name]!r} must be a positive number")
         return cls(**values)
 
     @classmethod
@@ -146,6 +157,8 @@ def _catalogue_features(encoder: TextEncoder, tokenizer, texts: list[str], max_l
 
 class ModelRuntime:
     """One process's encoder, recommender and cached catalogue features for a dataset."""
+
+    kind = "text"
 
     def __init__(self, data: Dataset, settings: ModelSettings, seed: int = 0) -> None:
         torch.manual_seed(seed)  # LoRA A matrices are random; B is zero, so the start equals zero-shot
@@ -183,6 +196,10 @@ class ModelRuntime:
         """Frozen features of user texts; ``fixed`` keeps every tensor at the full ``max_length``
         (:func:`common.features.compute_features`)."""
         return compute_features(self.encoder, self.tokenizer, texts, self.settings.max_length, fixed=fixed)
+
+    def state(self) -> tuple[list[str], list[np.ndarray]]:
+        """Names and float32 copies of the exchanged tensors (:func:`get_state`)."""
+        return get_state(self.model)
 
     def load_state(self, names: list[str], arrays: list[np.ndarray], refresh: bool = True) -> None:
         """Set the global state and make sure the catalogue embeddings match it (cached by digest);

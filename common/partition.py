@@ -18,7 +18,9 @@ import numpy as np
 from common.dataset import Dataset
 from common.errors import DataFormatError
 from common.examples import user_examples
-from common.split import Split, leave_one_out
+from common.sequence import user_sequence_rows
+from common.sequence_runtime import ClientSequences, client_sequences, empty_sequences
+from common.split import Split, cold_start_items, leave_one_out, without_items
 from common.text import user_text
 
 
@@ -50,9 +52,17 @@ def _cached_dataset(source: str) -> Dataset:
     return load_grouplens(path)
 
 
-@lru_cache(maxsize=2)
-def split_for(source: str) -> Split:
-    return leave_one_out(dataset_from_source(source))
+@lru_cache(maxsize=4)
+def split_for(source: str, cold_start_holdout: bool = False) -> Split:
+    """The PROTOCOL split of ``source``; with ``cold_start_holdout`` without any training rating of the
+    published cold-start items (:func:`common.split.cold_start_items`, PROTOCOL section 4)."""
+    split = leave_one_out(dataset_from_source(source))
+    return without_items(split, cold_start_items(split.data.num_items)) if cold_start_holdout else split
+
+
+def run_split(cfg: dict) -> Split:
+    """The split a run's clients and server read (its ``dataset`` and ``cold-start-holdout``)."""
+    return split_for(cfg["dataset"], bool(cfg["cold-start-holdout"]))
 
 
 def client_data(split: Split, user: int, history_len: int, examples_per_user: int) -> ClientData:
@@ -82,18 +92,37 @@ def device_client_data(data_path: str | Path, history_len: int, examples_per_use
     if data.num_interactions == 0:  # a new user: trains (noise only) like any other device
         return ClientData(train_texts=[], train_targets=np.zeros(0, dtype=np.int64), eval_text=None,
                           eval_target=None, eval_excluded=np.zeros(0, dtype=np.int64))
-    if data.num_users != 1:
-        where = Path(data_path) / ("events.jsonl" if (Path(data_path) / "events.jsonl").exists() else "u.data")
-        raise DataFormatError(where, f"expected the events of exactly one user, found {data.num_users}")
-    split = leave_one_out(data)
+    split, everything = _device_splits(data_path, data)
     held_out = client_data(split, 0, history_len, examples_per_user)
-    # On a device every event is trained on, so feedback recorded since the last session is
-    # learnt in the next one; the device's own evaluation (its newest event) is then in-sample.
-    everything = Split(data=data, train=[split.all_rows(0)], valid=np.array([-1]), test=np.array([-1]))
     texts, targets = user_examples(everything, 0, history_len, examples_per_user)
     return ClientData(train_texts=texts, train_targets=np.array(targets, dtype=np.int64),
                       eval_text=held_out.eval_text, eval_target=held_out.eval_target,
                       eval_excluded=held_out.eval_excluded)
+
+
+def _device_splits(data_path: str | Path, data: Dataset) -> tuple[Split, Split]:
+    """(the device's leave-one-out split, a split that trains on every event) of a one-user folder.
+    On a device every event is trained on, so feedback recorded since the last session is learnt in
+    the next one; the device's own evaluation (its newest event) is then in-sample."""
+    if data.num_users != 1:
+        where = Path(data_path) / ("events.jsonl" if (Path(data_path) / "events.jsonl").exists() else "u.data")
+        raise DataFormatError(where, f"expected the events of exactly one user, found {data.num_users}")
+    split = leave_one_out(data)
+    return split, Split(data=data, train=[split.all_rows(0)], valid=np.array([-1]), test=np.array([-1]))
+
+
+def device_client_sequences(data_path: str | Path, history_len: int, examples_per_user: int,
+                            data: Dataset | None = None) -> ClientSequences:
+    """The sequence model's inputs from a device's data folder (as :func:`device_client_data`: every
+    event is trained on; the held-out input is the history before the newest event)."""
+    data = device_dataset(data_path) if data is None else data
+    if data.num_interactions == 0:  # a new user: trains (noise only) like any other device
+        return empty_sequences(data.num_items, history_len)
+    split, everything = _device_splits(data_path, data)
+    held_out = client_sequences(split, 0, history_len, examples_per_user)
+    train = user_sequence_rows(everything, 0, history_len, examples_per_user)
+    return ClientSequences(train=train, eval_row=held_out.eval_row, eval_target=held_out.eval_target,
+                           eval_excluded=held_out.eval_excluded)
 
 
 def device_dataset(data_path: str | Path) -> Dataset:

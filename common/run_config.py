@@ -47,14 +47,31 @@ class Field:
 
 FIELDS: dict[str, Field] = {
     # -- model -------------------------------------------------------------------------------------
-    "lora-rank": Field(8, "model", "LoRA rank", low=1, high=384),
+    "user-model": Field(
+        "sequence", "model",
+        ("sequence (a small transformer over the user's last history-len items, scored against the zero-shot "
+         "encoder's item text vectors; exchanges only its small layers) or text (the LoRA-adapted encoder over "
+         "the history rendered as text; exchanges the adapters; its published setting: history-len 5, "
+         "examples-per-user 50, batch-size 50)"),
+        choices=("sequence", "text")),
+    "sequence-dim": Field(32, "model", "sequence model: width of the transformer", low=2, high=1024),
+    "sequence-layers": Field(1, "model", "sequence model: transformer blocks", low=0, high=8),
+    "sequence-heads": Field(2, "model", "sequence model: attention heads (dividing sequence-dim)", low=1, high=64),
+    "sequence-prior-weight": Field(
+        10.0, "model",
+        ("sequence model: weight of the parameter-free text prior (cosine of the rating-weighted, recency-decayed "
+         "mean of the history's item text vectors with each item's)"), low=0, high=1000.0),
+    "lora-rank": Field(8, "model", "text model: LoRA rank", low=1, high=384),
     "lora-alpha": Field(16, "model", "LoRA alpha", low=1, high=10000.0),
     "item-bias": Field(True, "model", "train and exchange a per-item bias (new items fall back to text only)"),
     "item-bias-scale": Field(
         10.0, "model",
         ("the item bias is this times the exchanged parameter; under DP-SGD's joint per-example clipping "
          "it sets the bias's share of the clip norm"), low=0, high=10000.0, low_inclusive=False),
-    "history-len": Field(5, "model", "interactions in a user's text (newest first)", low=1, high=1000),
+    "history-len": Field(
+        50, "model",
+        ("interactions a user's input holds (the most recent; it bounds the unit of privacy, see the device "
+         "policy's privacy-max-history-len)"), low=1, high=1000),
     "max-length": Field(64, "model", "token limit of a user text (longer ones are cut and counted)", low=8, high=512),
     "item-max-length": Field(32, "model", "token limit of an item text", low=8, high=512),
     # -- local training ----------------------------------------------------------------------------
@@ -62,21 +79,22 @@ FIELDS: dict[str, Field] = {
         1.0, "local training",
         ("passes over a client's examples per session"), low=0, high=1000.0, low_inclusive=False),
     "batch-size": Field(
-        50, "local training",
+        200, "local training",
         ("expected local batch size and the public denominator of the averaged noisy gradient; the Poisson"
          " rate is min(1, batch-size / examples-per-user) (1 when examples-per-user is 0)"), low=1, high=1000000.0),
     "examples-per-user": Field(
-        50, "local training",
+        200, "local training",
         ("a client's most recent training targets used, padded to this many rows: the public session size "
          "the DP schedule is derived from (0: all, only without local DP)"), low=0, high=1000000.0),
     "local-optimizer": Field("sgd", "local training", "adam or sgd on the client", choices=("adam", "sgd")),
     "learning-rate": Field(
         1.0, "local training",
-        ("client learning rate for the LoRA adapters"), low=0, high=1000, low_inclusive=False),
+        ("client learning rate (the sequence model: every tensor; the text model: the LoRA adapters)"), low=0,
+        high=1000, low_inclusive=False),
     "item-learning-rate": Field(
         1.0, "local training",
-        ("client learning rate for the item bias parameter (in logit units the step is item-bias-scale "
-         "squared times this with SGD)"), low=0, high=1000),
+        ("text model: client learning rate for the item bias parameter (in logit units the step is "
+         "item-bias-scale squared times this with SGD)"), low=0, high=1000),
     # -- local DP ----------------------------------------------------------------------------------
     "local-dp": Field(True, "local DP", "Opacus DP-SGD on every client (example-level DP)"),
     "noise-multiplier": Field(
@@ -175,6 +193,11 @@ FIELDS: dict[str, Field] = {
     "output-dir": Field("runs", "run", "where run folders go"),
     "run-name": Field("", "run", "run folder name (default: run-<time>-seed<seed>)"),
     "resume": Field(False, "run", "continue the run folder run-name from its latest checkpoint"),
+    "cold-start-holdout": Field(
+        False, "run",
+        ("simulation only: the PROTOCOL's cold-start items (a published list) join the catalogue after "
+         "training: no client holds a rating of them, and the sequence model leaves them out of the training "
+         "softmax and scores them by their text alone (PROTOCOL section 4)")),
     "ledger-dir": Field(
         "", "run",
         ("simulation only: folder of the simulated clients' ledgers, kept across runs (default: the run "
@@ -238,6 +261,9 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"run config 'aggregator': {cfg['aggregator']!r} cannot be used with central-dp=true: the "
                           f"accountant assumes the noise covers a sum of clipped updates (sensitivity central-clip); "
                           f"a robust rule has another sensitivity (use aggregator=mean)")
+    if cfg["sequence-dim"] % cfg["sequence-heads"]:
+        raise ConfigError(f"run config 'sequence-heads': {cfg['sequence-heads']} does not divide sequence-dim "
+                          f"{cfg['sequence-dim']} (each head gets an equal share of the width)")
     if cfg["min-replies"] > cfg["clients-per-round"]:
         raise ConfigError(f"run config 'min-replies': {cfg['min-replies']} is more than clients-per-round "
                           f"{cfg['clients-per-round']}, so no round could ever update the model")
@@ -252,10 +278,11 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
 def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A run config read back from a run folder, with every key that privrec version lacked filled in:
     the value that reproduces what that run did where a key's default has changed since (a plain
-    item bias; the sampling used before client-sampling existed: uniform, Poisson under central
+    item bias; the text model; the sampling used before client-sampling existed: uniform, Poisson under central
     DP; the plain mean before aggregator existed; no failure threshold), the current default
     otherwise. The one place that knows about older run folders."""
-    legacy = {"item-bias-scale": 1.0, "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
+    legacy = {"user-model": "text", "item-bias-scale": 1.0,
+              "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
               "aggregator": "mean", "max-failed-share": 1.0}
     return {**DEFAULTS, **legacy, **stored}
 

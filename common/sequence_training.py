@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,8 +62,11 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: SequenceTrainConfig,
-                   row_weights: np.ndarray | None = None, label: str | None = None) -> SequenceTrainReport:
-    """Train ``model`` in place on ``rows``; ``row_weights`` (0/1) marks weight-0 padding rows."""
+                   row_weights: np.ndarray | None = None, label: str | None = None,
+                   on_start: Callable[[], None] | None = None) -> SequenceTrainReport:
+    """Train ``model`` in place on ``rows``; ``row_weights`` (0/1) marks weight-0 padding rows.
+    ``on_start`` runs once the DP machinery is in place, before the first step (a device records the
+    session's spend there, so that a failure afterwards can only over-report)."""
     n = len(rows)
     if n == 0 and not cfg.dp:
         raise ValueError("no training rows")
@@ -99,6 +103,8 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
     model.train()
     start = time.perf_counter()
     try:
+        if on_start is not None:
+            on_start()
         with progress_bar(label, total=steps) as advance:
             for idx in batches:
                 if report.steps >= steps:

@@ -12,7 +12,9 @@ device's ledger counts before the reply leaves.
 
 from __future__ import annotations
 
-TRAIN_ARRAYS = ("arrays: the LoRA adapter tensors and the item-bias parameter after one DP-SGD session: "
+TRAIN_ARRAYS = ("arrays: the user model's exchanged tensors after one DP-SGD session (the sequence model's "
+                "layers, text bias and item-bias parameter; the text model's LoRA adapters and item-bias "
+                "parameter): "
                 "DP-protected (Opacus per-example clipping, Gaussian noise from a secure stream, snapped to a "
                 "grid, Poisson batches from a second secure stream, averaged over the public expected batch "
                 "size; recorded in the ledger before the reply is built)")

@@ -16,19 +16,25 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 from common.evaluation import eval_texts, evaluate_scores, user_scores
-from common.model_state import ModelRuntime
+from common.runtimes import Runtime
+from common.sequence import evaluation_rows, sequence_scores
+from common.sequence_runtime import SequenceRuntime
 from common.split import Split
 from server.validation import printable, validate_metrics
 
 
 class ServerEvaluator:
-    """Full-ranking PROTOCOL metrics for every user with targets, features cached once."""
+    """Full-ranking PROTOCOL metrics for every user with targets, inputs (features or rows) built once."""
 
-    def __init__(self, runtime: ModelRuntime, split: Split) -> None:
+    def __init__(self, runtime: Runtime, split: Split) -> None:
         self.runtime, self.split = runtime, split
         self.users = split.eval_users()
         hl = runtime.settings.history_len
-        self._features = {w: runtime.features(eval_texts(split, w, hl, self.users)) for w in ("validation", "test")}
+        if isinstance(runtime, SequenceRuntime):
+            self._features = {w: evaluation_rows(split, w, hl, self.users) for w in ("validation", "test")}
+        else:
+            self._features = {w: runtime.features(eval_texts(split, w, hl, self.users))
+                              for w in ("validation", "test")}
 
     def evaluate(self, names: list[str], arrays: list[np.ndarray]) -> dict[str, dict[str, float]]:
         """Metrics per split for the given global state."""
@@ -37,6 +43,8 @@ class ServerEvaluator:
     def scores(self, names: list[str], arrays: list[np.ndarray], which: str) -> np.ndarray:
         """[users x items] scores of the given global state for the ``which`` split's inputs."""
         self.runtime.load_state(names, arrays)
+        if isinstance(self.runtime, SequenceRuntime):
+            return sequence_scores(self.runtime.model, self._features[which])
         return user_scores(self.runtime.model, self._features[which])
 
 

@@ -22,10 +22,11 @@ from flwr.serverapp import Grid
 
 from common.dataset import Dataset
 from common.io import write_json_atomic
-from common.model_state import ModelRuntime, ModelSettings, get_state, state_bytes
-from common.partition import dataset_from_source, split_for
+from common.model_state import state_bytes
+from common.partition import dataset_from_source, run_split
 from common.results import result_record
 from common.run_config import ConfigError, resolve
+from common.runtimes import make_runtime
 from common.secure_random import SecureStream
 from common.split import Split
 from server.aggregation import load_optimizer_state, make_server_step, optimizer_state, server_step, to_record
@@ -68,7 +69,7 @@ class Federation:
         self.run_id = cfg["run-name"] or f"run-{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg['seed']}"
         # The data first: a bad dataset path must not leave a run folder that blocks a retry.
         data = dataset_from_source(cfg["dataset"])
-        split = split_for(cfg["dataset"])
+        split = run_split(cfg)
         split.eval_users()  # raises NoEvaluationUsersError when no user has the 3 events the split needs
         self.folder = RunFolder(Path(cfg["output-dir"]) / self.run_id)
         self.folder.lock()  # held until run() ends: one run per folder
@@ -83,8 +84,8 @@ class Federation:
         check_resume(self.folder, cfg)
         self.folder.write_config({**cfg, "run-id": self.run_id, "versions": {
             p: version(p) for p in ("flwr", "opacus", "torch", "peft", "transformers")}})
-        self.runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg), seed=cfg["seed"])
-        self.names, self.arrays = get_state(self.runtime.model)
+        self.runtime = make_runtime(data, cfg, seed=cfg["seed"])
+        self.names, self.arrays = self.runtime.state()
         self.specs = adapter_specs(self.names, self.arrays)
         self.max_update_norm = update_norm_bound(cfg, sum(int(a.size) for a in self.arrays))
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
@@ -336,6 +337,7 @@ class Federation:
         rows = self.folder.read_metrics()
         last = [r for r in rows if "test_NDCG@10" in r][-1]
         self.folder.write_final_state(self.names, self.arrays, {"run-id": self.run_id, "round": str(last["round"]),
+                                                                "user-model": cfg["user-model"],
                                                                 "lora-rank": str(cfg["lora-rank"])})
         metrics = {k: last[f"test_{k}"] for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")}
         ledgers = Path(cfg["ledger-dir"]) if cfg["ledger-dir"] else self.folder.clients

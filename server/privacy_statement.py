@@ -56,11 +56,16 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                "selection": selection_rule(cfg["examples-per-user"]),
                "sensitivity": session_sensitivity(cfg["examples-per-user"], "add-remove"),
                "sampling": "poisson per example, from a ChaCha20 stream keyed from the OS",
-               "timing": ("every session pads its rows to examples-per-user and every text to max-length tokens, "
-                          "and takes the public steps: the tensors entering the encoder, and so its work, have "
-                          "the same shape whatever the device holds; reading the device's files and building "
-                          "and tokenizing its example texts still take time in proportion to its history "
-                          "(measured: see the README), which is outside the epsilon"),
+               "timing": (("every session pads its rows to examples-per-user, each row a history of history-len "
+                           "slots (left-padded), and takes the public steps: the tensors entering the model, and "
+                           "so its work, have the same shape whatever the device holds; reading the device's files "
+                           "and building its rows still take time in proportion to its history (measured: see the "
+                           "README), which is outside the epsilon") if cfg["user-model"] == "sequence" else
+                          ("every session pads its rows to examples-per-user and every text to max-length tokens, "
+                           "and takes the public steps: the tensors entering the encoder, and so its work, have "
+                           "the same shape whatever the device holds; reading the device's files and building "
+                           "and tokenizing its example texts still take time in proportion to its history "
+                           "(measured: see the README), which is outside the epsilon")),
                "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
                "released_fields": {"train": ["arrays", *(f"metrics.{k}" for k in sorted(TRAIN_METRICS))],
                                    "evaluate": [f"metrics.{k}" for k in sorted(EVALUATE_METRICS)]},

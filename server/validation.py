@@ -100,7 +100,7 @@ def update_norm_bound(cfg: Mapping[str, Any], dimension: int) -> float:
     (:func:`common.privacy.client_schedule`), each adding to the gradient sum at most ``cap`` clipped
     per-example gradients (norm <= C each, padding rows give zero) and Gaussian noise sigma*C*z,
     z ~ N(0, I_d), divided by the public denominator B. With SGD at learning rate lr (the larger of
-    the adapters' and the item bias's):
+    the text model's adapters' and item bias's; the sequence model's one rate):
 
         ||update|| <= (lr / B) * (K * cap * C + sigma * C * sqrt(K) * (sqrt(d) + t)) + snapping,
 
@@ -117,7 +117,9 @@ def update_norm_bound(cfg: Mapping[str, Any], dimension: int) -> float:
         return UNBOUNDED_UPDATE_NORM
     schedule = client_schedule(cfg)
     k, b = schedule.steps, schedule.expected_batch_size
-    lr = max(cfg["learning-rate"], cfg["item-learning-rate"] if cfg["item-bias"] else 0.0)
+    # the sequence model trains every tensor at learning-rate; the text model its item bias at its own
+    text_item_lr = cfg["item-learning-rate"] if cfg["item-bias"] and cfg["user-model"] == "text" else 0.0
+    lr = max(cfg["learning-rate"], text_item_lr)
     if cfg["local-optimizer"] == "adam":
         beta1, beta2 = ADAM_BETAS
         bound = k * lr * max(1.0, (1 - beta1) / math.sqrt(1 - beta2)) * math.sqrt(dimension)

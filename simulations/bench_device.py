@@ -1,7 +1,7 @@
 """Edge benchmarks on this machine: on-device recommendation latency and memory, and one client
 round on one MovieLens user (about 100 examples) on one core.
 
-    python -m simulations.bench_device [--user 426] [--calls 50]
+    python -m simulations.bench_device [--user 426] [--calls 50] [--user-model sequence|text]
 
 The parent prepares what a device holds after joining a run: the user's exported data, the
 global state and the catalogue the server publishes (computed by the server's own code). Each
@@ -32,24 +32,29 @@ from rich.table import Table
 console = Console(width=160)
 
 
-def _prepare(root: Path, user: str) -> dict:
+def _run_config(user_model: str) -> dict:
+    """The published defaults for ``user_model`` (the text model with its 5-item history)."""
+    return {"user-model": user_model, **({"history-len": 5} if user_model == "text" else {})}
+
+
+def _prepare(root: Path, user: str, user_model: str) -> dict:
     from safetensors.numpy import save_file
 
     from client.device_state import save_global_state, store_catalogue, write_device_info
     from client.export import export_user
-    from common.model_state import ModelRuntime, ModelSettings, get_state
     from common.partition import dataset_from_source
     from common.run_config import resolve
+    from common.runtimes import make_runtime
     from server.catalogue import CataloguePublisher
 
-    cfg = resolve({})
+    cfg = resolve(_run_config(user_model))
     data = dataset_from_source("recbole")
     _, events = export_user(data, user, root / "data")
-    runtime = ModelRuntime(data, ModelSettings.from_run_config(cfg))
-    names, arrays = get_state(runtime.model)
+    runtime = make_runtime(data, cfg)
+    names, arrays = runtime.state()
     payload, sha = CataloguePublisher(runtime, root, "bench").publish(names, arrays, 1)
     state = root / "state"
-    save_global_state(state, names, arrays, ModelSettings.from_run_config(cfg), "bench", 1)
+    save_global_state(state, names, arrays, runtime.settings, "bench", 1)
     store_catalogue(state, payload, sha)
     write_device_info(state, str(root / "data"), "bench")
     save_file(dict(zip(names, arrays)), str(root / "global.safetensors"), metadata={"names": json.dumps(names)})
@@ -86,7 +91,7 @@ def recommend_worker(state: Path, calls: int) -> None:
                       "p95_ms": float(np.percentile(times, 95)) * 1e3, "peak_rss_mb": _peak_rss_mb()}))
 
 
-def round_worker(root: Path) -> None:
+def round_worker(root: Path, user_model: str) -> None:
     start = time.perf_counter()
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     import torch
@@ -97,7 +102,7 @@ def round_worker(root: Path) -> None:
     from safetensors import safe_open
 
     import client.app as client_app
-    from common.partition import device_client_data
+    from common.partition import device_client_data, device_client_sequences
     from common.run_config import resolve
 
     with safe_open(str(root / "global.safetensors"), framework="np") as f:
@@ -110,7 +115,7 @@ def round_worker(root: Path) -> None:
                                 "catalogue-sha256": (root / "catalogue.sha256").read_text().strip()}),
         "catalogue": ConfigRecord({"file": (root / "catalogue.safetensors").read_bytes()})})
     msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=_run_config(user_model),
                   node_config={"data-path": str(root / "data"), "state-dir": str(root / "round-state"),
                                "client-id": "bench"})
     imported = time.perf_counter() - start
@@ -120,8 +125,11 @@ def round_worker(root: Path) -> None:
     metrics = dict(reply.content["metrics"])
     assert "arrays" in reply.content.array_records, reply.content
     # The example count is read here, on the device: the reply does not carry it.
-    cfg = resolve({})
-    examples = len(device_client_data(root / "data", cfg["history-len"], cfg["examples-per-user"]).train_targets)
+    cfg = resolve(_run_config(user_model))
+    if user_model == "sequence":
+        examples = len(device_client_sequences(root / "data", cfg["history-len"], cfg["examples-per-user"]).train)
+    else:
+        examples = len(device_client_data(root / "data", cfg["history-len"], cfg["examples-per-user"]).train_targets)
     print(json.dumps({"imports_s": imported, "message_s": handled, "process_s": time.perf_counter() - start,
                       "examples": examples, "steps": metrics["steps"], "epsilon": metrics["epsilon"],
                       "peak_rss_mb": _peak_rss_mb()}))
@@ -136,14 +144,18 @@ def _worker(*args: str) -> dict:
 
 
 def main(user: str = typer.Option("426", help="MovieLens user id (user 426 has 101 ratings: 100 examples)"),
-         calls: int = typer.Option(50, help="timed recommendations after the first")) -> None:
+         calls: int = typer.Option(50, help="timed recommendations after the first"),
+         user_model: str = typer.Option("sequence", help="sequence (the default) or text")) -> None:
     """Run both measurements and print what was measured."""
+    if user_model not in ("sequence", "text"):
+        raise typer.BadParameter(f"--user-model {user_model!r}: expected sequence or text")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        info = _prepare(root, user)
+        info = _prepare(root, user, user_model)
         rec = _worker("recommend-worker", str(root / "state"), str(calls))
-        rnd = _worker("round-worker", str(root))
-    table = Table(title=f"edge benchmarks (MovieLens user {user}, {info['events']} events; catalogue file "
+        rnd = _worker("round-worker", str(root), user_model)
+    table = Table(title=f"edge benchmarks, {user_model} model (MovieLens user {user}, {info['events']} events; "
+                        f"catalogue file "
                         f"{info['catalogue_bytes'] / 1e6:.1f} MB)")
     for col in ("measure", "value", "target"):
         table.add_column(col)
@@ -153,7 +165,7 @@ def main(user: str = typer.Option("426", help="MovieLens user id (user 426 has 1
     table.add_row("recommend: 95th percentile", f"{rec['p95_ms']:.1f} ms", "")
     table.add_row("recommend: peak resident memory", f"{rec['peak_rss_mb']:.0f} MB", "<= 700 MB")
     table.add_row("client round: examples used / DP steps", f"{rnd['examples']:.0f} / {rnd['steps']:.0f}",
-                  "the 50 most recent")
+                  "the cap (examples-per-user) most recent")
     table.add_row("client round: message handling (one core)", f"{rnd['message_s']:.2f} s", "<= 10 s")
     table.add_row("client round: whole fresh process incl. imports", f"{rnd['process_s']:.2f} s", "")
     table.add_row("client round: peak resident memory", f"{rnd['peak_rss_mb']:.0f} MB", "")
@@ -166,6 +178,6 @@ if __name__ == "__main__":
         if kind == "recommend-worker":
             recommend_worker(Path(rest[0]), int(rest[1]))
         else:
-            round_worker(Path(rest[0]))
+            round_worker(Path(rest[0]), rest[1])
     else:
         typer.run(main)

@@ -26,13 +26,55 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Run-config overrides of each named configuration (the defaults are pyproject's: 48 rounds of 20
-# clients in cyclic passes, so every user trains once; one DP-SGD step per session over a user's 50
-# most recent examples, accounted at sensitivity 2C, noise 1.28, epsilon 7.97; FedAdam eta 0.01; the
-# server evaluating every 12 rounds).
+# Run-config overrides of each named configuration (the defaults are pyproject's: the sequence model,
+# 48 rounds of 20 clients in cyclic passes, so every user trains once; one DP-SGD step per session
+# over a user's 200 most recent examples, accounted at sensitivity 2C, noise 1.28, epsilon 7.97;
+# trimmed mean, FedAdam eta 0.01; the server evaluating every 12 rounds).
 CONFIGS: dict[str, str] = {
     "default": "",
+    # The text model (LoRA adapters over the history rendered as text), the default before issue 21,
+    # at its published setting.
+    "text": 'user-model="text" history-len=5 examples-per-user=50 batch-size=50',
 }
+
+# The configurations tried on seed 0's validation split when the sequence model became the default
+# (issue 21), each as it ran: over the first sequence defaults (a 50-example session cap, text prior
+# weight 5), changing the public session cap (one step over more of each user's examples at the same
+# noise and epsilon), the server step size, the clients per round (every user still trains once), the
+# prior weight, the model's size and the aggregator. The chosen one became "default".
+TUNING_BASE = "examples-per-user=50 batch-size=50 sequence-prior-weight=5.0"
+TUNING: dict[str, str] = {
+    "first": "",
+    "cap100": "examples-per-user=100 batch-size=100",
+    "cap200": "examples-per-user=200 batch-size=200",
+    "cap400": "examples-per-user=400 batch-size=400",
+    "server-lr-0.03": "server-learning-rate=0.03",
+    "server-lr-0.003": "server-learning-rate=0.003",
+    "clients-50": "clients-per-round=50 num-server-rounds=19",
+    "prior-2": "sequence-prior-weight=2.0",
+    "prior-10": "sequence-prior-weight=10.0",
+    "prior-20": "sequence-prior-weight=20.0",
+    "dim-16": "sequence-dim=16",
+    "layers-0": "sequence-layers=0",
+    "mean": 'aggregator="mean"',
+    "cap200-mean": 'examples-per-user=200 batch-size=200 aggregator="mean"',
+    "cap200-clients-50": "examples-per-user=200 batch-size=200 clients-per-round=50 num-server-rounds=19",
+    "cap200-prior-10": "examples-per-user=200 batch-size=200 sequence-prior-weight=10.0",
+    "cap200-prior-20": "examples-per-user=200 batch-size=200 sequence-prior-weight=20.0",
+    "cap200-prior-10-mean": 'examples-per-user=200 batch-size=200 sequence-prior-weight=10.0 aggregator="mean"',
+    "cap200-prior-10-clients-50": ("examples-per-user=200 batch-size=200 sequence-prior-weight=10.0 "
+                                   "clients-per-round=50 num-server-rounds=19"),
+}
+
+
+def _merged(base: str, overrides: str) -> str:
+    """``base`` with the keys of ``overrides`` replaced (one value per key, as Flower expects)."""
+    values = dict(pair.split("=", 1) for pair in base.split())
+    values.update(pair.split("=", 1) for pair in overrides.split())
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+CONFIGS.update({name: _merged(TUNING_BASE, overrides) for name, overrides in TUNING.items()})
 CENTRAL_DP = "central-dp=true central-clip=10.0"
 KEPT = ("config.json", "metrics.jsonl", "rounds.jsonl", "result.json", "quality.png", "epsilon.png")
 
@@ -67,6 +109,16 @@ def _keep(run_folder: Path, keep: Path) -> Path:
         if (run_folder / name).exists():
             shutil.copy2(run_folder / name, dest / name)
     return dest
+
+
+def _validation_ndcg(kept: Path) -> float | None:
+    """Validation NDCG@10 of the run's last evaluated round (what settings are chosen on)."""
+    path = kept / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [r["val_NDCG@10"] for r in rows if "val_NDCG@10" in r]
+    return float(values[-1]) if values else None
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
@@ -105,17 +157,19 @@ def main(config: str = typer.Argument(..., help=f"one of {sorted(CONFIGS)}"),
 
     table = Table(title=f"federated '{config}'{' + central DP' if central_dp else ''}: "
                         f"{CONFIGS[config] or 'pyproject defaults'}")
-    for col in ("run", "wall s", "test NDCG@10", "test HR@10", "example ε max", "user ε"):
+    for col in ("run", "wall s", "val NDCG@10", "test NDCG@10", "test HR@10", "example ε max", "user ε"):
         table.add_column(col, justify="left" if col == "run" else "right")
-    ndcg, hr = [], []
+    ndcg, hr, val = [], [], []
     for name, r in results:
         p = r["privacy"]
         ndcg.append(r["metrics"]["NDCG@10"])
         hr.append(r["metrics"]["HR@10"])
         example_eps = f"{p['epsilon']:.2f}" if p.get("unit") == "example" else "-"
         user_eps = f"{p['user_epsilon']:.2f} (δ {p['user_delta']:g})" if p.get("user_epsilon") is not None else "-"
-        table.add_row(name, f"{r['wall_seconds']:.0f}", f"{ndcg[-1]:.4f}", f"{hr[-1]:.4f}", example_eps, user_eps)
-    table.add_row("mean ± std", "", _fmt(ndcg), _fmt(hr), "", "")
+        val.append(_validation_ndcg(keep / name))
+        table.add_row(name, f"{r['wall_seconds']:.0f}", "-" if val[-1] is None else f"{val[-1]:.4f}",
+                      f"{ndcg[-1]:.4f}", f"{hr[-1]:.4f}", example_eps, user_eps)
+    table.add_row("mean ± std", "", _fmt([v for v in val if v is not None]), _fmt(ndcg), _fmt(hr), "", "")
     console.print(table)
     popularity = _baseline_ndcg(baselines, "popularity")
     central = _baseline_ndcg(baselines, "central")

@@ -8,7 +8,7 @@ reading its files and building its example texts. This measures what is left: th
 time of each device's session over interleaved repetitions in one warm process on one core, and
 the spread between the fastest and the slowest device.
 
-    python -m simulations.bench_timing [--repeats 7] [--user 1]
+    python -m simulations.bench_timing [--repeats 7] [--user 1] [--user-model sequence|text]
 """
 
 from __future__ import annotations
@@ -49,21 +49,24 @@ def _devices(root: Path, user: str, cap: int) -> dict[str, Path]:
 
 
 def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interleaved); the median is reported"),
-         user: str = typer.Option("1", help="MovieLens user whose events the devices hold")) -> None:
+         user: str = typer.Option("1", help="MovieLens user whose events the devices hold"),
+         user_model: str = typer.Option("sequence", help="sequence (the default) or text")) -> None:
     """Measure and print each device's median session time and the spread."""
     import torch
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     import client.app as client_app
-    from common.model_state import ModelRuntime, ModelSettings, get_state
     from common.partition import dataset_from_source
     from common.run_config import resolve
+    from common.runtimes import make_runtime
 
+    if user_model not in ("sequence", "text"):
+        raise typer.BadParameter(f"--user-model {user_model!r}: expected sequence or text")
     torch.set_num_threads(1)
-    cfg = resolve({})
-    runtime = ModelRuntime(dataset_from_source("recbole"), ModelSettings.from_run_config(cfg))
-    names, arrays = get_state(runtime.model)
+    model_config = {"user-model": user_model, **({"history-len": 5} if user_model == "text" else {})}
+    cfg = resolve(model_config)
+    names, arrays = make_runtime(dataset_from_source("recbole"), cfg).state()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +78,7 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
                                       "config": ConfigRecord({"server-round": rnd, "run-id": "timing",
                                                               "run-dir": str(root)})}),
                           dst_node_id=5, message_type=MessageType.TRAIN)
-            ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={"client-epsilon-budget": 1e6},
+            ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={**model_config, "client-epsilon-budget": 1e6},
                           node_config={"data-path": str(folder), "state-dir": str(root / f"state-{folder.name}"),
                                        "privacy-epsilon-budget": 1e6})
             t0 = time.perf_counter()
@@ -91,8 +94,8 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
             for name, folder in devices.items():
                 times.setdefault(name, []).append(session(name, folder, rnd))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    table = Table(title=f"DP session duration by what the device holds (defaults; median of {repeats}, "
-                        f"one core, warm process)")
+    table = Table(title=f"DP session duration by what the device holds ({user_model} model, defaults; median of "
+                        f"{repeats}, one core, warm process)")
     for col in ("device", "median s", "min s", "max s"):
         table.add_column(col)
     for name, ts in times.items():

@@ -20,10 +20,11 @@ class InProcessGrid:
     """Nodes 101.. map to partitions 0..; replies are what the real client code returns."""
 
     def __init__(self, num_nodes: int, run_config: dict, tamper: Tamper | None = None,
-                 drop: set[int] | None = None) -> None:
+                 drop: set[int] | None = None, node_config: dict | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.partition = {101 + p: p for p in range(num_nodes)}
         self.run_config, self.tamper, self.drop = run_config, tamper, drop or set()
+        self.node_config = dict(node_config or {})  # e.g. every device's privacy-* policy keys
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -37,9 +38,10 @@ class InProcessGrid:
             self.sent.append(msg)
             if node in self.drop:
                 continue  # the node never answers (timed out)
-            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node],
-                                                                "num-partitions": len(self.partition)},
-                          state=RecordDict(), run_config=self.run_config)
+            node_config = {**self.node_config, "partition-id": self.partition[node],
+                           "num-partitions": len(self.partition)}
+            ctx = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                          run_config=self.run_config)
             fn = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
             reply = fn(msg, ctx)
             if self.tamper is not None and msg.metadata.message_type == MessageType.TRAIN:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -104,9 +105,15 @@ def local_superlink(home: str | Path, supernodes: int, cpus: int | None) -> Iter
         yield from _serve(home, supernodes, cpus)
 
 
+LAUNCH_MARKER = "PRIVREC_LAUNCH_ID"
+
+
 def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]:
     home = Path(home).resolve()
     env = flwr_env(home)
+    # Inherited by everything the SuperLink starts, also what leaves its process group (Flower starts
+    # the simulation, and Ray its workers, in sessions of their own): :func:`_stop` ends those by it.
+    env[LAUNCH_MARKER] = secrets.token_hex(16)
     logs = home / "local-superlink"
     logs.mkdir(parents=True, exist_ok=True)
     last_error = ""
@@ -121,31 +128,64 @@ def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]
             while time.monotonic() < deadline and proc.poll() is None and not _healthy(port):
                 time.sleep(0.3)
         except BaseException:
-            _stop(proc)
+            _stop(proc, env[LAUNCH_MARKER])
             raise
         if proc.poll() is None and _healthy(port):
             break
         last_error = f"exit code {proc.poll()}" if proc.poll() is not None else "no answer"
-        _stop(proc)
+        _stop(proc, env[LAUNCH_MARKER])
     else:
         raise RuntimeError(f"the simulation SuperLink did not start ({last_error}); see {logs / 'superlink.log'}")
     try:
         write_simulation_connection(home, port, supernodes, cpus)
         yield port
     finally:
-        _stop(proc)
+        _stop(proc, env[LAUNCH_MARKER])
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the SuperLink's whole process group (it leads a session of its own: SuperExec, the
-    simulation and its workers are in it), then kill whatever is left; a second SIGTERM or SIGHUP
-    meanwhile does not interrupt this."""
+def _stop(proc: subprocess.Popen, marker: str) -> None:
+    """Terminate the SuperLink's whole process group (it leads a session of its own), then every
+    process that carries this launch's marker (the simulation Flower starts in a session of its own
+    and Ray's workers, which a failed run, e.g. one whose heartbeat was lost, would otherwise leave
+    running), then kill whatever is left; a second SIGTERM or SIGHUP meanwhile does not interrupt this."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _terminate_group(proc)
+        _terminate_marked(marker)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Ids of the processes whose environment holds ``LAUNCH_MARKER=marker`` (Linux /proc)."""
+    needle = f"{LAUNCH_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _terminate_marked(marker: str, grace: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = marked_processes(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = marked_processes(marker)
+        if not pids:
+            return
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:

@@ -71,10 +71,12 @@ def tiny_grouplens(tmp_path_factory):
 
 @pytest.fixture
 def small_run_config(tiny_grouplens, tmp_path):
-    """A fast federated run on the made-up 12-item catalogue: 6 clients, short texts, few examples."""
-    return {"dataset": str(tiny_grouplens), "num-server-rounds": 2, "clients-per-round": 3, "evaluate-clients": 2,
-            "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32, "batch-size": 2,
-            "noise-multiplier": 2.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path / "runs"), "run-name": "t"}
+    """A fast federated run of the text model on the made-up 12-item catalogue: 6 clients, short texts,
+    few examples (the sequence model's runs: ``tests/test_sequence_federated.py``)."""
+    return {"dataset": str(tiny_grouplens), "user-model": "text", "num-server-rounds": 2, "clients-per-round": 3,
+            "evaluate-clients": 2, "eval-every": 1, "examples-per-user": 4, "history-len": 3, "max-length": 32,
+            "batch-size": 2, "noise-multiplier": 2.0, "max-update-norm": 1000.0, "output-dir": str(tmp_path / "runs"),
+            "run-name": "t"}
 
 
 @pytest.fixture(autouse=True)

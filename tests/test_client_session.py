@@ -21,8 +21,8 @@ from common.wire import TRAIN_METRICS
 
 @pytest.fixture(scope="module")
 def runtime_and_data(tiny_grouplens):
-    cfg = resolve({"dataset": str(tiny_grouplens), "examples-per-user": 4, "history-len": 3, "max-length": 32,
-                   "batch-size": 2, "noise-multiplier": 2.0})
+    cfg = resolve({"dataset": str(tiny_grouplens), "user-model": "text", "examples-per-user": 4, "history-len": 3,
+                   "max-length": 32, "batch-size": 2, "noise-multiplier": 2.0})
     split = split_for(cfg["dataset"])
     runtime = ModelRuntime(split.data, ModelSettings.from_run_config(cfg))
     runtime.load_state(*get_state(runtime.model))
@@ -128,7 +128,7 @@ def test_reply_fields_do_not_depend_on_the_number_of_examples(runtime_and_data, 
 # noise 0.9 is above the floor of 0.5 but a capped session is accounted at 2C: 0.45 per unit of sensitivity
 @pytest.mark.parametrize("override", [{"local-dp": False}, {"noise-multiplier": 0.3}, {"noise-multiplier": 0.9},
                                       {"max-grad-norm": 5.0}, {"client-epsilon-budget": 50.0}, {"delta": 1e-3},
-                                      {"history-len": 6}, {"max-length": 128}],
+                                      {"history-len": 51}, {"max-length": 128}],
                          ids=["dp-off", "less-noise", "less-noise-per-sensitivity", "larger-clip", "larger-budget",
                               "larger-delta", "longer-history", "more-tokens"])
 def test_a_run_asking_for_less_than_the_device_policy_is_refused(runtime_and_data, tmp_path, override):
@@ -263,8 +263,8 @@ def test_a_sessions_tensors_have_the_same_shape_whatever_the_device_holds(ml100k
     from flwr.supercore.task_identity import TaskIdentity
 
     cap = 6
-    run_config = {"dataset": str(small_ml100k), "examples-per-user": cap, "batch-size": cap, "history-len": 3,
-                  "max-length": 32, "noise-multiplier": 1.5}
+    run_config = {"dataset": str(small_ml100k), "user-model": "text", "examples-per-user": cap, "batch-size": cap,
+                  "history-len": 3, "max-length": 32, "noise-multiplier": 1.5}
     runtime = ModelRuntime(ml100k, ModelSettings.from_run_config(resolve(run_config)))
     names, arrays = get_state(runtime.model)
     export_user(ml100k, "1", tmp_path / "user1")

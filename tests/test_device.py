@@ -30,7 +30,17 @@ def _train_message(names, arrays) -> Message:
 
 @pytest.fixture(scope="module")
 def global_state(small_ml100k, tmp_path_factory):
+    """The default (sequence) model's first global state."""
     cfg = {"dataset": str(small_ml100k), "output-dir": str(tmp_path_factory.mktemp("r")), "run-name": "s"}
+    fed = Federation(InProcessGrid(1, cfg), cfg)
+    return fed.names, fed.arrays
+
+
+@pytest.fixture(scope="module")
+def text_global_state(small_ml100k, tmp_path_factory):
+    """The text model's first global state."""
+    cfg = {"dataset": str(small_ml100k), "output-dir": str(tmp_path_factory.mktemp("r")), "run-name": "s",
+           "user-model": "text", "history-len": 5}
     fed = Federation(InProcessGrid(1, cfg), cfg)
     return fed.names, fed.arrays
 
@@ -120,16 +130,21 @@ def test_a_device_with_no_events_yet_trains_like_any_other(ml100k, global_state,
     assert "status" not in reply.content.config_records and "arrays" in reply.content.array_records
 
 
-def _device_state(ml100k, global_state, tmp_path, texts=None):
+def _device_state(ml100k, global_state, tmp_path, texts=None, user_model="sequence"):
     """A device state folder as a run leaves it: global state, published catalogue, device file."""
     from client.device_state import save_global_state, write_device_info
     from common.model_state import ModelSettings, state_digest
     from common.run_config import resolve
+    from common.sequence_runtime import sequence_settings
 
     names, arrays = global_state
     data, state = tmp_path / "data", tmp_path / "state"
     export_user(ml100k, "1", data)
-    save_global_state(state, names, arrays, ModelSettings.from_run_config(resolve({})), "r", 1)
+    if user_model == "sequence":
+        settings = sequence_settings(resolve({}))
+    else:
+        settings = ModelSettings.from_run_config(resolve({"user-model": "text", "history-len": 5}))
+    save_global_state(state, names, arrays, settings, "r", 1)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(ml100k.items), 384)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -159,14 +174,19 @@ def test_hostile_catalogue_titles_and_ids_reach_the_terminal_as_plain_text(ml100
     assert bad_text.exit_code == 2 and "not valid UTF-8" in bad_text.output
 
 
-@pytest.mark.parametrize("setting", [{"lora_rank": "8"}, {"lora_rank": 100000}, {"item_bias": 1}, {"rank": 8}])
-def test_stored_model_settings_are_checked_before_a_model_is_built(ml100k, global_state, tmp_path, setting):
+@pytest.mark.parametrize("user_model, setting", [
+    ("text", {"lora_rank": "8"}), ("text", {"lora_rank": 100000}), ("text", {"item_bias": 1}), ("text", {"rank": 8}),
+    ("sequence", {"dim": "8"}), ("sequence", {"dim": 100000}), ("sequence", {"item_bias": 1}),
+    ("sequence", {"heads": 5}), ("sequence", {"lora_rank": 8})])
+def test_stored_model_settings_are_checked_before_a_model_is_built(ml100k, global_state, text_global_state, tmp_path,
+                                                                   user_model, setting):
     from safetensors.numpy import load_file, save_file
 
     from client.device_state import GLOBAL_STATE, load_global_state
     from client.recommend import DeviceRecommender
 
-    state = _device_state(ml100k, global_state, tmp_path)
+    state = _device_state(ml100k, global_state if user_model == "sequence" else text_global_state, tmp_path,
+                          user_model=user_model)
     path = state / GLOBAL_STATE
     from safetensors import safe_open
 

@@ -77,7 +77,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 GROUP_WHY = ("removing one rating removes the example it is the target of (with a most-recent window, one older "
              "example comes in: a removal and an addition, which the 2C accounting of every session covers as one "
-             "example) and rewrites the history text of up to {h} later examples (each a replacement, also one "
+             "example) and changes the history of up to {h} later examples (each a replacement, also one "
              "accounted example at 2C): datasets at most {k} accounted examples apart")
 
 
@@ -210,13 +210,17 @@ class RunAudit:
                               "distinct_mechanisms": [{"noise_multiplier": z, "sample_rate": q, "max_grad_norm": c}
                                                       for z, q, c in mech]},
             })
-            k = interaction_group_size(int(self.cfg["history-len"]), int(self.cfg["examples-per-user"]))
+            # the longest history any counted session used (a ledger kept across runs may hold longer
+            # ones than this run's; sessions that did not record it count at this run's)
+            history = max([int(self.cfg["history-len"])] + [s.history_len for led in self.ledgers
+                                                            for s in led.sessions if s.history_len is not None])
+            k = interaction_group_size(history, int(self.cfg["examples-per-user"]))
             top = max(eps, default=0.0)
             g_eps, g_delta = group_privacy(top, self.cfg["delta"], k)
             units.append({
                 "unit": "interaction", "scope": "per client (one rating)", "exact": False,
                 "bound": "group privacy", "group_size": k,
-                "why": GROUP_WHY.format(h=int(self.cfg["history-len"]), k=k),
+                "why": GROUP_WHY.format(h=history, k=k),
                 "epsilon": g_eps, "delta": g_delta, "from_example_epsilon": top,
                 "meaningful": g_delta < 1.0,
                 "note": ("(k eps, k e^((k-1) eps) delta) from the largest example-level epsilon; "

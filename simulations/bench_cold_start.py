@@ -1,0 +1,75 @@
+"""Cold start under the federated default: the product's federation with ``cold-start-holdout=true``
+(PROTOCOL section 4: the published cold-start items join the catalogue after training, so no
+device holds a rating of them and the sequence model scores them by their text alone), then HR@10
+and NDCG@10 of the cold-start test users (whose test item is a held-out item) and of every test user.
+
+    python -m simulations.bench_cold_start [--seed 0] [--set KEY=VALUE ...]
+
+One run of the product's server (:class:`server.federation.Federation`) and ClientApp functions,
+all 943 users as clients, in one process (:class:`simulations.inprocess_grid.InProcessGrid`). The
+cold-start users are then ranked from their full test-time histories, as the central reference
+does (``simulations/bench_sequence.py``). Result files go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import typer
+
+from common.io import write_json_atomic
+from common.results import result_record
+from common.run_config import parse_overrides
+
+RESULTS = Path(__file__).parent / "results" / "cold-start-federated"
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set", help="run-config KEY=VALUE"),
+         out: Path = typer.Option(RESULTS),
+         work: Path = typer.Option(Path("runs") / "cold-start", help="run folder (not kept)")) -> None:
+    """Train without the held-out items and score the cold-start users."""
+    import server.federation as federation
+    from common.evaluation import evaluate_scores
+    from common.partition import split_for
+    from common.sequence import evaluation_rows, sequence_scores
+    from common.sequence_runtime import SequenceRuntime
+    from common.split import cold_start_items
+    from simulations.baselines import cold_start_users
+    from simulations.inprocess_grid import InProcessGrid
+
+    t0 = time.perf_counter()
+    full = split_for("recbole")
+    held_out = cold_start_items(full.data.num_items)
+    overrides = parse_overrides(set_)
+    cfg = {**overrides, "cold-start-holdout": True, "seed": seed, "output-dir": str(work),
+           "run-name": f"cold-seed{seed}"}
+    shutil.rmtree(work / cfg["run-name"], ignore_errors=True)
+    fed = federation.Federation(InProcessGrid(full.data.num_users, cfg), cfg)
+    fed.run()
+    if not isinstance(fed.runtime, SequenceRuntime):
+        raise typer.BadParameter("this benchmark scores the sequence model (user-model=sequence)")
+    fed.runtime.load_state(fed.names, fed.arrays)
+    cold_users = cold_start_users(full, held_out)
+    rows = evaluation_rows(full, "test", fed.runtime.settings.history_len, cold_users)
+    cold = evaluate_scores(sequence_scores(fed.runtime.model, rows), full, "test", cold_users)
+    warm = json.loads((fed.folder.result).read_text())
+    wall = time.perf_counter() - t0
+    config = {**fed.cfg, "held_out_items": len(held_out), "cold_start_users": len(cold_users),
+              "simulation": "in-process federation (InProcessGrid), cold-start-holdout=true"}
+    write_json_atomic(out / f"federated-default-seed{seed}-test-cold-start.json",
+                      result_record("federated-dp", "test-cold-start", {k: cold[k] for k in ("HR@10", "NDCG@10")},
+                                    len(cold_users), seed, warm["privacy"], wall, config))
+    write_json_atomic(out / f"federated-default-seed{seed}-test.json",
+                      {**warm, "config": config})
+    print(json.dumps({"cold_start_HR@10": cold["HR@10"], "cold_start_NDCG@10": cold["NDCG@10"],
+                      "cold_users": len(cold_users), "all_users_NDCG@10": warm["metrics"]["NDCG@10"],
+                      "seconds": round(wall, 1)}))
+
+
+if __name__ == "__main__":
+    app()
