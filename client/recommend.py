@@ -25,7 +25,7 @@ from common.model_state import set_state, state_digest
 from common.partition import device_dataset
 from common.sequence import SequenceRecommender, SequenceSettings, history_window
 from common.sequence_runtime import checked_item_vectors, set_sequence_state
-from common.split import leave_one_out
+from common.split import Split, leave_one_out
 from common.text import rating_words, user_text
 
 
@@ -78,6 +78,7 @@ class DeviceRecommender:
                                                                      keepdims=True), 1e-12)
         self._unit = unit.astype(np.float32)
         self._data: Dataset | None = None
+        self._split: Split | None = None
         self._data_stamp: tuple[float, float] | None = None
 
     def _history(self) -> tuple[Dataset, np.ndarray]:
@@ -90,8 +91,8 @@ class DeviceRecommender:
                 raise DataFormatError(files[0], f"expected the events of exactly one user, found {data.num_users}")
             if [it.item_id for it in data.items] != self.catalogue.item_ids:
                 raise DataFormatError(files[1], "item ids differ from the catalogue the server published")
-            self._data, self._data_stamp = data, stamp
-        return self._data, leave_one_out(self._data).all_rows(0)
+            self._data, self._split, self._data_stamp = data, leave_one_out(data), stamp
+        return self._data, self._split.all_rows(0)
 
     @torch.no_grad()
     def recommend(self, k: int = 10, text: str | None = None, explain: int = 2) -> list[Recommendation]:
@@ -131,8 +132,7 @@ class DeviceRecommender:
         return user_scores(self.model, feats)[0]
 
     def _sequence_scores(self, data: Dataset, rows: np.ndarray, text: str | None) -> np.ndarray:
-        split = leave_one_out(data)
-        items, codes = history_window(split, rows, self.settings.history_len)
+        items, codes = history_window(self._split, rows, self.settings.history_len)
         scores = self.sequence.score(torch.from_numpy(items[None]), torch.from_numpy(codes[None]))[0].numpy()
         if text and text.strip():
             if self.encoder is None:  # the zero-shot encoder (the item vectors' own), loaded on first use

@@ -28,7 +28,6 @@ from common.sequence import SequenceRecommender, SequenceRows, SequenceSettings,
     user_sequence_rows
 from common.split import Split
 
-USER_MODELS = ("sequence", "text")
 TEXT_DIM = 384  # all-MiniLM-L6-v2's embedding width
 _ITEM_TEXT_CACHE: dict[tuple[str, int], torch.Tensor] = {}
 

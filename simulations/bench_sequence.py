@@ -29,16 +29,14 @@ import numpy as np
 import torch
 import typer
 
-from common.encoder import TextEncoder, load_tokenizer
 from common.evaluation import evaluate_scores
-from common.features import compute_features
 from common.io import write_json_atomic
-from common.model import catalogue_vectors
 from common.movielens import load_recbole
 from common.privacy import interaction_group_size
 from common.results import NO_PRIVACY, result_record
 from common.sequence import (SequenceRecommender, SequenceSettings, evaluation_rows, sequence_scores,
                              training_rows)
+from common.sequence_runtime import item_text_vectors
 from common.sequence_training import SequenceTrainConfig, train_sequence
 from common.split import Split, cold_start_items, leave_one_out, without_items
 from simulations.baselines import cold_start_users
@@ -53,13 +51,6 @@ DP_TRAIN = SequenceTrainConfig(epochs=3.0, batch_size=1024, learning_rate=3e-3, 
                                delta=1e-5, max_grad_norm=1.0)
 
 app = typer.Typer(add_completion=False)
-
-
-def zero_shot_item_text(data) -> torch.Tensor:
-    """The encoder's embedding of every item text with zero-initialised adapters (public)."""
-    encoder = TextEncoder()
-    feats = compute_features(encoder, load_tokenizer(), data.item_texts(), ITEM_MAX_LENGTH)
-    return catalogue_vectors(encoder, feats)
 
 
 def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train_cfg: SequenceTrainConfig,
@@ -210,7 +201,7 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_recbole()
-    item_text = zero_shot_item_text(data)
+    item_text = item_text_vectors(data, ITEM_MAX_LENGTH)
     seed_list = [int(s) for s in seeds.split(",")] if method != "text-heuristic" else [0]
     for seed in seed_list:
         records = {r["split"]: r for r in run_method(method, seed, data, item_text, out, max_epochs, set_,

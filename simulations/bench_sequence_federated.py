@@ -33,17 +33,17 @@ import typer
 from common.evaluation import evaluate_scores
 from common.io import write_json_atomic
 from common.ledger import Session, composed_epsilon
-from common.model_state import ITEM_BIAS_KEY
 from common.movielens import load_recbole
 from common.privacy import PublicSchedule, interaction_group_size, noise_for_epsilon
 from common.results import result_record
-from common.sequence import (SequenceRecommender, SequenceRows, SequenceSettings, concat_rows, evaluation_rows,
+from common.sequence import (SequenceRecommender, SequenceRows, SequenceSettings, evaluation_rows,
                              sequence_scores, user_sequence_rows)
+from common.sequence_runtime import exchanged_parameters, item_text_vectors, padded_sequence_rows
 from common.sequence_training import SequenceTrainConfig, train_sequence
 from common.split import leave_one_out
 from server.aggregation import make_server_step, server_step
 from server.aggregators import aggregate
-from simulations.bench_sequence import with_overrides, zero_shot_item_text
+from simulations.bench_sequence import ITEM_MAX_LENGTH, with_overrides
 
 RESULTS = Path(__file__).parent / "results" / "sequence-federated"
 SETTINGS = SequenceSettings(history_len=50, dim=32, layers=1, heads=2, id_terms=False, item_bias=True,
@@ -56,20 +56,9 @@ MODEL_FIELDS = set(asdict(SETTINGS))
 app = typer.Typer(add_completion=False)
 
 
-def exchanged(model: SequenceRecommender) -> tuple[list[str], list[torch.Tensor]]:
-    """The trainable tensors in a fixed (sorted) order; the item bias is named as the server expects."""
-    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    return [ITEM_BIAS_KEY if n == "item_bias.bias" else n for n, _ in named], [p for _, p in named]
-
-
 def padded_session_rows(split, user: int, cap: int, history_len: int) -> tuple[SequenceRows, np.ndarray]:
-    """The user's ``cap`` most recent rows and weight-0 padding rows up to ``cap``."""
-    rows = user_sequence_rows(split, user, history_len, cap)
-    pad = cap - len(rows)
-    padding = SequenceRows(np.full((pad, history_len), split.data.num_items, dtype=np.int64),
-                           np.zeros((pad, history_len), dtype=np.int64), np.zeros(pad, dtype=np.int64),
-                           np.full(pad, user, dtype=np.int64))
-    return concat_rows([rows, padding], history_len), np.concatenate([np.ones(len(rows)), np.zeros(pad)])
+    """The user's ``cap`` most recent rows and weight-0 padding rows up to ``cap`` (the product's rule)."""
+    return padded_sequence_rows(user_sequence_rows(split, user, history_len, cap), cap, split.data.num_items)
 
 
 @app.command()
@@ -99,13 +88,13 @@ def main(seed: int = typer.Option(0, help="client order and model initialisation
     private = session_cfg.noise_multiplier > 0
     data = load_recbole()
     split = leave_one_out(data)
-    item_text = zero_shot_item_text(data)
+    item_text = item_text_vectors(data, ITEM_MAX_LENGTH)
     torch.manual_seed(seed)
     model = SequenceRecommender(item_text, settings)
     # Every catalogue item is "known": which items anyone rated is private (the union of the
     # clients' data), so no rule may depend on it.
     torch.nn.init.zeros_(model.text_out.weight)  # the first model is the text prior alone
-    names, params = exchanged(model)
+    names, params = exchanged_parameters(model)
     step = make_server_step(strategy, server_learning_rate)
     cfg = {"aggregator": aggregator, "trim-fraction": 0.1, "byzantine-clients": 1}
     users = split.eval_users()
