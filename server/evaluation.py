@@ -12,10 +12,12 @@ from logging import WARNING
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 from flwr.app import Message
 from flwr.common.logger import log
 
 from common.evaluation import eval_texts, evaluate_scores, user_scores
+from common.reference_scores import reference_metrics
 from common.runtimes import Runtime
 from common.sequence import evaluation_rows, sequence_scores
 from common.sequence_runtime import SequenceRuntime
@@ -39,6 +41,14 @@ class ServerEvaluator:
     def evaluate(self, names: list[str], arrays: list[np.ndarray]) -> dict[str, dict[str, float]]:
         """Metrics per split for the given global state."""
         return {w: evaluate_scores(self.scores(names, arrays, w), self.split, w, self.users) for w in self._features}
+
+    def references(self) -> dict[str, float]:
+        """Test NDCG@10 and HR@10 of the training-free references for the same users, keyed ``ref_*``:
+        popularity, and for the sequence model (whose runtime holds the zero-shot item text vectors) the
+        text heuristic and zero-shot text. The text model's runs get popularity only: encoding the
+        catalogue once more would cost seconds per run."""
+        vectors = torch.from_numpy(self.runtime.item_vectors) if isinstance(self.runtime, SequenceRuntime) else None
+        return reference_metrics(self.split, vectors, self.users)
 
     def scores(self, names: list[str], arrays: list[np.ndarray], which: str) -> np.ndarray:
         """[users x items] scores of the given global state for the ``which`` split's inputs."""

@@ -135,7 +135,8 @@ class Federation:
             "local DP %s, central DP %s", self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"],
             cfg["aggregator"], cfg["strategy"], self.max_update_norm, cfg["local-dp"], cfg["central-dp"])
         if self.start_round == 1:
-            self._record(0, {"clients_sampled": 0}, self._evaluate(0)[0])
+            references = self.evaluator.references()
+            self._record(0, {"clients_sampled": 0}, {**self._evaluate(0)[0], **references})
         for rnd in range(self.start_round, cfg["num-server-rounds"] + 1):
             t0 = time.perf_counter()
             row, record = self._train_round(rnd)

@@ -20,27 +20,39 @@ def _pyplot():
     return plt
 
 
-def series_figure(rows: list[dict], series, ylabel: str, title: str, empty_note: str = ""):
-    """One line per (key, label) of ``series`` over the rows that hold it, against ``round``."""
+# Training-free references of the same split (test NDCG@10), recorded in round 0's row by the server.
+REFERENCES = (("ref_popularity_NDCG@10", "popularity (exact counts)", "#888888"),
+              ("ref_heuristic_NDCG@10", "training-free text heuristic", "#b3261e"),
+              ("ref_zeroshot_text_NDCG@10", "zero-shot text (no popularity)", "#7a7a00"))
+
+
+def series_figure(rows: list[dict], series, ylabel: str, title: str, empty_note: str = "",
+                  references=()):
+    """One line per (key, label) of ``series`` over the rows that hold it, against ``round``; a dashed
+    horizontal line per (key, label, colour) of ``references`` that some row holds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in series:
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
+    for key, label, colour in references:
+        value = next((r[key] for r in rows if r.get(key) is not None), None)
+        if value is not None:
+            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=f"{label}, test NDCG@10 {value:.4f}")
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize=7)
     elif empty_note:
         ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)
     return fig
 
 
 def quality_figure(rows: list[dict]):
-    return series_figure(rows, QUALITY, "metric", "Quality of the global model")
+    return series_figure(rows, QUALITY, "metric", "Quality of the global model", references=REFERENCES)
 
 
 def privacy_figure(rows: list[dict]):

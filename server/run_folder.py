@@ -4,7 +4,7 @@ the benchmarks read back.
 | file | written by | content |
 |---|---|---|
 | ``config.json`` | start of the run | the resolved run config, run id and library versions |
-| ``metrics.jsonl`` | every round | counts, epsilons, bytes; evaluation metrics when evaluated |
+| ``metrics.jsonl`` | every round | counts, epsilons, bytes; evaluation metrics when evaluated; round 0: the training-free references (``ref_*``) |
 | ``rounds.jsonl`` | every round | who was sampled, trained, refused, rejected (with reasons) or failed |
 | ``wire.jsonl`` | every round, with ``wire-log`` | the structure and non-tensor values of each reply |
 | ``central-dp.json`` | before each central-DP release is used | the user-level accountant |

@@ -21,6 +21,7 @@ from common.features import FeatureSet, compute_features
 from common.io import write_json_atomic
 from common.model import Recommender, refresh_items
 from common.privacy import interaction_group_size, selection_rule, session_sensitivity
+from common.reference_scores import popularity_scores
 from common.results import NO_PRIVACY, result_record
 from common.split import Split, cold_start_items, leave_one_out, without_items
 from common.training import TrainConfig, train
@@ -83,17 +84,13 @@ class FeatureCache:
         return self._store[key]
 
 
-def cold_start_users(split: Split, held_out: np.ndarray) -> np.ndarray:
-    """The evaluation users whose test item is one of the held-out (cold-start) items."""
+def cold_start_users(split: Split, held_out: np.ndarray, which: str = "test") -> np.ndarray:
+    """The evaluation users whose ``which`` (test or validation) item is one of the held-out items."""
     held = np.zeros(split.data.num_items, dtype=bool)
     held[held_out] = True
     users = split.eval_users()
-    return users[held[split.data.item[split.test[users]]]]
-
-
-def popularity_scores(split: Split, users: np.ndarray) -> np.ndarray:
-    counts = split.train_item_counts().astype(np.float64)
-    return np.broadcast_to(counts, (len(users), counts.size))
+    targets = np.array([split.target_row(int(u), which) for u in users], dtype=np.int64)
+    return users[held[split.data.item[targets]]]
 
 
 class BaselineRunner:

@@ -30,6 +30,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set", help="run-config KEY=VALUE"),
+         name: str = typer.Option("federated-default", help="result file prefix (name the --set overrides)"),
          out: Path = typer.Option(RESULTS),
          work: Path = typer.Option(Path("runs") / "cold-start", help="run folder (not kept)")) -> None:
     """Train without the held-out items and score the cold-start users."""
@@ -58,17 +59,26 @@ def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set"
     rows = evaluation_rows(full, "test", fed.runtime.settings.history_len, cold_users)
     cold = evaluate_scores(sequence_scores(fed.runtime.model, rows), full, "test", cold_users)
     warm = json.loads((fed.folder.result).read_text())
+    # For choosing settings: the same two figures on the validation split (the users whose validation item
+    # is held out, and every user's validation NDCG@10 from the run's last evaluation).
+    cold_val_users = cold_start_users(full, held_out, "validation")
+    val_rows = evaluation_rows(full, "validation", fed.runtime.settings.history_len, cold_val_users)
+    cold_val = evaluate_scores(sequence_scores(fed.runtime.model, val_rows), full, "validation", cold_val_users)
+    last = [r for r in fed.folder.read_metrics() if "val_NDCG@10" in r][-1]
+    validation = {"cold_start_users": len(cold_val_users), "cold_start_HR@10": cold_val["HR@10"],
+                  "cold_start_NDCG@10": cold_val["NDCG@10"], "all_users_NDCG@10": last["val_NDCG@10"]}
     wall = time.perf_counter() - t0
     config = {**fed.cfg, "held_out_items": len(held_out), "cold_start_users": len(cold_users),
-              "simulation": "in-process federation (InProcessGrid), cold-start-holdout=true"}
-    write_json_atomic(out / f"federated-default-seed{seed}-test-cold-start.json",
+              "simulation": "in-process federation (InProcessGrid), cold-start-holdout=true",
+              "validation": validation}
+    write_json_atomic(out / f"{name}-seed{seed}-test-cold-start.json",
                       result_record("federated-dp", "test-cold-start", {k: cold[k] for k in ("HR@10", "NDCG@10")},
                                     len(cold_users), seed, warm["privacy"], wall, config))
-    write_json_atomic(out / f"federated-default-seed{seed}-test.json",
+    write_json_atomic(out / f"{name}-seed{seed}-test.json",
                       {**warm, "config": config})
     print(json.dumps({"cold_start_HR@10": cold["HR@10"], "cold_start_NDCG@10": cold["NDCG@10"],
                       "cold_users": len(cold_users), "all_users_NDCG@10": warm["metrics"]["NDCG@10"],
-                      "seconds": round(wall, 1)}))
+                      "validation": validation, "seconds": round(wall, 1)}))
 
 
 if __name__ == "__main__":

@@ -75,15 +75,17 @@ def _record(timings: dict[str, list[float]], epsilon: float | None, out: Path | 
     return record
 
 
-def measure_sequence(examples: int = 4096, batch_size: int = 50, epochs: float = 1.0, repeats: int = 2,
+def measure_sequence(examples: int = 4096, batch_size: int = 0, epochs: float = 1.0, repeats: int = 2,
                      out: Path | None = None) -> dict:
-    """The same comparison for the sequence model at the run defaults (SGD, as a device session)."""
+    """The same comparison for the sequence model at the run defaults (SGD, as a device session); batch
+    size 0: the published session batch (``batch-size``)."""
     from common.run_config import resolve
     from common.sequence import SequenceRecommender, training_rows
     from common.sequence_runtime import item_text_vectors, sequence_settings
     from common.sequence_training import SequenceTrainConfig, train_sequence
 
     cfg = resolve({})
+    batch_size = batch_size or cfg["batch-size"]
     settings = sequence_settings(cfg)
     data = load_recbole()
     split = leave_one_out(data)
@@ -113,9 +115,9 @@ def measure_sequence(examples: int = 4096, batch_size: int = 50, epochs: float =
 def main(examples: int = 4096, batch_size: int = 0, epochs: float = 1.0, id_residual: bool = False,
          repeats: int = 2, user_model: str = "sequence", out: Path = Path("results/bench/throughput.json")) -> None:
     """Print non-DP and DP examples/second and the DP/non-DP time ratio (target <= 1.15); batch size 0:
-    the model's usual one (50, a device session, for the sequence model; 64 for the text model)."""
+    the model's usual one (the published session batch for the sequence model; 64 for the text model)."""
     if user_model == "sequence":
-        rec = measure_sequence(examples, batch_size or 50, epochs, repeats, out)
+        rec = measure_sequence(examples, batch_size, epochs, repeats, out)
     elif user_model == "text":
         rec = measure(examples, batch_size or 64, epochs, id_residual, repeats, out)
     else:

@@ -42,6 +42,9 @@ def test_round_loop_trains_and_writes_artefacts(completed_run):
     grid, fed, start, run_dir = completed_run
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
+    # round 0 records the training-free references (their values: tests/test_sequence_federated.py)
+    assert sorted(k for k in rows[0] if k.startswith("ref_")) == sorted(
+        f"ref_{name}_{m}" for name in ("popularity", "heuristic", "zeroshot_text") for m in ("HR@10", "NDCG@10"))
     assert all(r["clients_accepted"] == 3 and r["clients_rejected"] == 0 for r in rows[1:])
     assert all(0 < r["epsilon_max"] <= 8.0 for r in rows[1:])
     assert not all(np.array_equal(a, b) for a, b in zip(start, fed.arrays)), "global state did not change"
@@ -111,7 +114,10 @@ def test_bad_replies_are_rejected_and_the_round_completes(small_run_config):
     grid = InProcessGrid(6, cfg, tamper=_tamper, drop={106})
     fed = Federation(grid, cfg)
     fed.run()
-    row = _rows(fed.folder.root)[1]
+    rows = _rows(fed.folder.root)
+    # the text model's runs record the popularity reference only (see ServerEvaluator.references)
+    assert sorted(k for k in rows[0] if k.startswith("ref_")) == ["ref_popularity_HR@10", "ref_popularity_NDCG@10"]
+    row = rows[1]
     assert row["clients_sampled"] == 6
     assert row["clients_rejected"] == 3 and row["clients_accepted"] == 2
     assert row["clients_replied"] == 5  # node 106 never answered

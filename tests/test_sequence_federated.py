@@ -17,10 +17,11 @@ from client import session as session_mod
 from client.export import export_user
 from common.device_policy import DevicePolicy
 from common.ledger import PrivacyLedger, ledger_paths
+from common.evaluation import evaluate_scores
 from common.partition import split_for
 from common.run_config import resolve
 from common.runtimes import make_runtime
-from common.sequence import SequenceRecommender
+from common.sequence import SequenceRecommender, evaluation_rows
 from common.sequence_runtime import SequenceRuntime, client_sequences, padded_sequence_rows, set_sequence_state
 from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid
@@ -77,17 +78,15 @@ def test_a_session_spends_before_it_trains_and_replies_only_the_exchanged_tensor
     assert result.metrics["epsilon"] == pytest.approx(ledger.epsilon)
 
 
-def test_a_sessions_model_inputs_have_the_same_shape_whatever_the_device_holds(tiny_runtime, tmp_path, monkeypatch):
-    """0 rows, fewer than the cap, and more: the model sees the same batches of the same shape, and the
-    same number of steps is taken (what the server can time does not depend on the data)."""
-    runtime, split, cfg = tiny_runtime
-    cfg = dict(cfg, **{"client-epsilon-budget": 1000.0})
+def _forward_calls_per_device(runtime, split, cfg, tmp_path, monkeypatch, record) -> dict[str, list]:
+    """Run one session each for devices holding none, two and all of user 0's rows (same start state);
+    ``record(items, ratings, id_mask)`` is called at every forward pass; its values per device."""
     names, start = runtime.state()
     calls: list = []
     real = SequenceRecommender.forward
 
     def spy(self, items, ratings, id_mask=None):
-        calls.append((tuple(items.shape), tuple(ratings.shape)))
+        calls.append(record(items, ratings, id_mask))
         return real(self, items, ratings, id_mask)
 
     monkeypatch.setattr(SequenceRecommender, "forward", spy)
@@ -101,11 +100,37 @@ def test_a_sessions_model_inputs_have_the_same_shape_whatever_the_device_holds(t
         runtime.load_state(names, start)
         calls.clear()
         # the schedule draws Poisson batches from the OS; under a rate of 1 every batch holds every row
-        result = session_mod.run_session(runtime, data, dict(cfg, **{"batch-size": 4}), tmp_path / name, "u", "r", 1,
+        result = session_mod.run_session(runtime, data, cfg, tmp_path / name, "u", "r", 1,
                                          policy=DevicePolicy(epsilon_budget=1000.0))
         assert not result.refused
         seen[name] = list(calls)
+    return seen
+
+
+def test_a_sessions_model_inputs_have_the_same_shape_whatever_the_device_holds(tiny_runtime, tmp_path, monkeypatch):
+    """0 rows, fewer than the cap, and more: the model sees the same batches of the same shape, and the
+    same number of steps is taken (what the server can time does not depend on the data)."""
+    runtime, split, cfg = tiny_runtime
+    cfg = dict(cfg, **{"client-epsilon-budget": 1000.0, "batch-size": 4})
+    seen = _forward_calls_per_device(runtime, split, cfg, tmp_path, monkeypatch,
+                                     lambda items, ratings, _: (tuple(items.shape), tuple(ratings.shape)))
     assert seen["none"] == seen["two"] == seen["all"] == [((4, 3), (4, 3))]
+
+
+def test_id_dropout_masks_do_not_depend_on_what_the_device_holds(tiny_grouplens, tmp_path, monkeypatch):
+    """With sequence-id-dropout the rows' item-bias masks are drawn from the run's seed and the public
+    batch shape alone: devices holding 0, 2 and all of their rows draw the same masks."""
+    cfg = resolve({"dataset": str(tiny_grouplens), **TINY, "sequence-id-dropout": 0.5, "batch-size": 4,
+                   "client-epsilon-budget": 1000.0})
+    split = split_for(cfg["dataset"])
+    runtime = make_runtime(split.data, cfg)
+    assert runtime.model.settings.id_dropout == 0.5
+    seen = _forward_calls_per_device(runtime, split, cfg, tmp_path, monkeypatch,
+                                     lambda items, ratings, id_mask: id_mask.clone())
+    assert len(seen["none"]) == 1 and seen["none"][0].shape == (4, split.data.num_items)
+    assert 0 < float(seen["none"][0].mean()) < 1  # some items dropped, some kept
+    assert all(torch.equal(a, b) for a, b in zip(seen["none"], seen["two"]))
+    assert all(torch.equal(a, b) for a, b in zip(seen["none"], seen["all"]))
 
 
 def test_padding_rows_are_public_and_weightless(tiny_runtime):
@@ -166,6 +191,24 @@ def test_a_federated_run_of_the_sequence_model_trains_evaluates_and_accounts(tin
         if "arrays" in reply.content.array_records:
             assert list(reply.content["arrays"].keys()) == fed.names
     assert rows[-1]["federated_clients"] == 2  # the evaluation releases arrived and were counted
+    # Round 0 records the training-free references the quality plot draws, computed on the same users.
+    users = fed.evaluator.users
+    split = fed.evaluator.split
+    assert rows[0]["ref_popularity_NDCG@10"] == pytest.approx(
+        evaluate_scores(np.tile(split.train_item_counts().astype(float), (len(users), 1)), split, "test",
+                        users)["NDCG@10"])
+    text = fed.runtime.item_vectors.astype(np.float64)
+    rows50 = evaluation_rows(split, "test", 50, users)
+    user = np.zeros((len(users), text.shape[1]))
+    for k in range(len(users)):  # the heuristic's user, written out one history item at a time
+        for age, (item, code) in enumerate(zip(rows50.items[k][::-1], rows50.ratings[k][::-1])):
+            if item < split.data.num_items:
+                user[k] += ((code if code > 0 else 2.5) - 2.5) * 0.8 ** age * text[item]
+    user /= np.maximum(np.linalg.norm(user, axis=1, keepdims=True), 1e-12)
+    for key, weight in (("ref_heuristic_NDCG@10", 0.2), ("ref_zeroshot_text_NDCG@10", 0.0)):
+        scores = user @ text.T + weight * np.log1p(split.train_item_counts())[None, :]
+        assert rows[0][key] == pytest.approx(evaluate_scores(scores, split, "test", users)["NDCG@10"], abs=1e-9)
+    assert all(not any(k.startswith("ref_") for k in r) for r in rows[1:])
 
 
 def _device_message(names, arrays, catalogue: tuple[bytes, str] | None = None) -> Message:

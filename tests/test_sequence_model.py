@@ -51,7 +51,8 @@ def _dataset(sequences: list[list[int]]) -> Dataset:
                    item=np.array(item), rating=np.full(n, 4.0), timestamp=np.array(ts))
 
 
-def test_per_sample_gradients_equal_each_examples_own_gradient():
+@pytest.mark.parametrize("id_dropout", [False, True])
+def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout):
     from opacus.grad_sample.utils import wrap_model
 
     known = torch.ones(NUM_ITEMS, dtype=torch.bool)
@@ -60,15 +61,20 @@ def test_per_sample_gradients_equal_each_examples_own_gradient():
     rows = _rows(7)
     rows.targets[:] = np.arange(7)  # known targets
     items, ratings, targets = (torch.from_numpy(a) for a in (rows.items, rows.ratings, rows.targets))
+    # ID dropout: each row drops its own items' ID terms; its gradients must still be that row's own
+    mask = torch.from_numpy((np.random.default_rng(1).random((7, NUM_ITEMS)) >= 0.5).astype(np.float32)) \
+        if id_dropout else None
     expected = []
     for k in range(len(rows)):  # each example alone
         model.zero_grad()
-        torch.nn.functional.cross_entropy(model(items[k:k + 1], ratings[k:k + 1]), targets[k:k + 1]).backward()
+        row_mask = None if mask is None else mask[k:k + 1]
+        torch.nn.functional.cross_entropy(model(items[k:k + 1], ratings[k:k + 1], row_mask),
+                                          targets[k:k + 1]).backward()
         expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
     model.zero_grad()
     gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
     try:
-        torch.nn.functional.cross_entropy(gsm(items, ratings), targets).backward()
+        torch.nn.functional.cross_entropy(gsm(items, ratings, mask), targets).backward()
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert {"text_bias.weight", "item_bias.bias", "id_in.weight", "id_out.weight", "text_in.weight",
                 "blocks.1.attention.query.weight", "blocks.0.norm1.weight", "rating.weight",

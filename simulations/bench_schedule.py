@@ -1,0 +1,73 @@
+"""Schedule probes of the federated default: does another schedule at the same privacy (or without
+privacy) lift its quality?
+
+    python -m simulations.bench_schedule NAME [--seed 0] [--out DIR]
+
+Each probe is one run of the product's server and ClientApp functions for all 943 users in one
+process (:func:`simulations.bench_privacy_utility.run_point`), the published defaults plus the
+probe's overrides (:data:`PROBES`). A probe with ``epsilon`` solves the noise so that a device's
+whole schedule costs that epsilon (its budget allows exactly that); ``no-dp`` probes turn local DP
+off on devices whose policy allows it (no guarantee: they show the schedule's ceiling). Printed and
+written to ``--out/NAME-seedS.json``: the validation NDCG@10 at each evaluation, the test figures
+of the last round (read after any choice) and the epsilon the ledgers hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from common.io import write_json_atomic
+from common.run_config import resolve
+
+OUT = Path(__file__).parent / "results" / "federated-sequence" / "schedule"
+NO_DP = ({"local-dp": False}, {"privacy-local-dp": False})
+
+# name -> (run-config overrides, node config, example-level epsilon the schedule is solved for or None)
+PROBES: dict[str, tuple[dict, dict, float | None]] = {
+    "default": ({}, {}, None),  # the published schedule again: how far two runs of one seed differ
+    "clients-10": ({"clients-per-round": 10, "num-server-rounds": 96, "eval-every": 24}, {}, None),
+    "clients-5": ({"clients-per-round": 5, "num-server-rounds": 192, "eval-every": 48}, {}, None),
+    "local-steps-4": ({"local-epochs": 4.0}, {}, 7.97),
+    "no-dp-sessions-4": ({"num-server-rounds": 192, "eval-every": 48, **NO_DP[0]}, NO_DP[1], None),
+    "no-dp-local-steps-4": ({"local-epochs": 4.0, **NO_DP[0]}, NO_DP[1], None),
+}
+
+
+def probe_config(name: str) -> tuple[dict, dict]:
+    """(run-config overrides, node config) of probe ``name``, the noise solved where it asks."""
+    if name not in PROBES:
+        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted(PROBES)}")
+    overrides, node_config, epsilon = PROBES[name]
+    overrides = dict(overrides)
+    if epsilon is not None:
+        from simulations.bench_privacy_utility import noise_for
+
+        overrides["noise-multiplier"] = noise_for(epsilon, resolve(overrides))
+        overrides["client-epsilon-budget"] = epsilon
+    return overrides, node_config
+
+
+def main(name: str = typer.Argument(..., help=f"one of {', '.join(PROBES)}"), seed: int = typer.Option(0),
+         out: Path = typer.Option(OUT), work: Path = typer.Option(Path("runs") / "schedule",
+                                                                  help="run folders (not kept)")) -> None:
+    """Run one probe and write its record."""
+    from simulations.bench_privacy_utility import run_point
+
+    overrides, node_config = probe_config(name)
+    t0 = time.perf_counter()
+    result = run_point(name, overrides, node_config, seed, work)
+    rows = [json.loads(line) for line in (work / f"{name}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+    record = {"probe": name, "seed": seed, "overrides": overrides, "node_config": node_config,
+              "validation_NDCG@10": [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r],
+              "test": result["metrics"], "epsilon": result["privacy"].get("epsilon"),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(out / f"{name}-seed{seed}.json", record)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    typer.run(main)
