@@ -63,9 +63,10 @@ FIELDS: dict[str, Field] = {
          "mean of the history's item text vectors with each item's)"), low=0, high=1000.0),
     "sequence-id-dropout": Field(
         0.0, "model",
-        ("sequence model: share of the catalogue whose trained item bias each training row leaves out (drawn "
-         "per row from the run's seed, independent of any data), so that the bias predicted from the text "
-         "learns what new items need"), low=0, high=0.9),
+        ("sequence model: share of the catalogue whose trained item bias each training row leaves out, so that "
+         "the bias predicted from the text learns what new items need (under local DP drawn per row from the "
+         "device's secure random stream, secret and independent of the data; without DP from the run's seed)"),
+        low=0, high=0.9),
     "lora-rank": Field(8, "model", "text model: LoRA rank", low=1, high=384),
     "lora-alpha": Field(16, "model", "LoRA alpha", low=1, high=10000.0),
     "item-bias": Field(True, "model", "train and exchange a per-item bias (new items fall back to text only)"),

@@ -18,6 +18,7 @@ from torch import nn
 
 from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
+from common.secure_random import SecureStream
 from common.sequence import SequenceRecommender, SequenceRows
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -100,6 +101,11 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     dropout = model.settings.id_dropout if (model.id_out is not None or model.item_bias is not None) else 0.0
+    # Under DP the ID-dropout masks are secret and independent per row (a secure stream from the OS): a
+    # removal that shifts the other rows' positions then changes no remaining example's mask distribution,
+    # so the accounted sensitivity holds. Masks tied to row positions and known to the server (a seeded
+    # generator) would let every shifted row count differently and break it.
+    mask_stream = SecureStream() if (cfg.dp and dropout > 0) else None
     model.train()
     start = time.perf_counter()
     try:
@@ -115,7 +121,10 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                 else:
                     id_mask = None
-                    if dropout > 0:  # which items' ID terms this row drops (not a privacy mechanism)
+                    if mask_stream is not None:  # which items' ID terms each row drops
+                        keep = mask_stream.bernoulli(1.0 - dropout, len(idx) * model.num_items)
+                        id_mask = torch.from_numpy(keep.reshape(len(idx), model.num_items).astype(np.float32))
+                    elif dropout > 0:
                         id_mask = (torch.rand(len(idx), model.num_items, generator=generator) >= dropout).float()
                     logits = module(items[idx], ratings[idx], id_mask)
                     per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")

@@ -45,7 +45,7 @@ class ServerEvaluator:
     def references(self) -> dict[str, float]:
         """Test NDCG@10 and HR@10 of the training-free references for the same users, keyed ``ref_*``:
         popularity, and for the sequence model (whose runtime holds the zero-shot item text vectors) the
-        text heuristic and zero-shot text. The text model's runs get popularity only: encoding the
+        text heuristic and the text prior alone. The text model's runs get popularity only: encoding the
         catalogue once more would cost seconds per run."""
         vectors = torch.from_numpy(self.runtime.item_vectors) if isinstance(self.runtime, SequenceRuntime) else None
         return reference_metrics(self.split, vectors, self.users)

@@ -135,7 +135,12 @@ class Federation:
             "local DP %s, central DP %s", self.run_id, len(self.nodes), self.start_round, cfg["num-server-rounds"],
             cfg["aggregator"], cfg["strategy"], self.max_update_norm, cfg["local-dp"], cfg["central-dp"])
         if self.start_round == 1:
-            references = self.evaluator.references()
+            try:
+                references = self.evaluator.references()
+            except Exception as exc:  # noqa: BLE001 - reference lines are optional; training must not depend on them
+                log(WARNING, "the training-free references could not be computed (%s: %s); the quality plot "
+                    "will have no reference lines", type(exc).__name__, exc)
+                references = {}
             self._record(0, {"clients_sampled": 0}, {**self._evaluate(0)[0], **references})
         for rnd in range(self.start_round, cfg["num-server-rounds"] + 1):
             t0 = time.perf_counter()

@@ -22,8 +22,8 @@ def _pyplot():
 
 # Training-free references of the same split (test NDCG@10), recorded in round 0's row by the server.
 REFERENCES = (("ref_popularity_NDCG@10", "popularity (exact counts)", "#888888"),
-              ("ref_heuristic_NDCG@10", "training-free text heuristic", "#b3261e"),
-              ("ref_zeroshot_text_NDCG@10", "zero-shot text (no popularity)", "#7a7a00"))
+              ("ref_heuristic_NDCG@10", "training-free text heuristic (uses exact popularity)", "#b3261e"),
+              ("ref_text_prior_NDCG@10", "text prior alone (the heuristic without popularity)", "#2e8b57"))
 
 
 def series_figure(rows: list[dict], series, ylabel: str, title: str, empty_note: str = "",

@@ -41,3 +41,23 @@ def test_bad_data_path_gives_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["baseline", "popularity", "--data", str(tmp_path), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "u.item" in result.output and "file not found" in result.output
+
+
+def test_a_schedule_probe_at_a_target_epsilon_solves_its_noise_for_the_whole_schedule():
+    import pytest
+    import typer
+
+    from common.privacy import client_schedule, epsilon_of_history
+    from common.run_config import resolve
+    from simulations.bench_schedule import probe_config
+
+    overrides, node_config = probe_config("local-steps-4")
+    cfg = resolve(overrides)
+    schedule = client_schedule(cfg)
+    assert schedule.steps == 4 and node_config == {}
+    # the noise is per unit of the session's 2C sensitivity; four steps at it cost at most 7.97
+    eps = epsilon_of_history([(cfg["noise-multiplier"] / 2.0, schedule.sample_rate, schedule.steps)], cfg["delta"])
+    assert 7.9 < eps <= 7.97 and cfg["client-epsilon-budget"] == 7.97
+    assert probe_config("no-dp-sessions-4")[1] == {"privacy-local-dp": False}
+    with pytest.raises(typer.BadParameter, match="probe 'nope'"):
+        probe_config("nope")

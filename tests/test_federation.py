@@ -44,7 +44,7 @@ def test_round_loop_trains_and_writes_artefacts(completed_run):
     assert [r["round"] for r in rows] == [0, 1, 2]
     # round 0 records the training-free references (their values: tests/test_sequence_federated.py)
     assert sorted(k for k in rows[0] if k.startswith("ref_")) == sorted(
-        f"ref_{name}_{m}" for name in ("popularity", "heuristic", "zeroshot_text") for m in ("HR@10", "NDCG@10"))
+        f"ref_{name}_{m}" for name in ("popularity", "heuristic", "text_prior") for m in ("HR@10", "NDCG@10"))
     assert all(r["clients_accepted"] == 3 and r["clients_rejected"] == 0 for r in rows[1:])
     assert all(0 < r["epsilon_max"] <= 8.0 for r in rows[1:])
     assert not all(np.array_equal(a, b) for a, b in zip(start, fed.arrays)), "global state did not change"

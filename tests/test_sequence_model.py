@@ -79,6 +79,11 @@ def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout):
         assert {"text_bias.weight", "item_bias.bias", "id_in.weight", "id_out.weight", "text_in.weight",
                 "blocks.1.attention.query.weight", "blocks.0.norm1.weight", "rating.weight",
                 "query.weight"} <= set(names)
+        if mask is not None:  # a dropped, known item's bias gets no gradient from that row
+            dropped = (mask == 0) & known[None, :]
+            assert bool(dropped.any())
+            assert torch.all(model.item_bias.bias.grad_sample[dropped] == 0)
+            assert not torch.all(model.item_bias.bias.grad_sample[~dropped & known[None, :]] == 0)
         for name, p in model.named_parameters():
             assert p.grad_sample.shape == (len(rows), *p.shape), name
             for k in range(len(rows)):
