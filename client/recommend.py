@@ -30,6 +30,9 @@ from common.text import rating_words, user_text
 
 
 ITEM_TEXT_TOKENS = 32  # free text for the sequence model is read like an item text
+# The weight of the free-text cosine when the model's own text prior is off (weight 0): free text the
+# user typed should still count, at the scale of one cosine.
+FREE_TEXT_WEIGHT_WITHOUT_PRIOR = 1.0
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DeviceRecommender:
         if self.catalogue.state_digest != state_digest(arrays):
             raise DataFormatError(self.state_dir / "catalogue.safetensors",
                                   "the catalogue belongs to another global state than global-state.safetensors")
-        self.tokenizer = load_tokenizer()
+        self._tokenizer = None  # loaded on first use (the sequence model needs it only for free text)
         self.sequence: SequenceRecommender | None = None
         self.encoder: TextEncoder | None = None
         if isinstance(self.settings, SequenceSettings):
@@ -124,6 +127,13 @@ class DeviceRecommender:
                                       float(scores[j]), because))
         return out
 
+    @property
+    def tokenizer(self):
+        """The encoder's tokenizer, loaded once on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
     def _text_scores(self, data: Dataset, rows: np.ndarray, text: str | None) -> np.ndarray:
         query = user_text(data, rows, self.settings.history_len)
         if text and text.strip():
@@ -139,6 +149,6 @@ class DeviceRecommender:
                 self.encoder = TextEncoder()
             feats = compute_features(self.encoder, self.tokenizer, [text.strip()], ITEM_TEXT_TOKENS)
             query = self.encoder.forward_features(feats.features, feats.mask)[0].numpy()
-            weight = self.settings.prior_weight or 1.0
+            weight = self.settings.prior_weight or FREE_TEXT_WEIGHT_WITHOUT_PRIOR
             scores = scores + weight * (self._unit @ (query / max(float(np.linalg.norm(query)), 1e-12)))
         return scores

@@ -177,8 +177,7 @@ class SequenceRuntime:
 
     def use_item_embeddings(self, embeddings: np.ndarray, digest: str | None = None) -> None:
         """Score with published item text vectors (finite unit vectors of the expected shape)."""
-        checked = checked_item_vectors(embeddings, self.model.num_items)
-        vectors = checked
+        vectors = checked_item_vectors(embeddings, self.model.num_items)
         with torch.no_grad():
             self.model.item_text[: self.model.num_items] = vectors
             if self.model.text_bias is not None:

@@ -212,8 +212,11 @@ class RunAudit:
             })
             # the longest history any counted session used (a ledger kept across runs may hold longer
             # ones than this run's; sessions that did not record it count at this run's)
-            history = max([int(self.cfg["history-len"])] + [s.history_len for led in self.ledgers
-                                                            for s in led.sessions if s.history_len is not None])
+            lengths = sorted({int(self.cfg["history-len"])} | {s.history_len for led in self.ledgers
+                                                                for s in led.sessions if s.history_len is not None})
+            history = lengths[-1]
+            # a ledger kept across runs may compose sessions whose examples were defined by different histories
+            units[-1]["mechanism"]["history_lengths"] = lengths
             k = interaction_group_size(history, int(self.cfg["examples-per-user"]))
             top = max(eps, default=0.0)
             g_eps, g_delta = group_privacy(top, self.cfg["delta"], k)
