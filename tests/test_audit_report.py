@@ -75,6 +75,7 @@ def test_a_correct_run_passes_every_check_and_reports_each_unit(run_copy):
     # history-len 3 and a most-recent window, accounted as replacements: one rating is at most 3 + 1
     # accounted examples away (its own, and the rewritten histories of 3 later ones).
     assert units["interaction"]["group_size"] == 4 and units["interaction"]["bound"] == "group privacy"
+    assert example["mechanism"]["history_lengths"] == [3]  # every session of this run used 3 items
     assert units["interaction"]["epsilon"] == pytest.approx(4 * example["epsilon"]["max"])
     assert units["user"]["covered"] is False
     budget = report["budget"]
