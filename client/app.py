@@ -9,17 +9,23 @@ from the run config, which only states what a run asks for.
 
 from __future__ import annotations
 
-from logging import ERROR
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.logger import log
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.evaluation import run_evaluation
+from client.secure_checks import SecureCheckError, check_before_training, check_before_unmask, stored_state
+from client.secure_session import run_secure_session
 from client.session import SessionResult, refusal, run_session
 from common.catalogue_file import PublishedCatalogue
 from common.dataset import Dataset
@@ -155,13 +161,89 @@ def _failure(msg: Message, exc: Exception) -> Message:
     return _reply(msg, SessionResult(refused=True, reason="client-error", metrics={"refused": 1.0}))
 
 
-@app.train()
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round, the plain handler otherwise.
+
+    Before it trains and before it helps unmask, a device checks the round (:mod:`client.secure_checks`):
+    the setup parameters are the run's, every forwarded key share verifies, the dropout lists are
+    consistent and, with every device a neighbour, hold at least ``min-survivors`` shares. A failed
+    check is a refusal: nothing is trained, spent or sent, and without this device's key shares the sum
+    cannot be unmasked. (A server that lies consistently in those lists is outside the semi-honest model.)"""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get("stage")
+    if stage in ("collect_masked_vectors", "unmask"):
+        cfg = resolve(context.run_config)
+        try:
+            state = stored_state(context)
+            if stage == "unmask":
+                check_before_unmask(state, configs, cfg)
+            else:
+                check_before_training(state, configs, _state_size(msg), cfg)
+        except SecureCheckError as exc:
+            log(WARNING, "privrec client: secure round refused: %s", exc)
+            raise SecureRefusal("privacy-policy") from None
+    return secaggplus_mod(msg, context, call_next)
+
+
+def _state_size(msg: Message) -> int:
+    if "arrays" not in msg.content.array_records:
+        raise SecureCheckError("the training message carries no global state")
+    record = msg.content["arrays"]
+    return sum(int(record[k].numpy().size) for k in record.keys())
+
+
+class SecureRefusal(RuntimeError):
+    """A device that will not take part in a secure round: under SecAgg+ it drops out with an error reply
+    whose reason is one of the fixed refusal codes (:data:`common.wire.REFUSAL_REASONS`), nothing else."""
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Local DP-SGD on the global state; reply with the new state or a refusal."""
+    """Local DP-SGD on the global state; reply with the new state or a refusal. In a secure-aggregation
+    run (only through SecAgg+): the device's masked share, or an error reply (it drops out)."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records or _secure_run(context):
+        try:
+            return _secure_train(msg, context)
+        except SecureRefusal:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server learns only the fixed code, as in a plain round
+            log(ERROR, "privrec client: %s: %s", type(exc).__name__, exc)
+            raise SecureRefusal("client-error") from None
     try:
         return _reply(msg, _train(msg, context))
     except Exception as exc:  # noqa: BLE001 - any failure becomes a refusal, never a crash loop
         return _failure(msg, exc)
+
+
+def _secure_run(context: Context) -> bool:
+    try:
+        return bool(resolve(context.run_config)["secure-aggregation"])
+    except Exception:  # noqa: BLE001 - a bad run config is reported by the plain path
+        return False
+
+
+def _secure_train(msg: Message, context: Context) -> Message:
+    """The stage of a SecAgg+ round that trains: the share in Flower's legacy fit-result records (which
+    ``secaggplus_mod`` masks), or SecureRefusal. Never an unmasked share: a secure run's training
+    request that did not come through SecAgg+ is refused, as is a SecAgg+ request in a plain run."""
+    cfg = resolve(context.run_config)
+    if not (cfg["secure-aggregation"] and RECORD_KEY_CONFIGS in msg.content.config_records):
+        raise SecureRefusal("privacy-policy")  # secure aggregation asked for by only one of config and message
+    policy = DevicePolicy.from_node_config(context.node_config)
+    if policy.violations(cfg):
+        raise SecureRefusal("privacy-policy")
+    server_config = msg.content["config"]
+    client_id, data, ledgers, runtime = _prepare(msg, context, cfg)
+    result = run_secure_session(runtime, data, cfg, ledgers, client_id, run_id=str(server_config["run-id"]),
+                                server_round=int(server_config["server-round"]), node_id=int(context.node_id),
+                                policy=policy)
+    if result.refused:
+        raise SecureRefusal(result.reason)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(result.arrays), num_examples=1,
+                    metrics=dict(result.metrics))
+    return Message(content=fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()
@@ -187,7 +269,8 @@ def _train(msg: Message, context: Context) -> SessionResult:
 def _evaluate(msg: Message, context: Context) -> SessionResult:
     cfg = resolve(context.run_config)
     policy = DevicePolicy.from_node_config(context.node_config)
-    if policy.violations(cfg):
+    if policy.violations(cfg) or cfg["secure-aggregation"]:
+        # a secure run's evaluation reply would be a release outside its user-level accounting
         return refusal("privacy-policy")
     server_config = msg.content["config"]
     client_id, data, ledgers, runtime = _prepare(msg, context, cfg)

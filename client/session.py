@@ -86,7 +86,7 @@ def run_session(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[
     if policy.violations(cfg):
         return refusal("privacy-policy")
     if not cfg["local-dp"]:  # allowed only by a device policy that does not require local DP
-        _train(runtime, data, cfg, steps=None, sensitivity=1.0, on_start=None)
+        train_locally(runtime, data, cfg, steps=None, sensitivity=1.0, on_start=None)
         names, arrays = runtime.state()
         return SessionResult(names=names, arrays=arrays, metrics={"refused": 0.0})
     tcfg = train_config(cfg, seed=cfg["seed"])
@@ -115,7 +115,7 @@ def run_session(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[
             if allowed == 0 or (allowed < planned.steps and cfg["budget-policy"] == "refuse"):
                 return refusal("privacy-budget")
             session = replace(planned, steps=allowed)
-            epsilon = _train(runtime, data, cfg, steps=session.steps, sensitivity=session.accounted_sensitivity,
+            epsilon = train_locally(runtime, data, cfg, steps=session.steps, sensitivity=session.accounted_sensitivity,
                              on_start=lambda: ledger.record(session))
             if epsilon is not None and epsilon > ledger.epsilon + 1e-6:
                 # Opacus' own accounting of this session exceeds what the ledger composed.
@@ -128,7 +128,7 @@ def run_session(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[
         return refusal("ledger-unavailable")
 
 
-def _train(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[str, Any], steps: int | None,
+def train_locally(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[str, Any], steps: int | None,
            sensitivity: float, on_start: Callable[[], None] | None) -> float | None:
     """One session of the runtime's model on the client's rows padded to the public cap (DP-SGD with
     ``steps`` and ``sensitivity`` when local DP is on); Opacus' epsilon of the session, if any."""

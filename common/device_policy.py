@@ -26,6 +26,12 @@ NODE_CONFIG_KEYS = {
     "privacy-adjacency": "adjacency",
     "privacy-max-history-len": "max_history_len",
     "privacy-max-length": "max_length",
+    "privacy-secure-aggregation": "allow_secure_aggregation",
+    "privacy-min-user-noise-multiplier": "min_user_noise_multiplier",
+    "privacy-max-user-clip": "max_user_clip",
+    "privacy-user-delta": "user_delta",
+    "privacy-user-epsilon-budget": "user_epsilon_budget",
+    "privacy-min-survivors": "min_survivors",
 }
 
 
@@ -55,6 +61,15 @@ class DevicePolicy:
     # never lets a run lengthen the unit beyond the longest history it recorded (:meth:`lengthens_unit`):
     # an upgrade that raised this default (5 before the sequence model) changes nothing for it.
     owner_set_history_len: bool = False
+    # A secure-aggregation run (user-level DP on a masked sum; trust: a semi-honest server and at least
+    # min-survivors honest devices) may stand in for local DP, if the owner opts in and these floors hold.
+    # Simulated devices, which have no owner, opt in (see from_node_config).
+    allow_secure_aggregation: bool = False
+    min_user_noise_multiplier: float = 0.5
+    max_user_clip: float = 1.0
+    user_delta: float = 1e-4
+    user_epsilon_budget: float = 8.0
+    min_survivors: int = 3
 
     def __post_init__(self) -> None:
         checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),
@@ -63,7 +78,13 @@ class DevicePolicy:
                   ("epsilon_budget", math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0),
                   ("adjacency", self.adjacency in ADJACENCIES),
                   ("max_history_len", _positive_int(self.max_history_len)),
-                  ("max_length", _positive_int(self.max_length)))
+                  ("max_length", _positive_int(self.max_length)),
+                  ("min_user_noise_multiplier", math.isfinite(self.min_user_noise_multiplier)
+                   and self.min_user_noise_multiplier > 0),
+                  ("max_user_clip", math.isfinite(self.max_user_clip) and self.max_user_clip > 0),
+                  ("user_delta", 0 < self.user_delta <= MAX_DELTA),
+                  ("user_epsilon_budget", math.isfinite(self.user_epsilon_budget) and self.user_epsilon_budget > 0),
+                  ("min_survivors", _positive_int(self.min_survivors) and self.min_survivors >= 3))
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ConfigError(f"device privacy policy: invalid {', '.join(bad)} in {asdict(self)} (noise, clip and "
@@ -78,6 +99,8 @@ class DevicePolicy:
         if unknown:
             raise ConfigError(f"node config: unknown privacy key(s) {unknown}; allowed: {sorted(NODE_CONFIG_KEYS)}")
         values: dict[str, Any] = {"owner_set_history_len": "privacy-max-history-len" in given}
+        if "partition-id" in node_config and "data-path" not in node_config:
+            values["allow_secure_aggregation"] = True  # a simulated person: the study chooses the mechanism
         for key, value in given.items():
             name = NODE_CONFIG_KEYS[key]
             default = getattr(cls(), name)
@@ -99,8 +122,19 @@ class DevicePolicy:
     def violations(self, cfg: Mapping[str, Any]) -> list[str]:
         """The run config keys (resolved config) that ask for less privacy than this policy allows."""
         out = []
-        if self.require_local_dp and not cfg["local-dp"]:
+        secure = bool(cfg["secure-aggregation"])
+        if self.require_local_dp and not cfg["local-dp"] and not (secure and self.allow_secure_aggregation):
             out.append("local-dp")
+        if secure:
+            if not (self.allow_secure_aggregation or cfg["local-dp"]):
+                out.append("secure-aggregation")
+            for key, bad in (("user-noise-multiplier", cfg["user-noise-multiplier"] < self.min_user_noise_multiplier),
+                             ("user-clip", cfg["user-clip"] > self.max_user_clip),
+                             ("user-delta", cfg["user-delta"] != self.user_delta),
+                             ("user-epsilon-budget", cfg["user-epsilon-budget"] > self.user_epsilon_budget),
+                             ("min-survivors", cfg["min-survivors"] < self.min_survivors)):
+                if bad:
+                    out.append(key)
         if cfg["local-dp"] or self.require_local_dp:
             per_sensitivity = cfg["noise-multiplier"] / session_sensitivity(cfg["examples-per-user"], self.adjacency)
             if per_sensitivity < self.min_noise_multiplier:

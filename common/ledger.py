@@ -28,8 +28,9 @@ from typing import Any
 
 from common.io import exclusive_lock, write_bytes_atomic
 from common.privacy import epsilon_of_history
+from common.skellam import SkellamPlan, skellam_epsilon
 
-LEDGER_VERSION = 4
+LEDGER_VERSION = 5
 ADJACENCIES = ("add-remove", "replace-one")
 KINDS = ("dp-sgd", "evaluation")
 MAX_DELTA = 1e-2  # a delta above this is no privacy guarantee worth stating
@@ -83,6 +84,53 @@ class Session:
     def accounted_noise(self) -> float:
         """The noise multiplier in units of the release's sensitivity."""
         return self.noise_multiplier / self.accounted_sensitivity
+
+
+@dataclass(frozen=True)
+class UserRelease:
+    """One user-level release: the device's whole clipped session update with its share of Skellam
+    noise, sent into a secure sum (:mod:`common.skellam`). Its plan fixes the sensitivities and the
+    noise; the accounted noise needs at least ``plan.min_survivors`` shares in the sum."""
+
+    dim: int
+    clip: float
+    noise_multiplier: float
+    min_survivors: int
+    max_devices: int
+    run_id: str = ""
+    round: int | None = None
+    node_id: int | None = None
+    recorded_at: float = 0.0
+    history_len: int | None = None
+
+    @property
+    def plan(self) -> SkellamPlan:
+        return SkellamPlan(self.dim, self.clip, self.noise_multiplier, self.min_survivors, self.max_devices)
+
+
+def user_epsilon(releases: list[UserRelease], delta: float) -> float:
+    """User-level epsilon of the composed releases (trust: a semi-honest server and at least each
+    release's ``min_survivors`` honest devices in its sum); 0 when there are none."""
+    return skellam_epsilon([(r.plan.l1_sensitivity, r.plan.l2_sensitivity, r.plan.variance) for r in releases],
+                           delta)
+
+
+def share_only_epsilon(releases: list[UserRelease], delta: float) -> float:
+    """User-level epsilon if every release were seen alone with its own share of noise (trust: nobody;
+    what a server that broke secure aggregation could learn)."""
+    return skellam_epsilon([(r.plan.l1_sensitivity, r.plan.l2_sensitivity, r.plan.share_variance)
+                            for r in releases], delta)
+
+
+def user_release_from_json(raw: dict[str, Any]) -> UserRelease:
+    """A stored user-level release; unknown fields are an error and the plan is re-checked."""
+    known = {f.name for f in fields(UserRelease)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown user release field(s) {unknown}")
+    release = UserRelease(**raw)
+    release.plan  # noqa: B018 - raises ValueError on an invalid plan
+    return release
 
 
 def session_from_json(raw: dict[str, Any]) -> Session:
@@ -159,6 +207,9 @@ class PrivacyLedger:
     epsilon: float = 0.0  # cached composed epsilon, rewritten with every record
     policy: dict[str, Any] = field(default_factory=dict)  # the device policy in force at the last record
     stored_epsilon: float | None = None  # the total as read from the file (what an audit checks), None if new
+    # user-level releases into secure sums (ledger version 5), accounted at their own delta
+    user_releases: list[UserRelease] = field(default_factory=list)
+    user_delta: float | None = None
 
     @classmethod
     @contextmanager
@@ -205,7 +256,11 @@ class PrivacyLedger:
             ledger = cls(path=path, client_id=str(raw["client_id"]),
                          budget_epsilon=float(raw["budget_epsilon"] if budget_epsilon is None else budget_epsilon),
                          delta=float(raw["delta"]), accountant=str(raw["accountant"]), sessions=sessions,
-                         epsilon=float(raw["epsilon"]), policy=dict(raw.get("policy", {})))
+                         epsilon=float(raw["epsilon"]), policy=dict(raw.get("policy", {})),
+                         user_releases=[user_release_from_json(r) for r in raw.get("user_releases", [])],
+                         user_delta=None if raw.get("user_delta") is None else float(raw["user_delta"]))
+            if ledger.user_releases and not (ledger.user_delta is not None and 0 < ledger.user_delta <= MAX_DELTA):
+                raise ValueError(f"user_delta {ledger.user_delta!r} out of range for the recorded user releases")
             if not 0 < ledger.delta <= MAX_DELTA or ledger.accountant not in ("rdp", "prv"):
                 raise ValueError(f"delta {ledger.delta} / accountant {ledger.accountant!r} out of range")
             if any(s.delta != ledger.delta for s in sessions):
@@ -260,10 +315,38 @@ class PrivacyLedger:
         self._write()
         return self.epsilon
 
+    def user_epsilon(self, extra: UserRelease | None = None) -> float:
+        """User-level epsilon of the recorded releases (and ``extra``) at the ledger's user delta."""
+        releases = [*self.user_releases, *([extra] if extra else [])]
+        return user_epsilon(releases, self.user_delta) if releases else 0.0
+
+    def record_user_release(self, release: UserRelease, delta: float) -> float:
+        """Append a user-level release and persist durably (before its share may leave the device);
+        returns the new user-level epsilon. Every release of a ledger is accounted at one delta."""
+        if self.user_delta is not None and delta != self.user_delta:
+            raise ValueError(f"user delta {delta} differs from the ledger's {self.user_delta}")
+        if not 0 < delta <= MAX_DELTA:
+            raise ValueError(f"user delta must be in (0, {MAX_DELTA:g}], got {delta}")
+        stamped = UserRelease(**{**asdict(release), "recorded_at": release.recorded_at or time.time()})
+        stamped.plan  # noqa: B018 - raises ValueError on an invalid plan
+        self.user_delta = delta
+        self.user_releases.append(stamped)
+        self._write()
+        return self.user_epsilon()
+
+    def recorded_user_release(self, run_id: str, server_round: int) -> UserRelease | None:
+        matches = [r for r in self.user_releases if r.run_id == run_id and r.round == server_round]
+        return matches[-1] if matches else None
+
     def to_json(self) -> dict:
-        return {"version": LEDGER_VERSION, "client_id": self.client_id, "accountant": self.accountant,
-                "delta": self.delta, "budget_epsilon": self.budget_epsilon, "epsilon": self.epsilon,
-                "policy": self.policy, "sessions": [asdict(s) for s in self.sessions]}
+        out = {"version": LEDGER_VERSION, "client_id": self.client_id, "accountant": self.accountant,
+               "delta": self.delta, "budget_epsilon": self.budget_epsilon, "epsilon": self.epsilon,
+               "policy": self.policy, "sessions": [asdict(s) for s in self.sessions]}
+        if self.user_releases:
+            out.update({"user_delta": self.user_delta, "user_epsilon": self.user_epsilon(),
+                        "user_epsilon_share_only": share_only_epsilon(self.user_releases, self.user_delta),
+                        "user_releases": [asdict(r) for r in self.user_releases]})
+        return out
 
     def _write(self) -> None:
         write_bytes_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"), private=True)

@@ -135,6 +135,40 @@ FIELDS: dict[str, Field] = {
     "central-delta": Field(
         0.0001, "central DP",
         ("delta of the user-level guarantee"), low=0, high=1, low_inclusive=False),
+    # -- secure aggregation (user-level distributed DP) ---------------------------------------------
+    "secure-aggregation": Field(
+        False, "secure aggregation",
+        ("user-level DP on a secure sum: each device clips its whole session update to user-clip, adds its share "
+         "of Skellam noise and sends it masked through Flower's SecAgg+; the server sees only the sum (sequence "
+         "model; example-level DP-SGD on top when local-dp is true)")),
+    "user-clip": Field(
+        1.0, "secure aggregation", "L2 bound on a device's whole session update", low=0, high=1000000.0,
+        low_inclusive=False),
+    "user-noise-multiplier": Field(
+        0.6, "secure aggregation",
+        ("standard deviation of the secure sum's noise over its L2 sensitivity once min-survivors devices have "
+         "added their shares (0.6: user-level epsilon 7.82 at user-delta 1e-4 for one participation)"), low=0,
+        high=10000.0, low_inclusive=False),
+    "min-survivors": Field(
+        16, "secure aggregation",
+        ("the fewest devices whose noise shares a sum must hold: each adds 1/min-survivors of the noise, and a "
+         "round with fewer surviving devices is aborted before anything is unmasked"), low=3, high=10000000.0),
+    "user-delta": Field(1e-4, "secure aggregation", "delta of the user-level guarantee", low=0, high=0.01,
+                        low_inclusive=False),
+    "user-epsilon-budget": Field(
+        8.0, "secure aggregation", "a device's cap on its composed user-level epsilon", low=0, high=1000000.0,
+        low_inclusive=False),
+    "secagg-threshold": Field(
+        0.5, "secure aggregation",
+        ("SecAgg+ reconstruction threshold as a share of each device's neighbourhood (every device shares "
+         "its secrets with its neighbours), never less than a strict majority of it: the fewest neighbours "
+         "that must collude with the server to unmask one device; more than the rest of a neighbourhood "
+         "dropping out aborts the round"),
+        low=0, high=1.0, low_inclusive=False),
+    "secagg-neighbours": Field(
+        0, "secure aggregation",
+        ("SecAgg+: how many other devices each device shares its secrets with (0: all of the round; a few "
+         "dozen keep large rounds cheap, SecAgg+'s sparse graph)"), low=0, high=10000000.0),
     # -- server ------------------------------------------------------------------------------------
     "num-server-rounds": Field(48, "server", "federated rounds", low=1, high=1000000.0),
     "clients-per-round": Field(
@@ -258,7 +292,9 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
         field.check(key, cfg[key])
     cfg["client-sampling"] = _sampling_scheme(cfg)
     if cfg["aggregator"] == "auto":
-        cfg["aggregator"] = "mean" if cfg["central-dp"] else "trimmed-mean"
+        cfg["aggregator"] = "mean" if cfg["central-dp"] or cfg["secure-aggregation"] else "trimmed-mean"
+    if cfg["secure-aggregation"]:
+        _check_secure(cfg)
     if cfg["local-dp"] and cfg["examples-per-user"] == 0:
         raise ConfigError("run config 'examples-per-user': 0 (all of a device's examples) cannot be used with "
                           "local-dp=true: a session's size, and so its duration, would depend on how many examples "
@@ -279,6 +315,30 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     if cfg["dataset"] != "recbole" and not cfg["dataset"]:
         raise ConfigError("run config 'dataset': expected 'recbole' or a path to an ml-100k folder")
     return cfg
+
+
+def _check_secure(cfg: Mapping[str, Any]) -> None:
+    """What a secure-aggregation run cannot be combined with (the server sees only a masked sum)."""
+    problems = []
+    if cfg["user-model"] != "sequence":
+        problems.append("user-model must be 'sequence' (the text model's adapters are not wired to it)")
+    if cfg["central-dp"]:
+        problems.append("central-dp must be false (the devices add the noise)")
+    if cfg["aggregator"] != "mean":
+        problems.append(f"aggregator {cfg['aggregator']!r} needs each update, the server only sees their sum "
+                        f"(use mean)")
+    if cfg["client-sampling"] == "poisson":
+        problems.append("client-sampling 'poisson' gives a variable round size; use cyclic or uniform")
+    if cfg["examples-per-user"] == 0:
+        problems.append("examples-per-user must be a public cap (> 0): a session's shape must not depend on the data")
+    if cfg["min-survivors"] > cfg["clients-per-round"]:
+        problems.append(f"min-survivors {cfg['min-survivors']} is more than clients-per-round "
+                        f"{cfg['clients-per-round']}")
+    if cfg["evaluate-clients"] > 0:
+        problems.append("evaluate-clients must be 0: a federated evaluation reply is a release the server sees in "
+                        "the clear, outside the user-level accounting")
+    if problems:
+        raise ConfigError("run config 'secure-aggregation': " + "; ".join(problems))
 
 
 def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,37 @@ REFUSAL_REASONS: dict[str, str] = {
 
 RECORD_NAMES = {"arrays", "metrics", "status"}
 
+# A secure-aggregation round (Flower SecAgg+): what a reply may carry in each stage, record by record
+# (record name -> the allowed keys; array records must arrive empty: secaggplus_mod clears them).
+SECURE_STAGE_FIELDS: dict[str, dict[str, set[str]]] = {
+    "setup": {"secaggplus_configs": {"pk1", "pk2"}},
+    "share_keys": {"secaggplus_configs": {"dsts", "ctxts"}},
+    "collect_masked_vectors": {"secaggplus_configs": {"masked_params"}, "fitres.parameters": set(),
+                               "fitres.num_examples": {"num_examples"},
+                               "fitres.metrics": {"refused", "user-epsilon", "epsilon"},
+                               "fitres.status": {"code", "message"}},
+    "unmask": {"secaggplus_configs": {"nids", "shares"}},
+}
+SECURE_FIELDS: dict[str, str] = {
+    "setup: secaggplus_configs.pk1, pk2": "two fresh public keys (SecAgg+ key agreement)",
+    "share_keys: secaggplus_configs.dsts, ctxts": "the device's Shamir shares of its mask seed and secret key, "
+                                                 "each encrypted for one neighbour (the server cannot read them)",
+    "collect_masked_vectors: secaggplus_configs.masked_params": (
+        "the device's share (its whole session update clipped to user-clip, stochastically rounded, plus its "
+        "1/min-survivors part of the Skellam noise; recorded in the ledger first) plus SecAgg+ masks: uniform "
+        "modulo M to the server until the round's sum is unmasked"),
+    "collect_masked_vectors: fitres.num_examples": "always 1 (every device weighs the same)",
+    "collect_masked_vectors: fitres.metrics.refused, user-epsilon, epsilon": (
+        "0, and the device's composed user-level (and, with local DP, example-level) epsilon: functions of the "
+        "public mechanism parameters of every release in its ledger (they tell the server how often the device "
+        "took part, also in other runs and in aborted rounds: its participation, not its data)"),
+    "collect_masked_vectors: fitres.status.code, message": "OK and an empty message",
+    "unmask: secaggplus_configs.nids, shares": ("Shamir shares of the mask seeds of devices whose share arrived, "
+                                                "and of the secret keys of those that dropped out"),
+    "any stage: error reason": ("a refusal: one of the fixed refusal codes (the device drops out); otherwise "
+                                "Flower's own protocol error message, which holds no local data"),
+}
+
 
 def allowed_metrics(message_type: str) -> dict[str, str]:
     """The metric fields a reply to a ``train`` or ``evaluate`` message may carry."""
@@ -75,4 +106,5 @@ def markdown_table() -> str:
     rows += [f"| evaluate | `metrics.{k}` | {v} |" for k, v in EVALUATE_METRICS.items()]
     rows += [f"| refusal | `status.{k}` | {v} |" for k, v in STATUS_FIELDS.items()]
     rows += [f"| refusal | reason `{k}` | {v} |" for k, v in REFUSAL_REASONS.items()]
+    rows += [f"| secure round | {k} | {v} |" for k, v in SECURE_FIELDS.items()]
     return "\n".join(rows)

@@ -9,6 +9,8 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from importlib.metadata import version
 from logging import INFO, WARNING
@@ -28,6 +30,7 @@ from common.results import result_record
 from common.run_config import ConfigError, resolve
 from common.runtimes import make_runtime
 from common.secure_random import SecureStream
+from common.skellam import plan_epsilon, secure_plan
 from common.split import Split
 from server.aggregation import load_optimizer_state, make_server_step, optimizer_state, server_step, to_record
 from server.aggregators import aggregate, without_common_mode
@@ -36,10 +39,11 @@ from server.central_dp import CentralDP, client_rate
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.deploy import completion_line
 from server.evaluation import ServerEvaluator, federated_evaluation
-from server.privacy_statement import ledgers_epsilon, privacy_statement
+from server.privacy_statement import ledgers_epsilon, ledgers_user_epsilon, privacy_statement, secure_statement
 from server.resume import check_resume, restored_central, restored_spend
 from server.run_folder import RunFolder
 from server.sampling import sample_clients
+from server.secure_aggregation import run_secure_round
 from server.validation import adapter_specs, describe_reply, judge_train_reply, update_norm_bound
 
 
@@ -91,6 +95,10 @@ class Federation:
         self.step = make_server_step(cfg["strategy"], cfg["server-learning-rate"])
         self.evaluator = ServerEvaluator(self.runtime, split)
         self.client_epsilon: dict[str, float] = {}
+        self.user_releases: dict[str, int] = {}  # node -> its shares in unmasked secure sums
+        self.reported_user_epsilon: dict[str, float] = {}  # node -> the user-level epsilon it reported
+        self.secure_plan = secure_plan(cfg, sum(int(a.size) for a in self.arrays)) \
+            if cfg["secure-aggregation"] else None
         self.publisher = CataloguePublisher(self.runtime, self.folder.root, self.run_id) \
             if cfg["publish-catalogue"] else None
         # central DP: Poisson client sampling and the server's noise, each from its own stream
@@ -109,6 +117,11 @@ class Federation:
         self.folder.keep_rounds_up_to(int(meta["round"]))
         # The per-node spend and the central-DP accountant as of the last record (see server.resume).
         self.client_epsilon = restored_spend(self.folder, meta)
+        if self.folder.user_releases.is_file():
+            self.user_releases = {str(k): int(v) for k, v in json.loads(self.folder.user_releases.read_text()).items()}
+        if self.folder.user_spend.is_file():
+            self.reported_user_epsilon = {str(k): float(v) for k, v in
+                                          json.loads(self.folder.user_spend.read_text()).items()}
         if self.central is not None:
             self.central = restored_central(self.folder, meta, self.central)
         log(INFO, "resuming %s after round %d", self.run_id, meta["round"])
@@ -174,8 +187,11 @@ class Federation:
 
     def _spend_summary(self) -> dict[str, Any]:
         eps = list(self.client_epsilon.values())
+        user = self.central.epsilon() if self.central else None
+        if self.secure_plan is not None and self.user_releases:
+            user = plan_epsilon(self.secure_plan, self.cfg["user-delta"], max(self.user_releases.values()))
         return {"epsilon_max": max(eps) if eps else None, "epsilon_median": float(np.median(eps)) if eps else None,
-                "clients_with_spend": len(eps), "user_epsilon": self.central.epsilon() if self.central else None}
+                "clients_with_spend": len(eps), "user_epsilon": user}
 
     def _train_round(self, rnd: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Sample, send, judge and aggregate one round: (its metrics row, its rounds.jsonl record)."""
@@ -184,6 +200,8 @@ class Federation:
         # The other schemes are not part of a mechanism and stay reproducible from the seed.
         sampled = sample_clients(self.nodes, cfg, rnd, np.random.default_rng([cfg["seed"], rnd]),
                                  self._sampling_stream)
+        if cfg["secure-aggregation"]:
+            return self._secure_train_round(rnd, sampled)
         content = self._content(rnd)
         messages = [Message(content=RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN)
                     for nid in sampled]
@@ -240,6 +258,60 @@ class Federation:
                "aggregated": aggregated}
         return row, record
 
+    def _secure_train_round(self, rnd: int, sampled: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One round through SecAgg+ (:mod:`server.secure_aggregation`): the server sees the survivors'
+        summed shares only; their mean over the public round size is the update, or nothing on abort."""
+        cfg, plan = self.cfg, self.secure_plan
+        t0 = time.perf_counter()
+        def count_releases(survivors: list[int]) -> None:
+            """Before the unmask requests go out: each survivor's share is about to be in an unmasked sum."""
+            for node in survivors:
+                self.user_releases[str(node)] = self.user_releases.get(str(node), 0) + 1
+            write_json_atomic(self.folder.user_releases, self.user_releases, strict=True)
+
+        outcome = run_secure_round(self.grid, sampled, lambda: RecordDict(self._content(rnd)), plan, rnd,
+                                   cfg["secagg-threshold"], cfg["round-timeout"], self.flower_run_id or 0,
+                                   cfg["secagg-neighbours"], describe_reply if cfg["wire-log"] else None,
+                                   on_unmask=count_releases)
+        secure_seconds = time.perf_counter() - t0  # the protocol and the devices' work, before the server step
+        if outcome.wire:
+            self.folder.append(self.folder.wire, *({"round": rnd, **w} for w in outcome.wire))
+        for node, metrics in outcome.metrics.items():  # the spends the survivors report, checked to be numbers
+            for key, spend in (("epsilon", self.client_epsilon), ("user-epsilon", self.reported_user_epsilon)):
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                        and value >= 0:
+                    spend[str(node)] = max(spend.get(str(node), 0.0), float(value))
+        write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)
+        write_json_atomic(self.folder.user_spend, self.reported_user_epsilon, strict=True)
+        aggregated, signal = False, {}
+        if outcome.total is not None:
+            # The sum's squared norm is the signal's plus the noise's, whose mean the plan gives: what the
+            # round's update is made of (the population projection in docs/secure-aggregation.md uses it).
+            noise_sq = len(outcome.survivors) * plan.share_variance * plan.dim
+            sum_sq = float(np.sum(outcome.total.astype(np.float64) ** 2))
+            signal = {"sum_norm": plan.gamma * sum_sq ** 0.5, "noise_norm_expected": plan.gamma * noise_sq ** 0.5,
+                      "signal_norm_estimate": plan.gamma * max(0.0, sum_sq - noise_sq) ** 0.5}
+            update = outcome.total.astype(np.float64) * plan.gamma / cfg["clients-per-round"]
+            mean, start = [], 0
+            for g in self.arrays:
+                mean.append((g + update[start:start + g.size].reshape(g.shape)).astype(g.dtype))
+                start += g.size
+            aggregated = self._apply(rnd, mean)
+        refused = sorted(n for n in outcome.refused if n not in outcome.survivors)
+        failed = [n for n in sampled if n not in outcome.survivors and n not in refused]
+        record = {"round": rnd, "sampled": sampled, "trained": outcome.survivors, "refused": refused,
+                  "refused_reasons": [outcome.refused[n] for n in refused], "rejected": [], "failed": failed,
+                  "rejected_reasons": [], "secure_released": outcome.total is not None,
+                  "failed_reasons": [f"{len(failed)} dropped out (not in the secure sum)"] if failed else [],
+                  "secure_abort": outcome.reason}
+        row = {"clients_sampled": len(sampled), "clients_replied": len(outcome.survivors) + len(refused),
+               "clients_accepted": len(outcome.survivors) if outcome.total is not None else 0,
+               "clients_rejected": 0, "clients_refused": len(refused), "clients_failed": len(failed),
+               "bytes_sent": outcome.bytes_down, "bytes_received": outcome.bytes_up, "aggregated": aggregated,
+               "secure_round_seconds": round(secure_seconds, 3), **signal}
+        return row, record
+
     def _content(self, rnd: int) -> dict[str, Any]:
         """What every message of this round carries: the global state, the round's config and, when
         publishing, the catalogue file with its SHA-256."""
@@ -279,6 +351,10 @@ class Federation:
                 log(WARNING, "round %d: %s cannot aggregate %d updates; global model unchanged", rnd,
                     self.cfg["aggregator"], len(accepted))
                 return False
+        return self._apply(rnd, mean)
+
+    def _apply(self, rnd: int, mean: list[np.ndarray]) -> bool:
+        """The server step on the round's aggregate state; stops the run before a non-finite state is used."""
         new = server_step(self.step, rnd, self.names, self.arrays, mean)
         bad = [n for n, a in zip(self.names, new) if not np.isfinite(a).all()]
         if bad:  # validated replies cannot cause this; stop before a corrupt state is checkpointed or used
@@ -347,10 +423,13 @@ class Federation:
                                                                 "lora-rank": str(cfg["lora-rank"])})
         metrics = {k: last[f"test_{k}"] for k in ("HR@10", "NDCG@10", "MRR@10", "HR@20")}
         ledgers = Path(cfg["ledger-dir"]) if cfg["ledger-dir"] else self.folder.clients
+        secure = secure_statement(cfg, self.secure_plan, self.user_releases, ledgers_user_epsilon(ledgers),
+                                  self.reported_user_epsilon) if self.secure_plan is not None else None
         privacy = privacy_statement(self.cfg, self.client_epsilon, self.central,
-                                    ledgers_epsilon(ledgers) if cfg["local-dp"] else (None, 0))
+                                    ledgers_epsilon(ledgers) if cfg["local-dp"] else (None, 0), secure)
         started = rows[0]["time"] if rows else time.time()
-        method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "")
+        method = "federated" + ("-dp" if cfg["local-dp"] else "") + ("-central-dp" if cfg["central-dp"] else "") + \
+            ("-secure-dp" if cfg["secure-aggregation"] else "")
         result = result_record(method, "test", metrics, len(self.evaluator.users), cfg["seed"], privacy,
                                time.time() - started, {**cfg, "run-id": self.run_id, "rounds": last["round"],
                                                        "flower-run-id": self.flower_run_id})

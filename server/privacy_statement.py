@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from common.ledger import LedgerUnavailableError, PrivacyLedger
+from common.skellam import SkellamPlan, plan_epsilon, share_epsilon
 from common.privacy import client_schedule, interaction_group_size, selection_rule, session_sensitivity
 from common.wire import EVALUATE_METRICS, TRAIN_METRICS
 from server.central_dp import CentralDP
@@ -26,8 +27,60 @@ def ledgers_epsilon(folder: Path) -> tuple[float | None, int]:
     return (max(values) if values else None), unreadable
 
 
+def ledgers_user_epsilon(folder: Path) -> float | None:
+    """The largest user-level epsilon of the readable simulated ledgers in ``folder`` (None: none hold one)."""
+    values = []
+    for p in sorted(Path(folder).glob("ledger-*.json")) if Path(folder).is_dir() else []:
+        try:
+            ledger = PrivacyLedger.load(p)
+        except LedgerUnavailableError:
+            continue
+        if ledger.user_releases:
+            values.append(ledger.user_epsilon())
+    return max(values) if values else None
+
+
+def secure_statement(cfg: dict[str, Any], plan: SkellamPlan, releases: dict[str, int],
+                     ledger_user_epsilon: float | None = None,
+                     reported: dict[str, float] | None = None) -> dict[str, Any]:
+    """The user-level guarantee of a secure-aggregation run: epsilon over the most releases any device
+    made (the server's count of unmasked shares), or the simulated ledgers' own figure, or what a device
+    reported (a device whose node id changed is counted anew by the server), whichever is largest."""
+    most = max(releases.values()) if releases else 0
+    counted = plan_epsilon(plan, cfg["user-delta"], most) if most else 0.0
+    epsilon = max([counted, ledger_user_epsilon or 0.0, *(reported or {}).values()])
+    delta = cfg["user-delta"] + plan.clamp_probability() * max(1, most)
+    return {"user_epsilon": epsilon, "user_delta": delta,
+            "user_accountant": "rdp (Skellam, Agarwal, Kairouz and Liu, NeurIPS 2021)",
+            "user_adjacency": ("add-remove of one user's data: that device's update is replaced by zero while its "
+                               "participation and its noise share stay (participation is public)"),
+            "user_trust": (f"a semi-honest server (it runs Flower's SecAgg+ as written: relays public keys unchanged "
+                           f"and sends every device the same dropout lists) and, in every unmasked sum, at least "
+                           f"min-survivors={plan.min_survivors} devices that add their noise share and do not reveal "
+                           f"it; no coalition of the server with a reconstruction threshold of a device's "
+                           f"neighbours (at least a strict majority; secagg-threshold={cfg['secagg-threshold']}); the "
+                           f"server aborts a round before unmasking when fewer shares arrive, and so does every "
+                           f"device that sees a short list (with secagg-neighbours=0)"),
+            "user_epsilon_is": f"composed over the most secure sums one device's share entered ({most})",
+            "user_epsilon_share_only": share_epsilon(plan, cfg["user-delta"]) if most else 0.0,
+            "user_epsilon_share_only_is": ("one release seen alone with only the device's own noise share: what a "
+                                           "server that broke secure aggregation would learn (trust: nobody)"),
+            "user_mechanism": {"noise": "symmetric Skellam, each device's share from a ChaCha20 stream keyed from "
+                                        "the OS; stochastic rounding from a second one",
+                               "delta_includes": f"{plan.clamp_probability():.3g} per release, a bound on the "
+                                                 f"chance that a share leaves the integer range and is clamped",
+                               **plan.to_json()},
+            "secure_aggregation": {"protocol": "Flower SecAgg+ (flwr 1.42 SecAggPlusWorkflow, secaggplus_mod)",
+                                   "threshold": cfg["secagg-threshold"], "neighbours": cfg["secagg-neighbours"] or
+                                   "all", "known_weakness": ("Flower expands mask seeds folded to 32 bits with "
+                                                            "NumPy's MT19937 (docs/secure-aggregation-study.md)")},
+            "outside_user_guarantee": ("which devices were sampled, which dropped out and when (rounds.jsonl), and "
+                                       "the timing of each device's reply")}
+
+
 def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], central: CentralDP | None,
-                      ledgers: tuple[float | None, int] = (None, 0)) -> dict[str, Any]:
+                      ledgers: tuple[float | None, int] = (None, 0),
+                      secure: dict[str, Any] | None = None) -> dict[str, Any]:
     """PROTOCOL.md section 6: the unit(s) protected, with delta, accountant, adjacency and trust.
 
     ``client_epsilon`` is what the devices reported; ``ledgers`` the largest epsilon the simulated
@@ -96,4 +149,10 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                                                "counts of accepted, refused, rejected and failed clients) are "
                                                "the trusted server's own records, not covered by the "
                                                "user-level epsilon: do not publish them")})
+    if secure is not None:
+        if out["unit"] == "none":
+            out = {"unit": "user", "epsilon": secure["user_epsilon"], "delta": secure["user_delta"],
+                   "accountant": secure["user_accountant"], "adjacency": secure["user_adjacency"],
+                   "trust": secure["user_trust"]}
+        out.update(secure)
     return out

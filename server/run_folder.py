@@ -64,6 +64,8 @@ class RunFolder:
     wire = property(lambda self: self.root / "wire.jsonl")
     central_dp = property(lambda self: self.root / "central-dp.json")
     spend = property(lambda self: self.root / "client-epsilon.json")
+    user_releases = property(lambda self: self.root / "user_releases.json")  # secure runs: shares unmasked per node
+    user_spend = property(lambda self: self.root / "user-epsilon.json")  # secure runs: what each node reported
     checkpoints = property(lambda self: self.root / "checkpoint")
     clients = property(lambda self: self.root / "clients")
     adapters = property(lambda self: self.root / "adapters.safetensors")

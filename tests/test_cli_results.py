@@ -61,3 +61,19 @@ def test_a_schedule_probe_at_a_target_epsilon_solves_its_noise_for_the_whole_sch
     assert probe_config("no-dp-sessions-4")[1] == {"privacy-local-dp": False}
     with pytest.raises(typer.BadParameter, match="probe 'nope'"):
         probe_config("nope")
+
+
+def test_the_population_projection_solves_the_measured_alignment_and_the_devices_per_snr():
+    """Rounds of 40 devices whose updates (each at the clip) have mean pairwise cosine 0.1: the projection
+    recovers 0.1 from the measured norms, and the devices per round for a ratio R solve n + n(n-1) 0.1 =
+    (R x noise)^2."""
+    from simulations.bench_secure import projection
+
+    n, rho, noise = 40, 0.1, 30.0
+    signal = (n + n * (n - 1) * rho) ** 0.5
+    rounds = [{"survivors": n, "signal_norm_estimate": signal, "noise_norm_expected": noise}] * 3
+    out = projection([{"rounds": rounds}], targets=(1.0, 10.0))
+    assert abs(out["mean_pairwise_cosine"] - rho) < 1e-9
+    for ratio in (1.0, 10.0):
+        m = out[f"devices_for_snr_{ratio:g}"]
+        assert m + m * (m - 1) * rho >= (ratio * noise) ** 2 > (m - 1) + (m - 1) * (m - 2) * rho

@@ -56,6 +56,45 @@ def test_flwr_run_small_simulation(small_ml100k, tmp_path):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_secure_round_through_flowers_simulation_engine_applies_the_exact_sum_and_no_single_share(
+        small_ml100k, tmp_path):
+    """secure-aggregation=true through `flwr run .`: the ClientApp's secaggplus_mod masks every share,
+    the ServerApp's wire log shows it received no tensor from any device, and round 2 moved the global
+    state by exactly the sum of the shares the devices kept (fedavg, server learning rate 1)."""
+    home, out = tmp_path / "flwr-home", tmp_path / "runs"
+    env = dict(os.environ, FLWR_HOME=str(home), PRIVREC_SUPERNODES="4", PRIVREC_CPUS="2")
+    overrides = (f"dataset='{small_ml100k}' output-dir='{out}' run-name='sa' num-server-rounds=2 "
+                 f"clients-per-round=4 min-survivors=3 secure-aggregation=true local-dp=false strategy='fedavg' "
+                 f"server-learning-rate=1.0 eval-every=1 examples-per-user=4 history-len=3 batch-size=2 "
+                 f"wire-log=true user-noise-multiplier=2.0")  # two releases within the budget of 8
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert not _left_running(home)
+    run_dir = out / "sa"
+    assert (run_dir / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    from common.run_config import resolve
+    from common.skellam import secure_plan
+
+    before = load_file(str(run_dir / "checkpoint" / "round-0001.safetensors"))
+    after = load_file(str(run_dir / "checkpoint" / "round-0002.safetensors"))
+    names = sorted(k[len("state."):] for k in before if k.startswith("state."))
+    cfg = resolve({"clients-per-round": 4, "min-survivors": 3, "secure-aggregation": True})
+    plan = secure_plan(cfg, sum(before[f"state.{n}"].size for n in names))
+    shares = [load_file(str(p))["secure-share"] for p in (run_dir / "clients" / "released").glob("*-000002.safetensors")]
+    assert len(shares) == 4
+    summed = np.sum([np.rint(s / plan.gamma) for s in shares], axis=0) * plan.gamma / 4
+    # the exchange order is the sorted tensor names (common.sequence_runtime.exchanged_parameters)
+    moved = np.concatenate([(after[f"state.{n}"].astype(np.float64) - before[f"state.{n}"]).ravel() for n in names])
+    assert np.allclose(moved, summed, atol=1e-6)
+    wire = [json.loads(x) for x in (run_dir / "wire.jsonl").read_text().splitlines()]
+    stage2 = [w for w in wire if w["stage"] == "collect_masked_vectors"]
+    assert len(stage2) == 8  # 4 devices x 2 rounds, and every one arrived without a tensor
+    assert all(all(not keys for keys in w["arrays"].values()) for w in stage2)
+    assert all("masked_params" in w["configs"]["secaggplus_configs"] for w in stage2)
+    privacy = json.loads((run_dir / "result.json").read_text())["privacy"]
+    assert privacy["unit"] == "user" and privacy["user_epsilon"] > 0
+
+
 def test_the_main_job_exits_non_zero_when_the_run_fails(tmp_path):
     """`flwr run --stream` alone exits 0 when the ServerApp raises; the launcher reads the run's status."""
     home = tmp_path / "flwr-home"

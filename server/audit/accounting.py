@@ -11,6 +11,7 @@ accountants; stored figures are only compared against those recomputations.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataFormatError
-from common.ledger import LedgerUnavailableError, PrivacyLedger, Session
+from common.ledger import LedgerUnavailableError, PrivacyLedger, Session, UserRelease, share_only_epsilon
+from common.skellam import plan_epsilon, secure_plan
 from common.privacy import interaction_group_size
 from server.audit.checks import CHECKS, Check
 from server.central_dp import CentralDP
@@ -47,6 +49,9 @@ class LedgerRecord:
     epsilon: float | None = None
     error: str = ""
     policy: dict[str, Any] = field(default_factory=dict)
+    user_releases: list[UserRelease] = field(default_factory=list)
+    user_delta: float | None = None
+    user_epsilon: float | None = None  # recomputed from user_releases (None: none recorded)
 
 
 def read_ledger(path: Path) -> LedgerRecord:
@@ -57,6 +62,8 @@ def read_ledger(path: Path) -> LedgerRecord:
         rec.client_id, rec.budget, rec.delta = ledger.client_id, ledger.budget_epsilon, ledger.delta
         rec.accountant, rec.stored_epsilon, rec.sessions = ledger.accountant, ledger.stored_epsilon, ledger.sessions
         rec.policy = ledger.policy
+        rec.user_releases, rec.user_delta = ledger.user_releases, ledger.user_delta
+        rec.user_epsilon = ledger.user_epsilon() if ledger.user_releases else None
         rec.epsilon = ledger.recomputed_epsilon()
         if not math.isfinite(rec.epsilon):
             raise ValueError(f"the recorded history composes to epsilon {rec.epsilon}")
@@ -105,6 +112,10 @@ class RunAudit:
         self.local = bool(self.cfg["local-dp"])
         self.central_on = bool(self.cfg["central-dp"])
         self.central = self._central() if self.central_on else None
+        self.secure_on = bool(self.cfg.get("secure-aggregation", False))
+        releases, reported = self.folder.user_releases, self.folder.user_spend
+        self.server_user_releases: dict[str, int] = json.loads(releases.read_text()) if releases.is_file() else {}
+        self.reported_user_epsilon: dict[str, float] = json.loads(reported.read_text()) if reported.is_file() else {}
         # what the server recorded of each node's spend: the larger of the checkpoint's and the record
         # written as each round's replies were judged (it can be a round ahead after a crash)
         self.server_epsilon = restored_spend(self.folder, self.checkpoint)
@@ -150,7 +161,7 @@ class RunAudit:
             "run_id": self.run_id, "run_dir": str(self.run_dir.resolve()),
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rounds_completed": max((r["round"] for r in self.rounds), default=0),
-            "dp": {"local": self.local, "central": self.central_on},
+            "dp": {"local": self.local, "central": self.central_on, "secure_aggregation": self.secure_on},
             "statement": self.statement(),
             "units": self.units(),
             "versions": {**self.cfg.get("versions", {}), "audited_with": {
@@ -161,8 +172,24 @@ class RunAudit:
         }
         return out
 
+    def secure_user_epsilon(self) -> float:
+        """User-level epsilon of a secure run: over the most unmasked sums one device's share entered (the
+        server's count), or the largest a readable ledger composes, whichever is larger."""
+        most = max(self.server_user_releases.values(), default=0)
+        plan = secure_plan(self.cfg, self._secure_dim())
+        counted = plan_epsilon(plan, float(self.cfg["user-delta"]), most) if most and plan else 0.0
+        ledgers = [led.user_epsilon for led in self.ledgers if led.user_epsilon is not None]
+        return max([counted, *ledgers, *map(float, self.reported_user_epsilon.values())])
+
+    def _secure_dim(self) -> int:
+        dims = {r.dim for led in self.ledgers for r in led.user_releases if r.run_id == self.run_id}
+        if dims:
+            return max(dims)
+        plan = (self.result or {}).get("privacy", {}).get("user_mechanism", {})
+        return int(plan.get("dim", 1))
+
     def statement(self) -> str:
-        if not self.local and not self.central_on:
+        if not self.local and not self.central_on and not self.secure_on:
             return NO_DP_STATEMENT
         parts = []
         if self.local and not any(led.epsilon is not None for led in self.ledgers):
@@ -178,7 +205,13 @@ class RunAudit:
             if unreadable:
                 parts.append(f"This bound covers only the {len(eps)} readable ledgers: {unreadable} more could not "
                              f"be read, and their clients' spend is unknown.")
-        if self.central is not None:
+        if self.secure_on:
+            parts.append(f"Whole users are protected by distributed DP on a secure sum (Flower SecAgg+, Skellam "
+                         f"noise shares from the devices): user-level (epsilon <= {self.secure_user_epsilon():.3f}, "
+                         f"delta = {float(self.cfg['user-delta']):g} plus the clamp bound in result.json), trusting "
+                         f"a semi-honest server and at least min-survivors={self.cfg['min-survivors']} honest "
+                         f"devices in every unmasked sum.")
+        elif self.central is not None:
             parts.append(f"Whole users are protected by central DP on the server's aggregate: user-level "
                          f"(epsilon = {self.central.epsilon():.3f}, delta = {self.central.delta:g}) for the "
                          f"released global model after {self.central.rounds} rounds.")
@@ -194,7 +227,7 @@ class RunAudit:
         return " ".join(parts)
 
     def units(self) -> list[dict[str, Any]]:
-        if not self.local and not self.central_on:
+        if not self.local and not self.central_on and not self.secure_on:
             return []
         units: list[dict[str, Any]] = []
         if self.local:
@@ -230,7 +263,25 @@ class RunAudit:
                          + ("the delta is at least 1, so this bound says nothing: no interaction-level guarantee "
                             "can be claimed for this run" if g_delta >= 1.0 else "valid but loose")),
             })
-        if self.central is not None:
+        if self.secure_on:
+            releases = [r for led in self.ledgers for r in led.user_releases]
+            share_only = [share_only_epsilon(led.user_releases, led.user_delta) for led in self.ledgers
+                          if led.user_releases and led.user_delta is not None]
+            units.append({
+                "unit": "user", "scope": "the released global model (all rounds)",
+                "epsilon": self.secure_user_epsilon(), "delta": float(self.cfg["user-delta"]),
+                "accountant": "rdp (Skellam, Agarwal, Kairouz and Liu 2021)",
+                "trust": (f"a semi-honest server and at least min-survivors={self.cfg['min-survivors']} honest devices "
+                          f"in every unmasked sum"),
+                "trust_nobody_epsilon": _summary(share_only),
+                "mechanism": {"name": "distributed Skellam on a SecAgg+ sum: each device clips its whole update and "
+                                      "adds 1/min-survivors of the noise",
+                              "user_noise_multiplier": self.cfg["user-noise-multiplier"],
+                              "user_clip": self.cfg["user-clip"], "min_survivors": self.cfg["min-survivors"],
+                              "releases_recorded": len(releases),
+                              "most_releases_per_device": max(self.server_user_releases.values(), default=0)},
+            })
+        elif self.central is not None:
             units.append({
                 "unit": "user", "scope": "the released global model (all rounds)",
                 "epsilon": self.central.epsilon(), "delta": self.central.delta, "accountant": "rdp",

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Callable
 
 from common.ledger import ledger_paths
 from common.privacy import client_schedule, session_sensitivity
-from common.wire import EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS
+from common.wire import (EVALUATE_METRICS, RECORD_NAMES, REFUSAL_REASONS, SECURE_STAGE_FIELDS, STATUS_FIELDS,
+                         TRAIN_METRICS)
 from server.central_dp import client_rate
 
 if TYPE_CHECKING:
@@ -131,6 +132,9 @@ def check_wire(audit: RunAudit) -> Check:
         if "error" in row:
             continue
         where = f"wire.jsonl line {number} (round {row.get('round')}, node {row.get('node')})"
+        if "stage" in row:
+            bad += _secure_wire_problems(row, where)
+            continue
         records = set(row.get("arrays", {})) | set(row.get("metrics", {})) | set(row.get("configs", {}))
         if records - RECORD_NAMES or set(row.get("arrays", {})) - {"arrays"} \
                 or set(row.get("configs", {})) - {"status"}:
@@ -144,6 +148,23 @@ def check_wire(audit: RunAudit) -> Check:
             bad.append(f"{where}: status {status} is not a fixed refusal code")
     return _verdict("wire_fields", title, bad, f"{len(bad)} replies carried fields outside the list",
                     "every logged reply carried only listed fields")
+
+
+def _secure_wire_problems(row: dict, where: str) -> list[str]:
+    """A SecAgg+ stage's reply against :data:`common.wire.SECURE_STAGE_FIELDS`."""
+    allowed = SECURE_STAGE_FIELDS.get(row["stage"])
+    if allowed is None:
+        return [f"{where}: unknown secure aggregation stage {row['stage']!r}"]
+    bad = []
+    for kind in ("arrays", "metrics", "configs"):
+        for name, fields in row.get(kind, {}).items():
+            if name not in allowed:
+                bad.append(f"{where}: record {name!r} is not sent in stage {row['stage']}")
+            elif kind == "arrays" and fields:
+                bad.append(f"{where}: array record {name!r} carried tensors {sorted(fields)[:3]} (must be masked)")
+            elif set(fields) - allowed[name]:
+                bad.append(f"{where}: {name} fields {sorted(set(fields) - allowed[name])} are not in the list")
+    return bad
 
 
 def _na(name: str, title: str, why: str) -> Check:
@@ -312,6 +333,31 @@ def check_server_report(audit: RunAudit) -> Check:
                     f"result.json's epsilon {top:.6g} is the largest recomputed ledger epsilon")
 
 
+def check_secure(audit: RunAudit) -> Check:
+    """A secure run: every share the server unmasked is in a ledger, within the user-level budget, and
+    result.json states the user-level epsilon the records give."""
+    title = "The user-level epsilon of secure aggregation recomputes from the ledgers and the server's count"
+    if not audit.secure_on:
+        return _na("secure_user_epsilon_recomputes", title, "secure aggregation was off")
+    recorded: dict[int, int] = {}
+    for led in audit.ledgers:
+        for r in led.user_releases:
+            if r.run_id == audit.run_id and r.node_id is not None:
+                recorded[int(r.node_id)] = recorded.get(int(r.node_id), 0) + 1
+    bad = [f"node {node}: the server unmasked {count} of its shares, its ledger records {recorded.get(int(node), 0)} "
+           f"(under-reported spend)" for node, count in sorted(audit.server_user_releases.items())
+           if recorded.get(int(node), 0) < int(count)]
+    budget = float(audit.cfg["user-epsilon-budget"])
+    bad += [f"{led.client_id}: user-level epsilon {led.user_epsilon:.6g} > budget {budget:g}"
+            for led in audit.ledgers if led.user_epsilon is not None and led.user_epsilon > budget * (1 + REL_TOL)]
+    eps = audit.secure_user_epsilon()
+    reported = (audit.result or {}).get("privacy", {}).get("user_epsilon")
+    if reported is None or not _close(float(reported), eps):
+        bad.append(f"result.json user_epsilon {reported}, the ledgers and the server's count give {eps:.6g}")
+    return _verdict("secure_user_epsilon_recomputes", title, bad, "user-level records disagree",
+                    f"user-level epsilon {eps:.6g}: every unmasked share is in a ledger, every ledger within budget")
+
+
 def check_central(audit: RunAudit) -> Check:
     title = "The user-level epsilon recomputes from the server's accountant history"
     if not audit.central_on:
@@ -346,6 +392,7 @@ CHECKS: list[Callable[[RunAudit], Check]] = [
     check_config,
     check_server_report,
     check_central,
+    check_secure,
     check_policy,
     check_ledger_storage,
     check_wire,
