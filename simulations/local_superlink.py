@@ -172,8 +172,11 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def _terminate_marked(marker: str, grace: float = 10.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _terminate_marked(marker: str, grace: float = 10.0, settle: float = 2.0, rounds: int = 5) -> None:
+    """SIGTERM every marked process, SIGKILL what is left after ``grace``; then watch for ``settle``
+    seconds, because a dying Ray node can still start a process (its dashboard agent) after the last
+    scan: whatever appears is killed too, up to ``rounds`` times."""
+    for sig in (signal.SIGTERM, *[signal.SIGKILL] * rounds):
         pids = marked_processes(marker)
         for pid in pids:
             try:
@@ -182,6 +185,12 @@ def _terminate_marked(marker: str, grace: float = 10.0) -> None:
                 pass
         deadline = time.monotonic() + grace
         while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = marked_processes(marker)
+        if pids:
+            continue
+        quiet_until = time.monotonic() + settle
+        while not pids and time.monotonic() < quiet_until:
             time.sleep(0.2)
             pids = marked_processes(marker)
         if not pids:
