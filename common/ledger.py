@@ -334,10 +334,6 @@ class PrivacyLedger:
         self._write()
         return self.user_epsilon()
 
-    def recorded_user_release(self, run_id: str, server_round: int) -> UserRelease | None:
-        matches = [r for r in self.user_releases if r.run_id == run_id and r.round == server_round]
-        return matches[-1] if matches else None
-
     def to_json(self) -> dict:
         out = {"version": LEDGER_VERSION, "client_id": self.client_id, "accountant": self.accountant,
                "delta": self.delta, "budget_epsilon": self.budget_epsilon, "epsilon": self.epsilon,

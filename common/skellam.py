@@ -156,23 +156,6 @@ def share_epsilon(plan: SkellamPlan, delta: float) -> float:
     return skellam_epsilon([(plan.l1_sensitivity, plan.l2_sensitivity, plan.share_variance)], delta)
 
 
-def noise_for_user_epsilon(epsilon: float, delta: float, clip: float, dim: int, min_survivors: int,
-                           max_devices: int, releases: int = 1) -> float:
-    """The smallest noise multiplier (to 1e-4) whose plan meets ``epsilon`` over ``releases``."""
-    def eps(z: float) -> float:
-        return plan_epsilon(SkellamPlan(dim, clip, z, min_survivors, max_devices), delta, releases)
-
-    lo, hi = 1e-3, 1.0
-    while eps(hi) > epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon {epsilon}")
-    while hi - lo > 1e-4:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if eps(mid) <= epsilon else (mid, hi)
-    return hi
-
-
 class SkellamNoise:
     """Symmetric Skellam draws from a ChaCha20 stream keyed from the OS (randomgen's ChaCha, 20 rounds,
     behind NumPy's Poisson sampler)."""

@@ -9,7 +9,6 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from importlib.metadata import version
@@ -117,11 +116,9 @@ class Federation:
         self.folder.keep_rounds_up_to(int(meta["round"]))
         # The per-node spend and the central-DP accountant as of the last record (see server.resume).
         self.client_epsilon = restored_spend(self.folder, meta)
-        if self.folder.user_releases.is_file():
-            self.user_releases = {str(k): int(v) for k, v in json.loads(self.folder.user_releases.read_text()).items()}
-        if self.folder.user_spend.is_file():
-            self.reported_user_epsilon = {str(k): float(v) for k, v in
-                                          json.loads(self.folder.user_spend.read_text()).items()}
+        self.user_releases = {k: int(v) for k, v in self.folder.read_node_numbers(self.folder.user_releases).items()}
+        self.reported_user_epsilon = {k: float(v) for k, v in
+                                      self.folder.read_node_numbers(self.folder.user_spend).items()}
         if self.central is not None:
             self.central = restored_central(self.folder, meta, self.central)
         log(INFO, "resuming %s after round %d", self.run_id, meta["round"])

@@ -19,6 +19,7 @@ Every file is written atomically (:mod:`common.io`); every read names the file a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,18 @@ class RunFolder:
 
     def read_central_dp(self) -> dict[str, Any] | None:
         return read_json(self.central_dp) if self.central_dp.exists() else None
+
+    def read_node_numbers(self, path: Path) -> dict[str, float]:
+        """A secure run's per-node record (``user_releases`` counts, ``user_spend`` epsilons): node id ->
+        a finite number >= 0; empty when absent; anything else is a DataFormatError naming the file."""
+        if not path.exists():
+            return {}
+        raw = read_json(path)
+        if not isinstance(raw, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in raw.values()):
+            raise DataFormatError(path, "expected a JSON object of node id -> a finite number >= 0")
+        return {str(k): v for k, v in raw.items()}
 
     def read_spend(self) -> dict[str, Any] | None:
         return read_json(self.spend) if self.spend.exists() else None

@@ -264,6 +264,12 @@ def test_the_audit_recomputes_the_user_level_epsilon_and_catches_a_ledger_that_d
     _, _, report = write_audit(folder)
     secure = {c["name"]: c for c in report["checks"]}["secure_user_epsilon_recomputes"]
     assert secure["status"] == "fail" and any("under-reported" in p for p in secure["problems"])
+    # a corrupt server record is an error naming the file, never read loosely
+    from common.errors import DataFormatError
+
+    (folder / "user_releases.json").write_text('{"101": "many"}')
+    with pytest.raises(DataFormatError, match="user_releases.json"):
+        write_audit(folder)
 
 
 def test_devices_refuse_to_unmask_a_sum_of_too_few_shares_even_if_the_server_skips_its_check(tiny_grouplens,

@@ -11,7 +11,6 @@ accountants; stored figures are only compared against those recomputations.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,9 +112,8 @@ class RunAudit:
         self.central_on = bool(self.cfg["central-dp"])
         self.central = self._central() if self.central_on else None
         self.secure_on = bool(self.cfg.get("secure-aggregation", False))
-        releases, reported = self.folder.user_releases, self.folder.user_spend
-        self.server_user_releases: dict[str, int] = json.loads(releases.read_text()) if releases.is_file() else {}
-        self.reported_user_epsilon: dict[str, float] = json.loads(reported.read_text()) if reported.is_file() else {}
+        self.server_user_releases = {k: int(v) for k, v in self.folder.read_node_numbers(self.folder.user_releases).items()}
+        self.reported_user_epsilon = self.folder.read_node_numbers(self.folder.user_spend)
         # what the server recorded of each node's spend: the larger of the checkpoint's and the record
         # written as each round's replies were judged (it can be a round ahead after a crash)
         self.server_epsilon = restored_spend(self.folder, self.checkpoint)
