@@ -32,7 +32,7 @@ SECURE = {"secure-aggregation": True, "local-dp": False}
 CONFIGS: dict[str, dict] = {
     "default": {"clients-per-round": 41, "num-server-rounds": 23, "min-survivors": 33, "local-epochs": 5.0},
 }
-CENTRAL_NOISE = 0.5514  # central DP at the same schedule: epsilon 7.82 at delta 1e-4 (q = 41/943, 23 rounds)
+USER_EPSILON = 7.817  # the secure default's user-level epsilon at delta 1e-4 (one participation per user)
 
 app = typer.Typer(add_completion=False)
 
@@ -90,16 +90,29 @@ def run_secure(name: str, overrides: dict, seed: int, work: Path, users: int = 9
                        for r in rounds]}
 
 
+def central_noise(overrides: dict, population: int = 943) -> float:
+    """The trusted server's noise multiplier that gives :data:`USER_EPSILON` at delta 1e-4 over the run's
+    rounds at Poisson rate clients-per-round / population (Opacus RDP), rounded up to 4 decimals."""
+    from common.privacy import noise_for_epsilon
+
+    cfg = resolve({k: v for k, v in overrides.items() if k != "min-survivors"})
+    noise = noise_for_epsilon(USER_EPSILON, 1e-4, cfg["clients-per-round"] / population, cfg["num-server-rounds"],
+                              "rdp")
+    return math.ceil(noise * 1e4) / 1e4
+
+
 def run_reference(name: str, overrides: dict, seed: int, work: Path, central: bool) -> dict:
     """The comparison rows, same training without secure aggregation: the trusted server's central DP
-    (Poisson client sampling, Gaussian noise added by the server, at the same user-level epsilon), or no
-    DP at all (the schedule's ceiling). Devices whose policy lets a run without local DP."""
+    (Poisson client sampling, Gaussian noise added by the server, at the same user-level epsilon: the
+    noise is solved for the run's rounds and rate unless given), or no DP at all (the schedule's
+    ceiling). Devices whose policy lets a run without local DP."""
     from simulations.bench_privacy_utility import run_point
 
     cfg = {"local-dp": False, **overrides}
     if central:
-        cfg = {"central-dp": True, "central-noise-multiplier": CENTRAL_NOISE, "central-clip": 1.0, **cfg}
         cfg.pop("min-survivors", None)
+        cfg = {"central-dp": True, "central-clip": 1.0, **cfg}
+        cfg.setdefault("central-noise-multiplier", central_noise(cfg))
     resolve(cfg)
     result = run_point(name, cfg, {"privacy-local-dp": False}, seed, work)
     rows = [json.loads(line) for line in (work / f"{name}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]

@@ -126,15 +126,18 @@ app.command()(server_cli.audit)
 
 @app.command("audit-empirical")
 def audit_empirical(
-    kind: str = typer.Argument(..., help="mechanism | membership | clients"),
+    kind: str = typer.Argument(..., help="mechanism | membership | clients | secure-clients"),
     out: Path = typer.Option(..., help="folder for the audit JSON (and, for clients, the audited run)"),
     canaries: Optional[int] = typer.Option(None, help="canaries m (default: mechanism 2000, membership 500, "
-                                                      "clients 200); each included with probability 1/2"),
-    broken: str = typer.Option("none", help="mechanism/membership: none | noise-off | clip-off (a deliberately "
-                                            "broken run that the accountant still describes as configured)"),
+                                                      "clients and secure-clients 200); each included with "
+                                                      "probability 1/2"),
+    broken: str = typer.Option("none", help="mechanism/membership: none | noise-off | clip-off; secure-clients: "
+                                            "none | noise-off (a deliberately broken run that the accountant "
+                                            "still describes as configured)"),
     users: int = typer.Option(1, help="membership: users whose real examples join the canaries "
                                       "(mechanism: always one client)"),
-    real_clients: int = typer.Option(20, help="clients: real MovieLens users in the audited federation"),
+    real_clients: int = typer.Option(20, help="clients, secure-clients: real MovieLens users in the audited "
+                                              "federation (secure-clients: canary devices are the next m users)"),
     confidence: float = typer.Option(0.95, help="confidence of the lower bound"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="run-config override key=value (repeatable), "
                                                                  "as in flwr run --run-config"),
@@ -153,7 +156,7 @@ def audit_empirical(
         options = AuditOptions(out=out, broken=broken, users=users, real_clients=real_clients, confidence=confidence)
         report = audit.run(parse_overrides(set_ or []), audit.default_canaries if canaries is None else canaries,
                            options)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, RuntimeError) as exc:
         fail(exc)
     name = f"audit-{kind}" + (f"-{broken}" if broken != "none" else "") + ".json"
     path = write_json_atomic(out / name, report)

@@ -78,6 +78,7 @@ class SecureInProcessGrid(InProcessGrid):
         # called with (node, stage, content)
         self.tamper_sent, self.tamper_reply = tamper_sent, tamper_reply
         self.contexts: dict[int, Context] = {}
+        self.current_node: int | None = None  # the node whose ClientApp call is running (the audit's canaries)
 
     def _context(self, node: int) -> Context:
         if node not in self.contexts:
@@ -101,6 +102,7 @@ class SecureInProcessGrid(InProcessGrid):
                 self.tamper_sent(node, stage, content)
             copy = Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
                            group_id=msg.metadata.group_id)
+            self.current_node = node
             try:
                 reply = client_app.app(copy, self._context(node))
             except Exception as exc:  # noqa: BLE001 - what Flower's runtime turns into an error reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,57 @@ def test_client_level_audit_runs_the_federation_with_canary_clients(small_ml100k
     assert report["population"]["canary_clients"] == report["canaries"]["included"]
     assert np.isfinite(report["epsilon_estimate_one_shot"])
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").iterdir())
+
+
+def test_the_secure_canary_audit_runs_every_device_through_the_secure_path_and_sees_missing_noise(
+        tiny_grouplens, tmp_path):
+    import client.secure_session as secure_session
+    import client.session
+    import common.skellam
+    from common.skellam import SkellamPlan, plan_epsilon
+    from simulations.audits.secure_canaries import run_secure_client_audit
+
+    overrides = {"dataset": str(tiny_grouplens), "examples-per-user": 4, "batch-size": 2, "history-len": 3,
+                 "sequence-dim": 16}
+
+    def releases_in_ledgers(report) -> list[int]:
+        return sorted(len(json.loads(p.read_text())["user_releases"])
+                      for p in (Path(report["run_dir"]) / "clients").glob("ledger-*.json"))
+
+    # One real device, four canaries (an injected draw: both groups non-empty) and one more real device
+    # that drops out before its masked share: the sum holds exactly min-survivors = 5 shares.
+    report = run_secure_client_audit(overrides, tmp_path / "ok", real_clients=1, canaries=4, confidence=SURE,
+                                     included=np.array([True, False, True, False]), dropouts=1)
+    assert REQUIRED <= set(report) and report["privacy_unit"].startswith("user")
+    assert report["round"]["clients_sampled"] == 6 and report["round"]["clients_accepted"] == 5
+    assert report["round"]["aggregated"]
+    # Every device that trained recorded its one release in its own ledger, canaries included (the
+    # dropped device left after key sharing and never trained); the server counted the five shares.
+    assert releases_in_ledgers(report) == [1] * 5
+    assert sorted(json.loads((Path(report["run_dir"]) / "user_releases.json").read_text()).values()) == [1] * 5
+    claimed = report["mechanism_claimed"]
+    assert claimed["min_survivors"] == 5 and claimed["strategy"] == "fedavg"
+    dim = report["canaries"]["dimension"]
+    plan = SkellamPlan(dim, 1.0, 0.6, 5, 6)
+    assert report["accountant_epsilon"] == pytest.approx(plan_epsilon(plan, 1e-6))
+    assert report["accountant_epsilon_at_user_delta"] == pytest.approx(plan_epsilon(plan, 1e-4))
+    # The sum's norm is its noise's, five shares' worth: with d >= 12,000 coordinates the noise norm's
+    # relative spread is under 0.65% (chi-square), so a 5% miss is over 7 standard deviations (and a
+    # share sized for the six sampled devices instead of the five survivors would be 8.7% short).
+    assert dim >= 12000
+    assert 0.95 < report["round"]["sum_norm"] / report["round"]["noise_norm_expected"] < 1.05
+    # The patch is gone after the run.
+    assert secure_session.train_locally is client.session.train_locally
+    assert secure_session.SkellamNoise is common.skellam.SkellamNoise
+
+    included = np.array([True, False, True, False, True])
+    broken = run_secure_client_audit(overrides, tmp_path / "broken", real_clients=1, canaries=5, confidence=SURE,
+                                     included=included, broken="noise-off")
+    assert releases_in_ledgers(broken) == [1] * 6  # the ledgers still claim the noise
+    assert broken["round"]["sum_norm"] / broken["round"]["noise_norm_expected"] < 0.2  # but none is there
+    scores = np.array(broken["scores"])
+    # Without noise the change is the sum of the real update and the three canaries at the clip: an
+    # included canary scores about 1/2; an excluded one (a direction independent of the change) about
+    # N(0, 1/d), so with d >= 12,000 (above) a score above 0.1 is over 10 standard deviations out.
+    assert scores[included].min() > 0.2 > 0.1 > np.abs(scores[~included]).max()
+    assert secure_session.SkellamNoise is common.skellam.SkellamNoise

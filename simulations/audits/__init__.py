@@ -37,10 +37,17 @@ def _membership(overrides: dict[str, Any], canaries: int, o: AuditOptions) -> di
 
 def _clients(overrides: dict[str, Any], canaries: int, o: AuditOptions) -> dict[str, Any]:
     if o.broken != "none":
-        raise ValueError("--broken applies to the mechanism and membership audits only")
+        raise ValueError("--broken applies to the mechanism, membership and secure-clients audits only")
     from simulations.audits.canary_clients import run_client_audit
 
     return run_client_audit(overrides, o.out, o.real_clients, canaries, confidence=o.confidence)
+
+
+def _secure_clients(overrides: dict[str, Any], canaries: int, o: AuditOptions) -> dict[str, Any]:
+    from simulations.audits.secure_canaries import run_secure_client_audit
+
+    return run_secure_client_audit(overrides, o.out, o.real_clients, canaries, confidence=o.confidence,
+                                   broken=o.broken)
 
 
 @dataclass(frozen=True)
@@ -53,4 +60,5 @@ AUDITS: dict[str, Audit] = {
     "mechanism": Audit(2000, _mechanism),
     "membership": Audit(500, _membership),
     "clients": Audit(200, _clients),
+    "secure-clients": Audit(200, _secure_clients),
 }
