@@ -91,14 +91,23 @@ def run_secure(name: str, overrides: dict, seed: int, work: Path, users: int = 9
 
 
 def central_noise(overrides: dict, population: int = 943) -> float:
-    """The trusted server's noise multiplier that gives :data:`USER_EPSILON` at delta 1e-4 over the run's
-    rounds at Poisson rate clients-per-round / population (Opacus RDP), rounded up to 4 decimals."""
-    from common.privacy import noise_for_epsilon
+    """The trusted server's noise multiplier for the run's rounds at Poisson rate clients-per-round /
+    population: the smallest multiple of 1e-4 whose epsilon at the run's central delta (Opacus RDP) is
+    at most :data:`USER_EPSILON` (Opacus' solver stops within 0.01 of the target; this refines it)."""
+    from common.privacy import epsilon_of_history, noise_for_epsilon
 
     cfg = resolve({k: v for k, v in overrides.items() if k != "min-survivors"})
-    noise = noise_for_epsilon(USER_EPSILON, 1e-4, cfg["clients-per-round"] / population, cfg["num-server-rounds"],
-                              "rdp")
-    return math.ceil(noise * 1e4) / 1e4
+    rate, rounds, delta = cfg["clients-per-round"] / population, cfg["num-server-rounds"], cfg["central-delta"]
+
+    def epsilon(noise: float) -> float:
+        return epsilon_of_history([(noise, rate, rounds)], delta, cfg["accountant"])
+
+    noise = math.ceil(noise_for_epsilon(USER_EPSILON, delta, rate, rounds, cfg["accountant"]) * 1e4) / 1e4
+    while epsilon(noise) > USER_EPSILON:
+        noise = round(noise + 1e-4, 4)
+    while noise > 1e-4 and epsilon(round(noise - 1e-4, 4)) <= USER_EPSILON:
+        noise = round(noise - 1e-4, 4)
+    return noise
 
 
 def run_reference(name: str, overrides: dict, seed: int, work: Path, central: bool) -> dict:

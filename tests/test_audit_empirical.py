@@ -153,5 +153,18 @@ def test_the_secure_canary_audit_runs_every_device_through_the_secure_path_and_s
     # Without noise the change is the sum of the real update and the three canaries at the clip: an
     # included canary scores about 1/2; an excluded one (a direction independent of the change) about
     # N(0, 1/d), so with d >= 12,000 (above) a score above 0.1 is over 10 standard deviations out.
-    assert scores[included].min() > 0.2 > 0.1 > np.abs(scores[~included]).max()
+    assert scores[included].min() > 0.2 and np.abs(scores[~included]).max() < 0.1
     assert secure_session.SkellamNoise is common.skellam.SkellamNoise
+
+
+def test_the_secure_canary_audit_is_reached_from_the_cli_and_names_a_setup_it_lacks(tiny_grouplens, tmp_path):
+    tiny = ["--set", f"dataset={tiny_grouplens}", "--set", "examples-per-user=4", "--set", "batch-size=2",
+            "--set", "history-len=3", "--set", "sequence-dim=8"]
+    result = CliRunner().invoke(app, ["audit-empirical", "secure-clients", "--canaries", "4", "--real-clients", "1",
+                                      "--out", str(tmp_path), *tiny])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "audit-secure-clients.json").read_text())
+    assert report["audit"] == "secure-clients" and report["round"]["clients_accepted"] == 5
+    result = CliRunner().invoke(app, ["audit-empirical", "secure-clients", "--broken", "clip-off", "--out",
+                                      str(tmp_path), *tiny])
+    assert result.exit_code != 0 and "noise-off" in result.output

@@ -77,3 +77,16 @@ def test_the_population_projection_solves_the_measured_alignment_and_the_devices
     for ratio in (1.0, 10.0):
         m = out[f"devices_for_snr_{ratio:g}"]
         assert m + m * (m - 1) * rho >= (ratio * noise) ** 2 > (m - 1) + (m - 1) * (m - 2) * rho
+
+
+def test_the_central_comparison_noise_is_the_smallest_that_keeps_the_secure_epsilon():
+    from common.privacy import epsilon_of_history
+    from simulations.bench_secure import USER_EPSILON, central_noise
+
+    noise = central_noise({"clients-per-round": 41, "num-server-rounds": 23, "central-dp": True, "local-dp": False})
+    assert noise == 0.5514  # what the published central-DP runs used
+
+    def epsilon(z: float) -> float:
+        return epsilon_of_history([(z, 41 / 943, 23)], 1e-4)
+
+    assert epsilon(noise) <= USER_EPSILON < epsilon(round(noise - 1e-4, 4))
