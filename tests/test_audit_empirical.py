@@ -168,3 +168,6 @@ def test_the_secure_canary_audit_is_reached_from_the_cli_and_names_a_setup_it_la
     result = CliRunner().invoke(app, ["audit-empirical", "secure-clients", "--broken", "clip-off", "--out",
                                       str(tmp_path), *tiny])
     assert result.exit_code != 0 and "noise-off" in result.output
+    result = CliRunner().invoke(app, ["audit-empirical", "secure-clients", "--canaries", "6", "--real-clients", "1",
+                                      "--out", str(tmp_path), *tiny])
+    assert result.exit_code != 0 and "has 6" in result.output  # one user per device, and the tiny set has 6

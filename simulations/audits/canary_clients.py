@@ -108,6 +108,18 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     return float(optimize.brentq(excess, 0.0, hi))
 
 
+def one_shot_shift(scores: np.ndarray, included: np.ndarray
+                   ) -> tuple[float | None, float | None, float | None, float | None]:
+    """Andrew et al.'s one-shot reading of canary scores: (mean in, mean out, std out, mu), with
+    mu = (mean in - mean out) / std out; all None when there is no included canary or fewer than two
+    excluded ones (no null group to compare against)."""
+    if included.sum() < 1 or (~included).sum() < 2:
+        return None, None, None, None
+    mean_in, mean_out = float(scores[included].mean()), float(scores[~included].mean())
+    std_out = float(scores[~included].std(ddof=1))
+    return mean_in, mean_out, std_out, (mean_in - mean_out) / std_out if std_out > 0 else math.inf
+
+
 def run_client_audit(overrides: dict[str, Any] | None = None, out: str | Path = "audits", real_clients: int = 20,
                      canaries: int = 200, confidence: float = 0.95) -> dict[str, Any]:
     """Run a small federation with central DP and canary clients; return the report."""
@@ -135,13 +147,8 @@ def run_client_audit(overrides: dict[str, Any] | None = None, out: str | Path = 
     cosines = directions @ change / norm if norm > 0 else np.zeros(canaries)
 
     bound = audit_scores(cosines, included, fed.central.delta, confidence)
-    if included.sum() >= 1 and (~included).sum() >= 2:
-        mean_in, mean_out = float(cosines[included].mean()), float(cosines[~included].mean())
-        std_out = float(cosines[~included].std(ddof=1))
-        mu = (mean_in - mean_out) / std_out if std_out > 0 else math.inf
-        estimate = gdp_epsilon(mu, fed.central.delta)
-    else:  # every canary (or none) was drawn in: no null group to compare against
-        mean_in = mean_out = std_out = mu = estimate = None
+    mean_in, mean_out, std_out, mu = one_shot_shift(cosines, included)
+    estimate = None if mu is None else gdp_epsilon(mu, fed.central.delta)
     return {
         "audit": "clients",
         "epsilon_lower_bound": bound.epsilon_lower_bound,

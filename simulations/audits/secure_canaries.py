@@ -39,7 +39,6 @@ same sum).
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,11 +47,12 @@ from typing import Any, Iterator
 import numpy as np
 
 import client.secure_session as secure_session
+from common.partition import dataset_from_source
 from common.run_config import resolve
 from common.skellam import plan_epsilon, secure_plan
 from server.audit.estimator import audit_scores
 from server.federation import Federation
-from simulations.audits.canary_clients import flatten, gdp_epsilon, unflatten
+from simulations.audits.canary_clients import flatten, gdp_epsilon, one_shot_shift, unflatten
 from simulations.audits.mechanism import reading
 from simulations.inprocess_grid import SecureInProcessGrid
 
@@ -127,6 +127,10 @@ def run_secure_client_audit(overrides: dict[str, Any] | None = None, out: str | 
     fixed = {"secure-aggregation": True, "clients-per-round": devices + dropouts, "min-survivors": devices,
              "num-server-rounds": 1}
     cfg = resolve({**defaults, **dict(overrides or {}), **fixed})
+    available = dataset_from_source(cfg["dataset"]).num_users
+    if devices + dropouts > available:
+        raise ValueError(f"{real_clients} real clients + {canaries} canaries + {dropouts} dropouts need "
+                         f"{devices + dropouts} users (one per device), the dataset {cfg['dataset']!r} has {available}")
     droppers = {101 + devices + i: "collect_masked_vectors" for i in range(dropouts)}
     grid = SecureInProcessGrid(devices + dropouts, cfg, drop_at=droppers)
     users = grid.partition  # node -> MovieLens user: R real, then the m canaries, then the droppers
@@ -159,13 +163,8 @@ def run_secure_client_audit(overrides: dict[str, Any] | None = None, out: str | 
     # The shift the accounted noise predicts along a unit direction, in grid units: the canary's norm
     # C / gamma against the sum's noise z * Delta_2 (all min-survivors shares present).
     mu_expected = (plan.clip / plan.gamma) / (plan.noise_multiplier * plan.l2_sensitivity)
-    if included.sum() >= 1 and (~included).sum() >= 2:
-        mean_in, mean_out = float(cosines[included].mean()), float(cosines[~included].mean())
-        std_out = float(cosines[~included].std(ddof=1))
-        mu = (mean_in - mean_out) / std_out if std_out > 0 else math.inf
-        estimate = gdp_epsilon(mu, delta)
-    else:
-        mean_in = mean_out = std_out = mu = estimate = None
+    mean_in, mean_out, std_out, mu = one_shot_shift(cosines, included)
+    estimate = None if mu is None else gdp_epsilon(mu, delta)
     return {
         "audit": "secure-clients",
         "broken": broken,
