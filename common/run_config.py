@@ -67,6 +67,12 @@ FIELDS: dict[str, Field] = {
          "the bias predicted from the text learns what new items need (under local DP drawn per row from the "
          "device's secure random stream, secret and independent of the data; without DP from the run's seed)"),
         low=0, high=0.9),
+    "sequence-new-item-boost": Field(
+        0.2, "model",
+        ("sequence model, ranking only: an item no training row had (with cold-start-holdout the held-out ones) "
+         "gets this constant in place of the trained item bias it lacks, favouring new items by the factor "
+         "exp(boost) (0: ranked by their text terms alone); chosen on validation, see the cold-start results"),
+        low=-10.0, high=10.0),
     "lora-rank": Field(8, "model", "text model: LoRA rank", low=1, high=384),
     "lora-alpha": Field(16, "model", "LoRA alpha", low=1, high=10000.0),
     "item-bias": Field(True, "model", "train and exchange a per-item bias (new items fall back to text only)"),

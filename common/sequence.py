@@ -11,7 +11,12 @@ training have::
 ``t_j`` is item j's unit-norm text vector (a buffer), ``w . t_j`` a bias predicted from the
 text (so an item nobody has rated gets a calibrated bias rather than none), ``id_out`` and ``b``
 per-item ID parameters. Items not ``known`` (never in training) are scored by the text terms
-alone: no trained ID parameter touches them, and the softmax of training leaves them out.
+alone: no trained ID parameter of theirs touches them, and the softmax of training leaves them
+out. At ranking time they get the constant ``new_item_boost`` in place of the ID terms they lack
+(a calibrated mix of text and ID terms: a positive boost lifts every new item by the same factor
+``exp(boost)`` against the known items, whose trained biases otherwise keep new ones out of a top
+10); it is the same for every unseen item and no trained parameter, so their order among
+themselves is the text's and their scores depend on no ID parameter.
 
 DP-compatibility: every trainable module is an Opacus-supported layer (Linear, Embedding,
 LayerNorm) or one of the two registered here (:class:`TextBias`, ``ItemBias``), the attention
@@ -56,12 +61,17 @@ class SequenceSettings:
     # vectors (the training-free heuristic's user). 0: off.
     prior_weight: float = 0.0
     prior_decay: float = 0.8
+    # Ranking only: an item never seen in training gets this constant in place of the ID terms it lacks (in
+    # logits: its probability is multiplied by exp(new_item_boost)); 0 is the text terms alone.
+    new_item_boost: float = 0.0
 
     def __post_init__(self) -> None:
         if self.history_len < 1 or self.dim < 1 or self.layers < 0 or self.heads < 1:
             raise ValueError(f"invalid sequence settings {self}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
+        if not math.isfinite(self.new_item_boost):
+            raise ValueError(f"new_item_boost must be finite, got {self.new_item_boost}")
         if not (self.prior_weight >= 0 and 0 < self.prior_decay <= 1):
             raise ValueError(f"prior_weight must be >= 0 and prior_decay in (0, 1], got {self}")
         for name in ("id_dropout", "dropout"):
@@ -262,20 +272,23 @@ class SequenceRecommender(nn.Module):
         return user @ self.item_text[: self.num_items].T
 
     def _logits(self, user: torch.Tensor, id_mask: torch.Tensor | None,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+                prior: torch.Tensor | None = None, ranking: bool = False) -> torch.Tensor:
         logits = self.text_out(user) @ self.item_text[: self.num_items].T
         if prior is not None:
             logits = logits + self.settings.prior_weight * prior
         if self.text_bias is not None:
             logits = self.text_bias(logits)
+        known = self.known[: self.num_items]
         if self.id_out is not None or self.item_bias is not None:
             id_part = self.id_out(user) if self.id_out is not None else torch.zeros_like(logits)
             if self.item_bias is not None:
                 id_part = self.item_bias(id_part)
-            mask = self.known[: self.num_items].to(logits.dtype)
+            mask = known.to(logits.dtype)
             if id_mask is not None:
                 mask = mask * id_mask
             logits = logits + id_part * mask
+        if ranking and self.settings.new_item_boost != 0.0:
+            logits = logits + self.settings.new_item_boost * (~known).to(logits.dtype)
         return logits
 
     def forward(self, items: torch.Tensor, ratings: torch.Tensor,
@@ -287,8 +300,8 @@ class SequenceRecommender(nn.Module):
 
     @torch.no_grad()
     def score(self, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
-        """Ranking scores over the full catalogue (unknown items by their text terms alone)."""
-        return self._logits(self.user_vectors(items, ratings), None, self._prior(items, ratings))
+        """Ranking scores over the full catalogue (unknown items by their text terms and the new-item boost)."""
+        return self._logits(self.user_vectors(items, ratings), None, self._prior(items, ratings), ranking=True)
 
     def _prior(self, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor | None:
         return self.text_prior(items, ratings) if self.settings.prior_weight > 0 else None

@@ -37,12 +37,14 @@ def sequence_settings(cfg: dict[str, Any]) -> SequenceSettings:
     return SequenceSettings(history_len=cfg["history-len"], dim=cfg["sequence-dim"], layers=cfg["sequence-layers"],
                             heads=cfg["sequence-heads"], id_terms=False, item_bias=cfg["item-bias"],
                             item_bias_scale=cfg["item-bias-scale"], text_bias=True,
-                            id_dropout=cfg["sequence-id-dropout"], prior_weight=cfg["sequence-prior-weight"])
+                            id_dropout=cfg["sequence-id-dropout"], prior_weight=cfg["sequence-prior-weight"],
+                            new_item_boost=cfg["sequence-new-item-boost"])
 
 
 _RUN_CONFIG_KEY = {"history_len": "history-len", "dim": "sequence-dim", "layers": "sequence-layers",
                    "heads": "sequence-heads", "item_bias_scale": "item-bias-scale",
-                   "prior_weight": "sequence-prior-weight", "id_dropout": "sequence-id-dropout"}
+                   "prior_weight": "sequence-prior-weight", "id_dropout": "sequence-id-dropout",
+                   "new_item_boost": "sequence-new-item-boost"}
 
 
 def settings_from_stored(raw: Any) -> SequenceSettings:

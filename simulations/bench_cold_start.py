@@ -25,6 +25,7 @@ from common.results import result_record
 from common.run_config import parse_overrides
 
 RESULTS = Path(__file__).parent / "results" / "cold-start-federated"
+BOOST_GRID = tuple(round(0.1 * k, 1) for k in range(11))  # sequence-new-item-boost values scored after training
 app = typer.Typer(add_completion=False)
 
 
@@ -55,22 +56,26 @@ def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set"
     if not isinstance(fed.runtime, SequenceRuntime):
         raise typer.BadParameter("this benchmark scores the sequence model (user-model=sequence)")
     fed.runtime.load_state(fed.names, fed.arrays)
+    model = fed.runtime.model
     cold_users = cold_start_users(full, held_out)
     rows = evaluation_rows(full, "test", fed.runtime.settings.history_len, cold_users)
-    cold = evaluate_scores(sequence_scores(fed.runtime.model, rows), full, "test", cold_users)
+    cold = evaluate_scores(sequence_scores(model, rows), full, "test", cold_users)
     warm = json.loads((fed.folder.result).read_text())
     # For choosing settings: the same two figures on the validation split (the users whose validation item
     # is held out, and every user's validation NDCG@10 from the run's last evaluation).
     cold_val_users = cold_start_users(full, held_out, "validation")
     val_rows = evaluation_rows(full, "validation", fed.runtime.settings.history_len, cold_val_users)
-    cold_val = evaluate_scores(sequence_scores(fed.runtime.model, val_rows), full, "validation", cold_val_users)
+    cold_val = evaluate_scores(sequence_scores(model, val_rows), full, "validation", cold_val_users)
     last = [r for r in fed.folder.read_metrics() if "val_NDCG@10" in r][-1]
     validation = {"cold_start_users": len(cold_val_users), "cold_start_HR@10": cold_val["HR@10"],
                   "cold_start_NDCG@10": cold_val["NDCG@10"], "all_users_NDCG@10": last["val_NDCG@10"]}
+    # The same trained model ranked with each new-item boost of the grid (a ranking rule, no training
+    # change), every figure computed here from every user's full history so that they compare on equal terms.
+    rankings = {f"{boost:g}": unseen_ranking(model, full, held_out, boost) for boost in BOOST_GRID}
     wall = time.perf_counter() - t0
     config = {**fed.cfg, "held_out_items": len(held_out), "cold_start_users": len(cold_users),
               "simulation": "in-process federation (InProcessGrid), cold-start-holdout=true",
-              "validation": validation}
+              "validation": validation, "unseen_rankings": rankings}
     write_json_atomic(out / f"{name}-seed{seed}-test-cold-start.json",
                       result_record("federated-dp", "test-cold-start", {k: cold[k] for k in ("HR@10", "NDCG@10")},
                                     len(cold_users), seed, warm["privacy"], wall, config))
@@ -78,7 +83,31 @@ def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set"
                       {**warm, "config": config})
     print(json.dumps({"cold_start_HR@10": cold["HR@10"], "cold_start_NDCG@10": cold["NDCG@10"],
                       "cold_users": len(cold_users), "all_users_NDCG@10": warm["metrics"]["NDCG@10"],
-                      "validation": validation, "seconds": round(wall, 1)}))
+                      "validation": validation, "unseen_rankings": rankings, "seconds": round(wall, 1)}))
+
+
+def unseen_ranking(model, split, held_out, boost: float) -> dict:
+    """Validation and test NDCG@10 / HR@10 of every user and of the cold-start users (whose target is a
+    held-out item) with the model's ``new_item_boost`` set to ``boost`` (restored afterwards)."""
+    from dataclasses import replace
+
+    from common.evaluation import evaluate_scores
+    from common.sequence import evaluation_rows, sequence_scores
+    from simulations.baselines import cold_start_users
+
+    kept = model.settings
+    model.settings = replace(kept, new_item_boost=boost)
+    try:
+        out = {}
+        for which in ("validation", "test"):
+            for group, users in (("all", split.eval_users()), ("cold", cold_start_users(split, held_out, which))):
+                rows = evaluation_rows(split, which, kept.history_len, users)
+                metrics = evaluate_scores(sequence_scores(model, rows), split, which, users)
+                out[f"{which}_{group}"] = {"users": len(users), "NDCG@10": round(metrics["NDCG@10"], 5),
+                                           "HR@10": round(metrics["HR@10"], 5)}
+        return out
+    finally:
+        model.settings = kept
 
 
 if __name__ == "__main__":

@@ -318,3 +318,10 @@ def test_cold_start_holdout_items_are_scored_by_text_alone_and_held_by_no_client
     rest = torch.ones(ml100k.num_items, dtype=torch.bool)
     rest[torch.from_numpy(held)] = False
     assert torch.isinf(logits[held]).all() and torch.isfinite(logits[rest]).all()  # out of the softmax
+    # the run config's new-item boost lifts exactly the held-out items, by exactly itself
+    plain = make_runtime(ml100k, resolve({"cold-start-holdout": True, "sequence-new-item-boost": 0.0}))
+    plain.load_state(*runtime.state())
+    unboosted = plain.model.score(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))[0]
+    assert cfg["sequence-new-item-boost"] == 0.2
+    assert torch.equal(unboosted[rest], after[rest])
+    assert torch.allclose(after[held] - unboosted[held], torch.full((len(held),), 0.2), atol=1e-6)

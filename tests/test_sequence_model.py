@@ -122,10 +122,11 @@ def test_rating_codes():
     assert rating_codes(np.array([1.0, 4.6, np.nan, 5.0])).tolist() == [1, 5, 0, 5]
 
 
-def test_unseen_items_are_rankable_and_ignore_every_id_parameter():
+@pytest.mark.parametrize("boost", [0.0, 0.5])
+def test_unseen_items_are_rankable_and_ignore_every_id_parameter(boost):
     known = torch.ones(NUM_ITEMS, dtype=torch.bool)
     known[[2, 11, 17]] = False
-    model = _model(known=known)
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=2, heads=2, new_item_boost=boost), known=known)
     rows = _rows(5)
     rows.items[rows.items == 2] = 3
     before = sequence_scores(model, rows)
@@ -141,6 +142,25 @@ def test_unseen_items_are_rankable_and_ignore_every_id_parameter():
     assert not np.allclose(after[:, ~cold], before[:, ~cold])
     logits = model(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))
     assert torch.isinf(logits[:, ~known]).all() and torch.isfinite(logits[:, known]).all()
+
+
+@pytest.mark.parametrize("id_terms,boost", [(True, 0.7), (False, -0.4)])
+def test_the_new_item_boost_moves_exactly_the_unseen_items_scores(id_terms, boost):
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[[2, 11, 17]] = False
+    settings = SequenceSettings(history_len=6, dim=8, layers=2, heads=2, id_terms=id_terms)
+    model = _model(settings, known=known)
+    rows = _rows(5)
+    plain = sequence_scores(model, rows)
+    model.settings = SequenceSettings(**{**settings.__dict__, "new_item_boost": boost})
+    boosted = sequence_scores(model, rows)
+    cold = (~known).numpy()
+    np.testing.assert_array_equal(boosted[:, ~cold], plain[:, ~cold])
+    np.testing.assert_allclose(boosted[:, cold], plain[:, cold] + boost, rtol=0, atol=1e-6)
+    logits = model(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))  # training ignores it
+    assert torch.isinf(logits[:, ~known]).all()
+    with pytest.raises(ValueError, match="new_item_boost"):
+        SequenceSettings(new_item_boost=float("nan"))
 
 
 def test_a_history_of_unseen_items_only_reads_their_text():
