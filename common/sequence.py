@@ -64,6 +64,10 @@ class SequenceSettings:
     # Ranking only: an item never seen in training gets this constant in place of the ID terms it lacks (in
     # logits: its probability is multiplied by exp(new_item_boost)); 0 is the text terms alone.
     new_item_boost: float = 0.0
+    # Training only: the items in a row's own history (other than its target) leave that row's softmax. They
+    # are never recommended to the user (ranking excludes seen items), so the model need not push them down.
+    # The mask is a function of the row's own input: each loss still depends on its own example alone.
+    exclude_history: bool = False
 
     def __post_init__(self) -> None:
         if self.history_len < 1 or self.dim < 1 or self.layers < 0 or self.heads < 1:
@@ -305,6 +309,18 @@ class SequenceRecommender(nn.Module):
 
     def _prior(self, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor | None:
         return self.text_prior(items, ratings) if self.settings.prior_weight > 0 else None
+
+
+def history_mask(items: torch.Tensor, targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(B, num_items) True where an item is in the row's history ``items`` (left-padded with ``num_items``)
+    and is not the row's target (a repeated item stays a valid target)."""
+    seen = torch.zeros(items.shape[0], num_items + 1, dtype=torch.bool)
+    seen.scatter_(1, items, True)
+    seen = seen[:, :num_items]
+    rows = torch.arange(items.shape[0])
+    valid = (targets >= 0) & (targets < num_items)
+    seen[rows[valid], targets[valid]] = False
+    return seen
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ def sequence_settings(cfg: dict[str, Any]) -> SequenceSettings:
                             heads=cfg["sequence-heads"], id_terms=False, item_bias=cfg["item-bias"],
                             item_bias_scale=cfg["item-bias-scale"], text_bias=True,
                             id_dropout=cfg["sequence-id-dropout"], prior_weight=cfg["sequence-prior-weight"],
-                            new_item_boost=cfg["sequence-new-item-boost"])
+                            new_item_boost=cfg["sequence-new-item-boost"],
+                            exclude_history=cfg["sequence-exclude-history"])
 
 
 _RUN_CONFIG_KEY = {"history_len": "history-len", "dim": "sequence-dim", "layers": "sequence-layers",

@@ -19,7 +19,7 @@ from torch import nn
 from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 from common.secure_random import SecureStream
-from common.sequence import SequenceRecommender, SequenceRows
+from common.sequence import SequenceRecommender, SequenceRows, history_mask
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -127,6 +127,9 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     elif dropout > 0:
                         id_mask = (torch.rand(len(idx), model.num_items, generator=generator) >= dropout).float()
                     logits = module(items[idx], ratings[idx], id_mask)
+                    if model.settings.exclude_history:  # per row, from its own input only
+                        logits = logits.masked_fill(history_mask(items[idx], targets[idx], model.num_items),
+                                                    float("-inf"))
                     per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")
                     # a padding row's loss is exactly 0 even if its (unused) target is masked out (inf x 0)
                     per_row = torch.where(weights[idx] > 0, per_row, torch.zeros_like(per_row))

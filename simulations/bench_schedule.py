@@ -34,6 +34,8 @@ PROBES: dict[str, tuple[dict, dict, float | None]] = {
     "local-steps-4": ({"local-epochs": 4.0}, {}, 7.97),
     "no-dp-sessions-4": ({"num-server-rounds": 192, "eval-every": 48, **NO_DP[0]}, NO_DP[1], None),
     "no-dp-local-steps-4": ({"local-epochs": 4.0, **NO_DP[0]}, NO_DP[1], None),
+    # the default with each row's own history items out of its training softmax (same epsilon)
+    "exclude-history": ({"sequence-exclude-history": True}, {}, None),
 }
 
 

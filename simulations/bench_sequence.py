@@ -45,7 +45,8 @@ from simulations.text_heuristic import choose_on_validation, heuristic_scores
 RESULTS = Path(__file__).parent / "results" / "sequence"
 ITEM_MAX_LENGTH = 32
 
-SETTINGS = SequenceSettings(history_len=50, dim=64, layers=2, heads=2, dropout=0.0, id_dropout=0.3)
+SETTINGS = SequenceSettings(history_len=50, dim=64, layers=2, heads=2, dropout=0.0, id_dropout=0.3,
+                            exclude_history=True)
 TRAIN = SequenceTrainConfig(epochs=1.0, batch_size=256, learning_rate=1e-3)
 DP_TRAIN = SequenceTrainConfig(epochs=3.0, batch_size=1024, learning_rate=3e-3, dp=True, target_epsilon=8.0,
                                delta=1e-5, max_grad_norm=1.0)
@@ -55,7 +56,8 @@ app = typer.Typer(add_completion=False)
 
 def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train_cfg: SequenceTrainConfig,
         max_epochs: int, seed: int, label: str | None,
-        held_out: np.ndarray = np.empty(0, dtype=np.int64)) -> tuple[SequenceRecommender, dict]:
+        held_out: np.ndarray = np.empty(0, dtype=np.int64),
+        examples_per_user: int = 0) -> tuple[SequenceRecommender, dict]:
     """Train and return the model with what was done.
 
     Without DP: epoch by epoch, keeping the epoch with the best validation NDCG@10. With DP: one
@@ -67,7 +69,7 @@ def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train
         model.set_known(torch.as_tensor(~np.isin(np.arange(split.data.num_items), held_out)))
     else:  # non-private: the items with training ratings
         model.set_known(torch.as_tensor(split.train_item_counts() > 0))
-    rows = training_rows(split, settings.history_len)
+    rows = training_rows(split, settings.history_len, examples_per_user)
     if train_cfg.dp:
         report = train_sequence(model, rows, replace(train_cfg, seed=seed), label=label)
         return model, {"train_rows": len(rows), "train_seconds": round(report.seconds, 1), "steps": report.steps,
@@ -119,7 +121,8 @@ def with_overrides(settings: SequenceSettings, train_cfg: SequenceTrainConfig,
 
 
 def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path, max_epochs: int,
-               overrides: list[str] | None = None, cold_start: bool = True) -> list[dict]:
+               overrides: list[str] | None = None, cold_start: bool = True,
+               examples_per_user: int = 0) -> list[dict]:
     """Evaluate one method for one seed and write its result files."""
     split = leave_one_out(data)
     held_out = cold_start_items(data.num_items)
@@ -145,9 +148,11 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
     elif method in ("sequence", "sequence-dp"):
         settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN,
                                              overrides or [])
-        model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}")
+        model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}",
+                          examples_per_user=examples_per_user)
         privacy = _dp_privacy(train_cfg, info, settings.history_len) if train_cfg.dp else NO_PRIVACY
-        config = {"settings": asdict(settings), "train": asdict(train_cfg), **info}
+        config = {"settings": asdict(settings), "train": asdict(train_cfg), "examples_per_user": examples_per_user,
+                  **info}
         for which in ("validation", "test"):
             rows = evaluation_rows(split, which, settings.history_len, users)
             metrics = evaluate_scores(sequence_scores(model, rows), split, which, users)
@@ -157,7 +162,7 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         if not cold_start:
             return _write(records, method, seed, out)
         cold_model, cold_info = fit(item_text, cold_split, settings, train_cfg, max_epochs, seed,
-                                    f"{method} seed {seed} (cold)", held_out)
+                                    f"{method} seed {seed} (cold)", held_out, examples_per_user)
         rows = evaluation_rows(split, "test", settings.history_len, cold_users)
         metrics = evaluate_scores(sequence_scores(cold_model, rows), split, "test", cold_users)
         cold_privacy = _dp_privacy(train_cfg, cold_info, settings.history_len) if train_cfg.dp else NO_PRIVACY
@@ -193,6 +198,7 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
          out: Path = typer.Option(RESULTS, help="folder for the result files"),
          set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
          cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),
+         examples_per_user: int = typer.Option(0, help="train on each user's most recent N targets (0: all)"),
          table: bool = typer.Option(False, help="print the markdown table of the result files in --out and stop")
          ) -> None:
     """Run METHOD for each seed and print test NDCG@10 / HR@10 and the cold-start HR@10."""
@@ -205,7 +211,7 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
     seed_list = [int(s) for s in seeds.split(",")] if method != "text-heuristic" else [0]
     for seed in seed_list:
         records = {r["split"]: r for r in run_method(method, seed, data, item_text, out, max_epochs, set_,
-                                                               cold_start)}
+                                                     cold_start, examples_per_user)}
         print(json.dumps({"method": method, "seed": seed,
                           "test_NDCG@10": round(records["test"]["metrics"]["NDCG@10"], 4),
                           "test_HR@10": round(records["test"]["metrics"]["HR@10"], 4),

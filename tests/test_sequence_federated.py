@@ -319,9 +319,17 @@ def test_cold_start_holdout_items_are_scored_by_text_alone_and_held_by_no_client
     rest[torch.from_numpy(held)] = False
     assert torch.isinf(logits[held]).all() and torch.isfinite(logits[rest]).all()  # out of the softmax
     # the run config's new-item boost lifts exactly the held-out items, by exactly itself
-    plain = make_runtime(ml100k, resolve({"cold-start-holdout": True, "sequence-new-item-boost": 0.0}))
-    plain.load_state(*runtime.state())
-    unboosted = plain.model.score(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))[0]
-    assert cfg["sequence-new-item-boost"] == 0.2
-    assert torch.equal(unboosted[rest], after[rest])
-    assert torch.allclose(after[held] - unboosted[held], torch.full((len(held),), 0.2), atol=1e-6)
+    boosted = make_runtime(ml100k, resolve({"cold-start-holdout": True, "sequence-new-item-boost": 0.3}))
+    boosted.load_state(*runtime.state())
+    lifted = boosted.model.score(torch.from_numpy(rows.items), torch.from_numpy(rows.ratings))[0]
+    assert torch.equal(lifted[rest], after[rest])
+    assert torch.allclose(lifted[held] - after[held], torch.full((len(held),), 0.3), atol=1e-6)
+    # and does nothing where every item is trained on (a run without the hold-out, every device)
+    plain_split = run_split(resolve({}))
+    plain_rows = client_sequences(plain_split, 0, 50, 0).eval_row
+    scores = {}
+    for boost in (0.0, 0.3):
+        rt = make_runtime(ml100k, resolve({"sequence-new-item-boost": boost}))
+        rt.load_state(*runtime.state())
+        scores[boost] = rt.model.score(torch.from_numpy(plain_rows.items), torch.from_numpy(plain_rows.ratings))[0]
+    assert torch.equal(scores[0.0], scores[0.3])

@@ -94,6 +94,54 @@ def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout):
         gsm._close()
 
 
+def test_history_exclusion_keeps_per_sample_gradients_each_rows_own():
+    from opacus.grad_sample.utils import wrap_model
+
+    from common.sequence import history_mask
+
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, exclude_history=True))
+    rows = _rows(7)
+    rows.targets[:] = np.arange(7)
+    rows.items[1, -1] = 1  # a repeated item: the row's target is also in its history and must stay scorable
+    items, ratings, targets = (torch.from_numpy(a) for a in (rows.items, rows.ratings, rows.targets))
+    mask = history_mask(items, targets, NUM_ITEMS)
+    for k in range(len(rows)):  # exactly the row's own history items, never its target
+        want = set(rows.items[k][rows.items[k] < NUM_ITEMS].tolist()) - {int(rows.targets[k])}
+        assert set(torch.nonzero(mask[k]).flatten().tolist()) == want
+    assert not bool(mask[6].any())  # the row with no history masks nothing
+
+    def loss_of(module, sl):
+        logits = module(items[sl], ratings[sl]).masked_fill(mask[sl], float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, targets[sl])
+
+    expected = []
+    for k in range(len(rows)):
+        model.zero_grad()
+        loss = loss_of(model, slice(k, k + 1))
+        assert torch.isfinite(loss)
+        loss.backward()
+        expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    try:
+        loss_of(gsm, slice(None)).backward()
+        for name, p in model.named_parameters():
+            for k in range(len(rows)):
+                assert torch.allclose(p.grad_sample[k], expected[k][name], atol=1e-6, rtol=1e-4), (name, k)
+        # a row's masked history items get no bias gradient from it; its other items do
+        assert torch.all(model.item_bias.bias.grad_sample[mask] == 0)
+        assert torch.all(model.item_bias.bias.grad_sample[~mask] != 0)
+    finally:
+        gsm._close()
+
+
+def test_history_exclusion_trains_under_dp():
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, exclude_history=True))
+    rows = _rows(40)
+    report = train_sequence(model, rows, SequenceTrainConfig(dp=True, epochs=1.0, batch_size=8, noise_multiplier=1.0))
+    assert report.steps > 0 and all(np.isfinite(report.losses))
+
+
 def test_rows_use_only_interactions_before_their_target():
     seqs = [[3, 7, 1, 9, 4, 2, 8], [5, 6, 0, 11]]
     split = leave_one_out(_dataset(seqs))
