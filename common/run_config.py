@@ -69,9 +69,9 @@ FIELDS: dict[str, Field] = {
         low=0, high=0.9),
     "sequence-exclude-history": Field(
         False, "model",
-        ("sequence model, training: the items in a training row's own history (other than its target) leave "
-         "that row's softmax, since ranking never recommends a user an item they have (a per-row rule on the "
-         "row's own input: each loss still depends on its own example alone)")),
+        ("sequence model, training: the items in a training row's history window (its last history-len "
+         "items, other than its target) leave that row's softmax, since ranking never recommends a user an item "
+         "they have (a per-row rule on the row's own input: each loss still depends on its own example alone)")),
     "sequence-new-item-boost": Field(
         0.0, "model",
         ("sequence model, ranking only: an item marked as never trained on gets this constant in place of the "

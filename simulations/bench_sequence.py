@@ -146,6 +146,10 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         records.append(result_record(method, "test-cold-start", {k: metrics[k] for k in ("HR@10", "NDCG@10")},
                                      len(cold_users), seed, NO_PRIVACY, time.perf_counter() - t0, config))
     elif method in ("sequence", "sequence-dp"):
+        if method == "sequence-dp" and examples_per_user:
+            # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
+            raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
+                                     "examples and accounts sensitivity C")
         settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN,
                                              overrides or [])
         model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}",

@@ -178,7 +178,7 @@ def test_hostile_catalogue_titles_and_ids_reach_the_terminal_as_plain_text(ml100
     ("text", {"lora_rank": "8"}), ("text", {"lora_rank": 100000}), ("text", {"item_bias": 1}), ("text", {"rank": 8}),
     ("sequence", {"dim": "8"}), ("sequence", {"dim": 100000}), ("sequence", {"item_bias": 1}),
     ("sequence", {"heads": 5}), ("sequence", {"lora_rank": 8}), ("sequence", {"new_item_boost": 1e6}),
-    ("sequence", {"new_item_boost": "0.2"})])
+    ("sequence", {"new_item_boost": "0.2"}), ("sequence", {"exclude_history": 1})])
 def test_stored_model_settings_are_checked_before_a_model_is_built(ml100k, global_state, text_global_state, tmp_path,
                                                                    user_model, setting):
     from safetensors.numpy import load_file, save_file

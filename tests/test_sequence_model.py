@@ -135,11 +135,32 @@ def test_history_exclusion_keeps_per_sample_gradients_each_rows_own():
         gsm._close()
 
 
+def test_a_training_step_leaves_the_rows_history_items_out_of_its_softmax():
+    from common.run_config import resolve
+    from common.sequence_runtime import sequence_settings
+
+    assert sequence_settings(resolve({"sequence-exclude-history": True})).exclude_history
+    assert not sequence_settings(resolve({})).exclude_history
+    rows = _rows(1)
+    rows.targets[:] = 0
+    history = set(rows.items[0][rows.items[0] < NUM_ITEMS].tolist()) - {0}
+    assert len(history) >= 3
+    moved = {}
+    for exclude in (True, False):
+        model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, exclude_history=exclude))
+        before = model.item_bias.bias.detach().clone()
+        train_sequence(model, rows, SequenceTrainConfig(epochs=1.0, batch_size=1, optimizer="sgd", learning_rate=0.5))
+        moved[exclude] = set(torch.nonzero(model.item_bias.bias.detach() != before).flatten().tolist())
+    assert moved[True] == set(range(NUM_ITEMS)) - history  # exactly the history items untouched
+    assert moved[False] == set(range(NUM_ITEMS))  # without the rule every item's bias moves
+
+
 def test_history_exclusion_trains_under_dp():
     model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, exclude_history=True))
     rows = _rows(40)
     report = train_sequence(model, rows, SequenceTrainConfig(dp=True, epochs=1.0, batch_size=8, noise_multiplier=1.0))
     assert report.steps > 0 and all(np.isfinite(report.losses))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_rows_use_only_interactions_before_their_target():
