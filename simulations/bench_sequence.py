@@ -198,7 +198,7 @@ def results_table(folder: Path) -> str:
 @app.command()
 def main(method: str = typer.Argument(..., help="text-heuristic, sequence or sequence-dp"),
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
-         max_epochs: int = typer.Option(4, help="epochs per trained model (the best on validation is kept)"),
+         max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept)"),
          out: Path = typer.Option(RESULTS, help="folder for the result files"),
          set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
          cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),
