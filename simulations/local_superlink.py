@@ -172,10 +172,11 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def _terminate_marked(marker: str, grace: float = 10.0, settle: float = 2.0, rounds: int = 5) -> None:
+def _terminate_marked(marker: str, grace: float = 10.0, settle: float = 6.0, rounds: int = 5) -> None:
     """SIGTERM every marked process, SIGKILL what is left after ``grace``; then watch for ``settle``
     seconds, because a dying Ray node can still start a process (its dashboard agent) after the last
-    scan: whatever appears is killed too, up to ``rounds`` times."""
+    scan: whatever appears is killed too, up to ``rounds`` times. (With 2 s, CI once saw an agent start
+    after the quiet window on loaded cores and outlive the run.)"""
     for sig in (signal.SIGTERM, *[signal.SIGKILL] * rounds):
         pids = marked_processes(marker)
         for pid in pids:
