@@ -10,6 +10,7 @@ other's installation, and it keeps running, detached, after the command that sta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import secrets
@@ -101,14 +102,33 @@ def local_superlink(home: str | Path, supernodes: int, cpus: int | None) -> Iter
     """Start a simulation SuperLink for ``home`` on a free port, declare it in ``home``'s config, yield
     the port, and stop it and every process it started afterwards, also when this process is told to
     terminate (SIGTERM, SIGHUP) or interrupted."""
-    with _exit_on_termination():
-        yield from _serve(home, supernodes, cpus)
+    with _exit_on_termination(), _adopting_orphans() as keep:
+        yield from _serve(home, supernodes, cpus, keep)
 
 
 LAUNCH_MARKER = "PRIVREC_LAUNCH_ID"
 
 
-def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]:
+@contextmanager
+def _adopting_orphans() -> Iterator[set[tuple[int, int]] | None]:
+    """While inside, this process adopts the orphans of its descendants (Linux subreaper), so that what the
+    SuperLink starts (Ray's processes, once their parent died) comes back here rather than to init and
+    :func:`_stop` can end it whatever session or environment it has. Yields the processes already below
+    this one (pid, start time), which are not the SuperLink's, or None where adopting is not possible."""
+    was = subreaper_flag()
+    if not set_subreaper(True):
+        yield None
+        return
+    try:
+        table = _processes()
+        yield {(pid, table[pid][2]) for pid in descendants(os.getpid(), table)}
+    finally:
+        if not was:
+            set_subreaper(False)
+
+
+def _serve(home: str | Path, supernodes: int, cpus: int | None,
+           keep: set[tuple[int, int]] | None = None) -> Iterator[int]:
     home = Path(home).resolve()
     env = flwr_env(home)
     # Inherited by everything the SuperLink starts, also what leaves its process group (Flower starts
@@ -128,22 +148,22 @@ def _serve(home: str | Path, supernodes: int, cpus: int | None) -> Iterator[int]
             while time.monotonic() < deadline and proc.poll() is None and not _healthy(port):
                 time.sleep(0.3)
         except BaseException:
-            _stop(proc, env[LAUNCH_MARKER])
+            _stop(proc, env[LAUNCH_MARKER], keep)
             raise
         if proc.poll() is None and _healthy(port):
             break
         last_error = f"exit code {proc.poll()}" if proc.poll() is not None else "no answer"
-        _stop(proc, env[LAUNCH_MARKER])
+        _stop(proc, env[LAUNCH_MARKER], keep)
     else:
         raise RuntimeError(f"the simulation SuperLink did not start ({last_error}); see {logs / 'superlink.log'}")
     try:
         write_simulation_connection(home, port, supernodes, cpus)
         yield port
     finally:
-        _stop(proc, env[LAUNCH_MARKER])
+        _stop(proc, env[LAUNCH_MARKER], keep)
 
 
-def _stop(proc: subprocess.Popen, marker: str) -> None:
+def _stop(proc: subprocess.Popen, marker: str, keep: set[tuple[int, int]] | None = None) -> None:
     """Terminate the SuperLink's whole process group (it leads a session of its own), then every
     process that carries this launch's marker (the simulation Flower starts in a session of its own
     and Ray's workers, which a failed run, e.g. one whose heartbeat was lost, would otherwise leave
@@ -152,9 +172,113 @@ def _stop(proc: subprocess.Popen, marker: str) -> None:
     try:
         _terminate_group(proc)
         _terminate_marked(marker)
+        if keep is not None:  # everything else below this (subreaper) process, adopted orphans included
+            terminate_descendants(keep)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
+
+
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def subreaper_flag() -> bool:
+    """Whether this process adopts its orphaned descendants (False where it cannot be read)."""
+    prctl, flag = _prctl(), ctypes.c_int(0)
+    return prctl is not None and prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
+
+
+def set_subreaper(on: bool) -> bool:
+    """Make this process adopt (or stop adopting) its orphaned descendants (Linux
+    ``PR_SET_CHILD_SUBREAPER``); False where the system does not allow it."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """Every process's parent id, state and start time (clock ticks since boot; with the id, an identity
+    that survives id reuse), zombies included (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        out[int(entry.name)] = (int(fields[1]), fields[0], int(fields[19]))
+    return out
+
+
+def descendants(root: int, table: dict[int, tuple[int, str, int]] | None = None) -> list[int]:
+    """Ids of the live (not zombie) processes below ``root``: children, their children, ..."""
+    table = _processes() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if table[pid][1] not in ("Z", "X"):
+            found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def terminate_descendants(keep: set[tuple[int, int]], grace: float = 10.0, rounds: int = 20) -> list[int]:
+    """SIGTERM, then SIGKILL, every live descendant of this process except the ``keep`` processes (pid,
+    start time) and what is below them, reaping the exited ones that are its children, until two scans
+    in a row find none. In a subreaper every orphan of the tree comes back here, and only a live process
+    can start another, so once the tree is empty nothing of it can appear again (the second scan covers
+    a process read before its parent died and reparented after). Returns what was still alive at the
+    end (empty unless something survived every SIGKILL round)."""
+    me = os.getpid()
+
+    def targets() -> tuple[list[int], set[int]]:
+        table = _processes()
+        kept = {pid for pid, start in keep if pid in table and table[pid][2] == start}
+        spared = set(kept)
+        for pid in kept:
+            spared.update(descendants(pid, table))
+        for pid, (ppid, state, _) in table.items():  # collect our exited children, never a kept one
+            if ppid == me and state == "Z" and pid not in kept:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        return [pid for pid in descendants(me, table) if pid not in spared], kept
+
+    pids, _ = targets()
+    empty_scans = 0
+    for sig in (signal.SIGTERM, *[signal.SIGKILL] * rounds):
+        signalled: set[int] = set()
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
+        while time.monotonic() < deadline:
+            if not pids:
+                empty_scans += 1
+                if empty_scans >= 2:
+                    return []
+            else:
+                empty_scans = 0
+            for pid in set(pids) - signalled:  # also one started meanwhile
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                signalled.add(pid)
+            time.sleep(0.1)
+            pids, _ = targets()
+        if not pids:
+            continue
+    return pids
 
 
 def marked_processes(marker: str) -> list[int]:

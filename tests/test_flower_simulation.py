@@ -223,3 +223,64 @@ def test_a_launcher_under_nohup_keeps_running_when_its_terminal_closes(tmp_path)
         assert not _still_running(home)
     finally:
         proc.kill()
+
+
+ADOPT_AND_END = r"""import json, os, subprocess, sys
+from simulations import local_superlink as ls
+
+# A process in a session of its own, with no environment at all (no launch marker, no FLWR_HOME), that on
+# SIGTERM starts one more such process and exits: what a dying Ray node does with its dashboard agent.
+DYING_SPAWNER = '''import os, signal, subprocess, sys, time
+def late(*_):
+    p = subprocess.Popen(["sleep", "300"], env={}, start_new_session=True)
+    print(p.pid, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, late)
+print("ready", os.getpid(), flush=True)
+time.sleep(300)
+'''
+# The SuperLink's stand-in leads a session, starts the spawner in another one and waits; the launcher's
+# SIGTERM to its group ends it and leaves the spawner an orphan.
+STAND_IN = f'''import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", {DYING_SPAWNER!r}], env={{}}, start_new_session=True)
+time.sleep(300)
+'''
+kept = subprocess.Popen(["sleep", "120"])  # this process's own child from before: it must survive
+with ls._adopting_orphans() as keep:
+    if keep is None:
+        print(json.dumps({"unsupported": True}))
+        sys.exit(0)
+    proc = subprocess.Popen([sys.executable, "-c", STAND_IN], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    word, spawner = proc.stdout.readline().split()
+    ls._stop(proc, "no-process-has-this-marker", keep)
+    left = ls.descendants(os.getpid())
+    late = int(proc.stdout.readline())
+print(json.dumps({"spawner": int(spawner), "left": left, "late": late, "kept": kept.pid,
+                  "kept_alive": kept.poll() is None, "adopting_after": ls.subreaper_flag()}), flush=True)
+kept.kill()
+kept.wait()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    except OSError:  # gone
+        return False
+
+
+def test_the_launcher_ends_adopted_processes_even_one_started_while_dying(tmp_path):
+    """Nothing the SuperLink's tree starts can outlive the launcher's stop, whatever its session or environment
+    and however late it starts, so long as a live process of the tree started it; the launcher's own earlier
+    children are left alone, and it stops adopting orphans afterwards."""
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", ADOPT_AND_END], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    if got.get("unsupported"):
+        pytest.skip("this kernel does not let a process adopt orphans (PR_SET_CHILD_SUBREAPER)")
+    assert got["left"] == [got["kept"]] and got["kept_alive"]
+    assert not got["adopting_after"]
+    for pid in (got["spawner"], got["late"]):  # neither the spawner nor what it started while dying is alive
+        assert not _alive(pid)
