@@ -31,6 +31,8 @@ class SequenceTrainConfig:
     epochs: float = 10.0
     batch_size: int = 256
     learning_rate: float = 1e-3
+    # linear decay from learning_rate to this over the run's steps (None: constant)
+    final_learning_rate: float | None = None
     weight_decay: float = 0.0
     optimizer: str = "adam"
     seed: int = 0  # initialisation and (without DP) data order; never any DP randomness
@@ -64,13 +66,22 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: SequenceTrainConfig,
                    row_weights: np.ndarray | None = None, label: str | None = None,
-                   on_start: Callable[[], None] | None = None) -> SequenceTrainReport:
+                   on_start: Callable[[], None] | None = None,
+                   extra_exclusions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SequenceTrainReport:
     """Train ``model`` in place on ``rows``; ``row_weights`` (0/1) marks weight-0 padding rows.
     ``on_start`` runs once the DP machinery is in place, before the first step (a device records the
-    session's spend there, so that a failure afterwards can only over-report)."""
+    session's spend there, so that a failure afterwards can only over-report). ``extra_exclusions``
+    (non-private training only) maps a batch's row indices to a (B, num_items) mask of further items to
+    leave out of each row's softmax (for example the user's items older than the history window): it
+    reads more than the row's own input, so it is refused under DP."""
     n = len(rows)
     if n == 0 and not cfg.dp:
         raise ValueError("no training rows")
+    if cfg.dp and extra_exclusions is not None:
+        raise ValueError("extra_exclusions reads beyond a row's own input: not allowed under DP")
+    if cfg.final_learning_rate is not None and not 0.0 <= cfg.final_learning_rate <= cfg.learning_rate:
+        raise ValueError(f"final_learning_rate must be in [0, learning_rate], got {cfg.final_learning_rate} with "
+                         f"learning_rate {cfg.learning_rate}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
     items, ratings = torch.from_numpy(rows.items), torch.from_numpy(rows.ratings)
@@ -100,6 +111,12 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
         batches = _batches(n, cfg.batch_size, generator)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
+    scheduler = None
+    if cfg.final_learning_rate is not None:  # a public function of the step count
+        scheduler = torch.optim.lr_scheduler.LinearLR(
+            optimizer.original_optimizer if private is not None else optimizer, start_factor=1.0,
+            end_factor=cfg.final_learning_rate / cfg.learning_rate if cfg.learning_rate > 0 else 1.0,
+            total_iters=max(1, steps - 1))
     dropout = model.settings.id_dropout if (model.id_out is not None or model.item_bias is not None) else 0.0
     # Under DP the ID-dropout masks are secret and independent per row (a secure stream from the OS): a
     # removal that shifts the other rows' positions then changes no remaining example's mask distribution,
@@ -130,6 +147,8 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     if model.settings.exclude_history:  # per row, from its own input only
                         logits = logits.masked_fill(history_mask(items[idx], targets[idx], model.num_items),
                                                     float("-inf"))
+                    if extra_exclusions is not None:
+                        logits = logits.masked_fill(extra_exclusions(idx), float("-inf"))
                     per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")
                     # a padding row's loss is exactly 0 even if its (unused) target is masked out (inf x 0)
                     per_row = torch.where(weights[idx] > 0, per_row, torch.zeros_like(per_row))
@@ -137,6 +156,8 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     loss.backward()
                     report.losses.append(float(loss.detach()))
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 report.steps += 1
                 report.examples += int(weights[idx].sum())
                 advance(1)

@@ -9,9 +9,12 @@ Methods:
   sequence-dp     the same model trained centrally with DP-SGD (example level, epsilon 8, delta 1e-5)
 
 The non-private model runs ``--max-epochs`` epochs and keeps the epoch with the best validation
-NDCG@10 (chosen on validation only); the DP model runs its configured epochs once, with the noise
-solved for epsilon 8 over all of its steps, and keeps the last model (a choice among epochs by
-validation figures would be a release its epsilon does not cover). The test split is scored once.
+NDCG@10 (chosen on validation only); by default its learning rate falls linearly to 0 over those
+epochs and every item the user had before a row's target leaves that row's softmax (both central
+non-private rules: the mask reads more than the row's own input); the DP model runs its
+configured epochs once, with the noise solved for epsilon 8 over all of its steps, and keeps the
+last model (a choice among epochs by validation figures would be a release its epsilon does not
+cover). The test split is scored once.
 The cold-start row trains the same way on the split without the held-out items (PROTOCOL section
 4) and reports the cold-start test users. Result files (PROTOCOL section 5) go to ``--out``;
 ``--table`` prints the table of the files in ``--out``.
@@ -24,6 +27,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +38,8 @@ from common.io import write_json_atomic
 from common.movielens import load_recbole
 from common.privacy import interaction_group_size
 from common.results import NO_PRIVACY, result_record
-from common.sequence import (SequenceRecommender, SequenceSettings, evaluation_rows, sequence_scores,
-                             training_rows)
+from common.sequence import (SequenceRecommender, SequenceRows, SequenceSettings, evaluation_rows,
+                             sequence_scores, training_rows)
 from common.sequence_runtime import item_text_vectors
 from common.sequence_training import SequenceTrainConfig, train_sequence
 from common.split import Split, cold_start_items, leave_one_out, without_items
@@ -48,19 +52,51 @@ ITEM_MAX_LENGTH = 32
 SETTINGS = SequenceSettings(history_len=50, dim=64, layers=2, heads=2, dropout=0.0, id_dropout=0.3,
                             exclude_history=True)
 TRAIN = SequenceTrainConfig(epochs=1.0, batch_size=256, learning_rate=1e-3)
+# the non-private model's training rules (chosen on seed 0's validation split, docs in results/sequence/summary.md)
+FINAL_LR_FACTOR = 0.0  # the learning rate falls linearly to 0 over --max-epochs
+EXCLUDE_PREFIX = True  # every item the user had before a row's target leaves that row's softmax
 DP_TRAIN = SequenceTrainConfig(epochs=3.0, batch_size=1024, learning_rate=3e-3, dp=True, target_epsilon=8.0,
                                delta=1e-5, max_grad_norm=1.0)
 
 app = typer.Typer(add_completion=False)
 
 
+def prefix_exclusions(split: Split, rows: SequenceRows) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For :func:`training_rows` ``rows``: a batch's (B, num_items) mask of every item its user had before
+    its target (the whole prefix, not only the history window), the target itself left in."""
+    num_items = split.data.num_items
+    user_items = [split.data.item[np.asarray(r, dtype=np.int64)] for r in split.train]
+    users = rows.users
+    # rows come user by user, in target order, ending at each user's last training interaction
+    position = np.empty(len(users), dtype=np.int64)
+    for u in np.unique(users):
+        where = np.flatnonzero(users == u)
+        position[where] = len(user_items[u]) - len(where) + np.arange(len(where))
+    for k in range(len(users)):  # the construction above must give each row its own target
+        if user_items[users[k]][position[k]] != rows.targets[k]:
+            raise ValueError(f"row {k} is not the next-item row of user {users[k]} at position {position[k]}")
+
+    def mask(idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(idx), num_items, dtype=torch.bool)
+        for b, k in enumerate(idx.tolist()):
+            before = user_items[users[k]][:position[k]]
+            out[b, torch.from_numpy(before)] = True
+            out[b, int(rows.targets[k])] = False
+        return out
+
+    return mask
+
+
 def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train_cfg: SequenceTrainConfig,
         max_epochs: int, seed: int, label: str | None,
         held_out: np.ndarray = np.empty(0, dtype=np.int64),
-        examples_per_user: int = 0) -> tuple[SequenceRecommender, dict]:
+        examples_per_user: int = 0, final_lr_factor: float = 1.0,
+        exclude_prefix: bool = False) -> tuple[SequenceRecommender, dict]:
     """Train and return the model with what was done.
 
-    Without DP: epoch by epoch, keeping the epoch with the best validation NDCG@10. With DP: one
+    Without DP: epoch by epoch, keeping the epoch with the best validation NDCG@10; the learning rate
+    falls linearly to ``final_lr_factor`` of its start over ``max_epochs``, and with ``exclude_prefix``
+    each row's softmax also leaves out its user's items older than its history window. With DP: one
     run of ``train_cfg.epochs`` epochs whose noise is solved for the target epsilon over all of its
     steps, and the final model (no choice on validation figures, which would be a release too)."""
     torch.manual_seed(seed)
@@ -77,10 +113,14 @@ def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train
                        "sample_rate": report.sample_rate, "expected_batch_size": report.expected_batch_size}
     users = split.eval_users()
     validation = evaluation_rows(split, "validation", settings.history_len, users)
+    exclusions = prefix_exclusions(split, rows) if exclude_prefix else None
     best, best_state, curve, seconds = -1.0, None, [], 0.0
     for epoch in range(max_epochs):
-        report = train_sequence(model, rows, replace(train_cfg, epochs=1.0, seed=seed * 1000 + epoch),
-                                label=f"{label} epoch {epoch + 1}")
+        lr = [train_cfg.learning_rate * (1 - (1 - final_lr_factor) * e / max_epochs) for e in (epoch, epoch + 1)]
+        epoch_cfg = replace(train_cfg, epochs=1.0, seed=seed * 1000 + epoch, learning_rate=lr[0],
+                            final_learning_rate=None if final_lr_factor == 1.0 else lr[1])
+        report = train_sequence(model, rows, epoch_cfg, label=f"{label} epoch {epoch + 1}",
+                                extra_exclusions=exclusions)
         seconds += report.seconds
         ndcg = evaluate_scores(sequence_scores(model, validation), split, "validation", users)["NDCG@10"]
         curve.append(round(ndcg, 5))
@@ -89,6 +129,7 @@ def fit(item_text: torch.Tensor, split: Split, settings: SequenceSettings, train
     epochs, state = best_state
     model.load_state_dict(state)
     return model, {"train_rows": len(rows), "epochs_run": max_epochs, "epoch_chosen": epochs,
+                   "final_lr_factor": final_lr_factor, "exclude_prefix": exclude_prefix,
                    "validation_curve": curve, "train_seconds": round(seconds, 1)}
 
 
@@ -120,10 +161,36 @@ def with_overrides(settings: SequenceSettings, train_cfg: SequenceTrainConfig,
     return SequenceSettings(**model_fields), SequenceTrainConfig(**train_fields)
 
 
+def training_rules(method: str, final_lr_factor: float | None, exclude_prefix: bool | None) -> tuple[float, bool]:
+    """The non-private model's training rules, None meaning the method's default: the decay and the
+    prefix exclusion for ``sequence``, neither for ``sequence-dp``."""
+    private = method == "sequence-dp"
+    final_lr_factor = (1.0 if private else FINAL_LR_FACTOR) if final_lr_factor is None else final_lr_factor
+    exclude_prefix = (not private and EXCLUDE_PREFIX) if exclude_prefix is None else exclude_prefix
+    return final_lr_factor, exclude_prefix
+
+
+def check_private_rules(dp: bool, examples_per_user: int, final_lr_factor: float | None,
+                        exclude_prefix: bool | None, final_learning_rate: float | None = None) -> None:
+    """Refuse, for a DP-SGD run, the training rules its accounting does not cover."""
+    if not dp:
+        return
+    if examples_per_user:
+        # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
+        raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
+                                 "examples and accounts sensitivity C")
+    if exclude_prefix or final_lr_factor not in (None, 1.0) or final_learning_rate is not None:
+        # the prefix mask reads more than a row's own input; the schedule is for epoch-by-epoch training
+        raise typer.BadParameter("--exclude-prefix and --final-lr-factor are for the non-private model's "
+                                 "epoch-by-epoch training")
+
+
 def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path, max_epochs: int,
                overrides: list[str] | None = None, cold_start: bool = True,
-               examples_per_user: int = 0) -> list[dict]:
-    """Evaluate one method for one seed and write its result files."""
+               examples_per_user: int = 0, final_lr_factor: float | None = None,
+               exclude_prefix: bool | None = None) -> list[dict]:
+    """Evaluate one method for one seed and write its result files. ``final_lr_factor`` and
+    ``exclude_prefix`` (None: the method's default) shape the non-private model's training only."""
     split = leave_one_out(data)
     held_out = cold_start_items(data.num_items)
     cold_split, cold_users = without_items(split, held_out), cold_start_users(split, held_out)
@@ -146,14 +213,19 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         records.append(result_record(method, "test-cold-start", {k: metrics[k] for k in ("HR@10", "NDCG@10")},
                                      len(cold_users), seed, NO_PRIVACY, time.perf_counter() - t0, config))
     elif method in ("sequence", "sequence-dp"):
-        if method == "sequence-dp" and examples_per_user:
-            # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
-            raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
-                                     "examples and accounts sensitivity C")
         settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN,
                                              overrides or [])
+        if train_cfg.dp != (method == "sequence-dp"):
+            raise typer.BadParameter(f"--set dp={str(train_cfg.dp).lower()}: the method ({method}) says whether it "
+                                     f"is private")
+        if train_cfg.final_learning_rate is not None and not train_cfg.dp:
+            raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor")
+        check_private_rules(train_cfg.dp, examples_per_user, final_lr_factor, exclude_prefix,
+                            train_cfg.final_learning_rate)
+        final_lr_factor, exclude_prefix = training_rules(method, final_lr_factor, exclude_prefix)
         model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}",
-                          examples_per_user=examples_per_user)
+                          examples_per_user=examples_per_user, final_lr_factor=final_lr_factor,
+                          exclude_prefix=exclude_prefix)
         privacy = _dp_privacy(train_cfg, info, settings.history_len) if train_cfg.dp else NO_PRIVACY
         config = {"settings": asdict(settings), "train": asdict(train_cfg), "examples_per_user": examples_per_user,
                   **info}
@@ -166,7 +238,8 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         if not cold_start:
             return _write(records, method, seed, out)
         cold_model, cold_info = fit(item_text, cold_split, settings, train_cfg, max_epochs, seed,
-                                    f"{method} seed {seed} (cold)", held_out, examples_per_user)
+                                    f"{method} seed {seed} (cold)", held_out, examples_per_user, final_lr_factor,
+                                    exclude_prefix)
         rows = evaluation_rows(split, "test", settings.history_len, cold_users)
         metrics = evaluate_scores(sequence_scores(cold_model, rows), split, "test", cold_users)
         cold_privacy = _dp_privacy(train_cfg, cold_info, settings.history_len) if train_cfg.dp else NO_PRIVACY
@@ -198,24 +271,33 @@ def results_table(folder: Path) -> str:
 @app.command()
 def main(method: str = typer.Argument(..., help="text-heuristic, sequence or sequence-dp"),
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
-         max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept)"),
+         max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept); the "
+                                                "non-private model's learning rate reaches its final value at the last"),
          out: Path = typer.Option(RESULTS, help="folder for the result files"),
          set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
          cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),
          examples_per_user: int = typer.Option(0, help="train on each user's most recent N targets (0: all)"),
+         final_lr_factor: float = typer.Option(None, min=0.0, max=1.0, help="non-private model: the learning "
+                                               "rate falls linearly to this share of its start over --max-epochs "
+                                               f"(1: constant) [default: {FINAL_LR_FACTOR}]"),
+         exclude_prefix: bool = typer.Option(None, "--exclude-prefix/--no-exclude-prefix",
+                                             help="non-private model: each row's softmax also leaves out its user's "
+                                                  f"items older than its history window [default: {EXCLUDE_PREFIX}]"),
          table: bool = typer.Option(False, help="print the markdown table of the result files in --out and stop")
          ) -> None:
     """Run METHOD for each seed and print test NDCG@10 / HR@10 and the cold-start HR@10."""
     if table:
         print(results_table(out))
         return
+    check_private_rules(method == "sequence-dp", examples_per_user, final_lr_factor, exclude_prefix)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_recbole()
     item_text = item_text_vectors(data, ITEM_MAX_LENGTH)
     seed_list = [int(s) for s in seeds.split(",")] if method != "text-heuristic" else [0]
     for seed in seed_list:
         records = {r["split"]: r for r in run_method(method, seed, data, item_text, out, max_epochs, set_,
-                                                     cold_start, examples_per_user)}
+                                                     cold_start, examples_per_user, final_lr_factor,
+                                                     exclude_prefix)}
         print(json.dumps({"method": method, "seed": seed,
                           "test_NDCG@10": round(records["test"]["metrics"]["NDCG@10"], 4),
                           "test_HR@10": round(records["test"]["metrics"]["HR@10"], 4),

@@ -51,13 +51,13 @@ def _dataset(sequences: list[list[int]]) -> Dataset:
                    item=np.array(item), rating=np.full(n, 4.0), timestamp=np.array(ts))
 
 
-@pytest.mark.parametrize("id_dropout", [False, True])
-def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout):
+@pytest.mark.parametrize("id_dropout,prior_weight", [(False, 0.0), (True, 0.0), (False, 2.0)])
+def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout, prior_weight):
     from opacus.grad_sample.utils import wrap_model
 
     known = torch.ones(NUM_ITEMS, dtype=torch.bool)
     known[-5:] = False
-    model = _model(known=known)
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=2, heads=2, prior_weight=prior_weight), known)
     rows = _rows(7)
     rows.targets[:] = np.arange(7)  # known targets
     items, ratings, targets = (torch.from_numpy(a) for a in (rows.items, rows.ratings, rows.targets))
@@ -364,3 +364,140 @@ def test_the_federated_reference_refuses_to_change_its_mechanism():
     for bad in ("dp=false", "sensitivity=1.0", "epochs=2.0", "noise_multiplier=0.5", "public_size=10"):
         result = CliRunner().invoke(app, ["--set", bad, "--rounds", "1"])
         assert result.exit_code != 0 and "only model settings" in result.output, bad
+
+
+def test_the_prefix_exclusion_masks_each_rows_earlier_items_beyond_its_window():
+    from simulations.bench_sequence import prefix_exclusions
+
+    seqs = [[3, 7, 1, 9, 4, 7, 2, 5, 8], [5, 6, 0, 11, 12]]
+    split = leave_one_out(_dataset(seqs))
+    rows = training_rows(split, history_len=2)
+    mask = prefix_exclusions(split, rows)(torch.arange(len(rows))).numpy()
+    k = 0
+    for seq in seqs:
+        train = seq[:-2]
+        for t in range(1, len(train)):
+            want = set(train[:t]) - {train[t]}  # the whole prefix, the target itself left in
+            assert set(np.flatnonzero(mask[k]).tolist()) == want, (seq, t)
+            k += 1
+    assert k == len(rows)
+    # the row of target 7 (position 5) has 7 earlier too: it stays scorable; 3 is older than its window
+    row = [i for i in range(len(rows)) if rows.users[i] == 0 and rows.targets[i] == 7][1]
+    assert not mask[row, 7] and mask[row, 3] and 3 not in rows.items[row]
+
+
+def test_a_final_learning_rate_must_lie_between_zero_and_the_start():
+    for final in (-0.1, 0.6):
+        with pytest.raises(ValueError, match="final_learning_rate"):
+            train_sequence(_model(), _rows(4), SequenceTrainConfig(epochs=1.0, batch_size=4, optimizer="sgd",
+                                                                   learning_rate=0.5, final_learning_rate=final))
+
+
+def test_extra_exclusions_are_refused_under_dp():
+    model = _model()
+    rows = _rows(8)
+    with pytest.raises(ValueError, match="not allowed under DP"):
+        train_sequence(model, rows, SequenceTrainConfig(dp=True, epochs=1.0, batch_size=4, noise_multiplier=1.0),
+                       extra_exclusions=lambda idx: torch.zeros(len(idx), NUM_ITEMS, dtype=torch.bool))
+
+
+def test_extra_exclusions_leave_the_masked_items_untouched():
+    rows = _rows(1)
+    rows.targets[:] = 0
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2))
+    before = model.item_bias.bias.detach().clone()
+    masked = {4, 9, 17}
+    extra = torch.zeros(1, NUM_ITEMS, dtype=torch.bool)
+    extra[0, list(masked)] = True
+    train_sequence(model, rows, SequenceTrainConfig(epochs=1.0, batch_size=1, optimizer="sgd", learning_rate=0.5),
+                   extra_exclusions=lambda idx: extra[: len(idx)])
+    moved = set(torch.nonzero(model.item_bias.bias.detach() != before).flatten().tolist())
+    assert moved == set(range(NUM_ITEMS)) - masked
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_the_learning_rate_falls_linearly_to_its_final_value(dp, monkeypatch):
+    seen = []
+    original = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    cfg = SequenceTrainConfig(epochs=5.0, batch_size=8, optimizer="sgd", learning_rate=0.4, final_learning_rate=0.0,
+                              dp=dp, noise_multiplier=1.0 if dp else None)
+    report = train_sequence(_model(), _rows(8), cfg)
+    assert report.steps == 5 and seen == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
+
+
+@pytest.mark.parametrize("flags", [["--examples-per-user", "50"], ["--exclude-prefix"], ["--final-lr-factor", "0.5"],
+                                   ["--set", "final_learning_rate=0.0"], ["--set", "dp=false"]])
+def test_the_central_dp_reference_refuses_rules_its_accounting_does_not_cover(flags, tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations import bench_sequence
+
+    result = CliRunner().invoke(typer_app(bench_sequence.main), ["sequence-dp", "--out", str(tmp_path),
+                                                                 "--no-cold-start", *flags])
+    assert result.exit_code != 0
+    said = _plain(result.output)
+    assert "non-private" in said or "says whether it is private" in said
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_non_private_reference_cannot_be_switched_to_dp_past_its_rules(tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations import bench_sequence
+
+    # DP-SGD on a most-recent-N window would need sensitivity 2C, and sequence-dp accounts C
+    result = CliRunner().invoke(typer_app(bench_sequence.main), ["sequence", "--out", str(tmp_path), "--no-cold-start",
+                                                                 "--set", "dp=true", "--examples-per-user", "50"])
+    assert result.exit_code != 0 and "says whether it is private" in _plain(result.output)
+    assert not list(tmp_path.iterdir())
+
+
+def test_each_method_has_its_own_training_rules():
+    from simulations.bench_sequence import training_rules
+
+    assert training_rules("sequence", None, None) == (0.0, True)
+    assert training_rules("sequence-dp", None, None) == (1.0, False)
+    assert training_rules("sequence", 1.0, False) == (1.0, False)
+
+
+def test_the_central_reference_decays_its_learning_rate_over_the_epoch_budget(monkeypatch):
+    from simulations import bench_sequence
+
+    calls = []
+    real = bench_sequence.train_sequence
+
+    def record(model, rows, cfg, **kwargs):
+        calls.append((cfg.learning_rate, cfg.final_learning_rate, kwargs.get("extra_exclusions")))
+        return real(model, rows, cfg, **kwargs)
+
+    monkeypatch.setattr(bench_sequence, "train_sequence", record)
+    rng = np.random.default_rng(0)
+    split = leave_one_out(_dataset([list(rng.permutation(NUM_ITEMS)[:12]) for _ in range(8)]))
+    settings = SequenceSettings(history_len=4, dim=8, layers=1, heads=2)
+    cfg = SequenceTrainConfig(epochs=1.0, batch_size=16, learning_rate=3e-3)
+    _, info = bench_sequence.fit(_item_text(), split, settings, cfg, max_epochs=3, seed=0, label=None,
+                                 final_lr_factor=0.0, exclude_prefix=True)
+    assert [x for c in calls for x in c[:2]] == pytest.approx([3e-3, 2e-3, 2e-3, 1e-3, 1e-3, 0.0])
+    assert all(c[2] is not None for c in calls) and info["exclude_prefix"] and info["final_lr_factor"] == 0.0
+    calls.clear()
+    bench_sequence.fit(_item_text(), split, settings, cfg, max_epochs=2, seed=0, label=None)
+    assert calls == [(3e-3, None, None)] * 2  # the defaults of fit itself: constant, no extra mask
+
+
+def _plain(output: str) -> str:
+    """A CLI's output without rich's box and line breaks."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def typer_app(main):
+    import typer
+
+    app = typer.Typer(add_completion=False)
+    app.command()(main)
+    return app
