@@ -11,13 +11,15 @@ epsilon E the noise multiplier is the smallest for which one session (the defaul
 accounted at sensitivity 2C) costs E at the default delta, and the client budget is E, so each
 device trains once, as in the default run. "No DP" turns local DP off (no clipping, no noise) on
 devices whose policy allows it; it has no guarantee. Result files (PROTOCOL section 5) and the
-plot ``privacy-utility.png`` go to ``--out``; ``--table`` prints the markdown table of what is there.
+plot ``privacy-utility.png`` (each setting's mean ± sd over the seeds in ``--out``) go to ``--out``;
+``--table`` prints the markdown table of what is there and redraws the plot.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import shutil
 import time
 from pathlib import Path
@@ -51,17 +53,36 @@ def run_point(label: str, overrides: dict, node_config: dict, seed: int, work: P
     return json.loads((folder / "result.json").read_text())
 
 
+def points(rows: list[dict]) -> list[dict]:
+    """The curve's points: the result files of one setting (an epsilon, or no DP) over seeds, with the mean,
+    the sample standard deviation (0 for one seed) and the seeds, ordered by epsilon (no DP last)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["file"].rsplit("-seed", 1)[0], []).append(r)
+    out = []
+    for label, rs in groups.items():
+        ndcg, hr = [r["ndcg"] for r in rs], [r["hr"] for r in rs]
+        out.append({"label": label, "epsilon": max(r["epsilon"] for r in rs) if rs[0]["epsilon"] is not None else None,
+                    "noise": rs[0]["noise"], "ndcg": statistics.mean(ndcg), "hr": statistics.mean(hr),
+                    "ndcg_sd": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0,
+                    "hr_sd": statistics.stdev(hr) if len(hr) > 1 else 0.0,
+                    "seeds": sorted(r["seed"] for r in rs), "per_seed": [round(v, 4) for v in ndcg]})
+    return sorted(out, key=lambda p: math.inf if p["epsilon"] is None else p["epsilon"])
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     from server.plots import _pyplot, png_bytes
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
-    ax.plot([r["epsilon"] for r in private], [r["ndcg"] for r in private], "o-", color="#3569b5",
-            label="federated default (local DP)")
-    for r in rows:
-        if r["epsilon"] is None:
-            ax.axhline(r["ndcg"], color="#3569b5", linestyle=":", label="same, without DP (no guarantee)")
+    curve = points(rows)
+    private = [p for p in curve if p["epsilon"] is not None]
+    ax.errorbar([p["epsilon"] for p in private], [p["ndcg"] for p in private],
+                yerr=[p["ndcg_sd"] for p in private], fmt="o-", capsize=3, color="#3569b5",
+                label="federated default (local DP; mean ± sd over seeds)")
+    for p in curve:
+        if p["epsilon"] is None:
+            ax.axhline(p["ndcg"], color="#3569b5", linestyle=":", label="same, without DP (no guarantee)")
     for name, value, colour in REFERENCES:
         ax.axhline(value, color=colour, linestyle="--", label=name)
     ax.set_xlabel("example-level epsilon per client (delta 1e-5)")
@@ -88,12 +109,15 @@ def _rows(out: Path) -> list[dict]:
 
 
 def markdown_table(out: Path) -> str:
-    lines = ["| example ε per client | noise multiplier | test NDCG@10 | test HR@10 | seed | file |",
+    """The curve as a markdown table: one row per setting, mean ± sd over the seeds present."""
+    lines = ["| example ε per client (δ 1e-5) | noise multiplier | test NDCG@10 | per seed | test HR@10 | seeds |",
              "|---|---|---|---|---|---|"]
-    for r in sorted(_rows(out), key=lambda r: math.inf if r["epsilon"] is None else r["epsilon"]):
-        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-        noise = "-" if r["noise"] is None else f"{r['noise']:.2f}"
-        lines.append(f"| {eps} | {noise} | {r['ndcg']:.4f} | {r['hr']:.4f} | {r['seed']} | {r['file']} |")
+    for p in points(_rows(out)):
+        eps = "no DP" if p["epsilon"] is None else f"{p['epsilon']:.2f}"
+        noise = "-" if p["noise"] is None else f"{p['noise']:.2f}"
+        lines.append(f"| {eps} | {noise} | {p['ndcg']:.4f} ± {p['ndcg_sd']:.4f} | "
+                     f"{' / '.join(f'{v:.4f}' for v in p['per_seed'])} | {p['hr']:.4f} ± {p['hr_sd']:.4f} | "
+                     f"{', '.join(map(str, p['seeds']))} |")
     return "\n".join(lines)
 
 
@@ -102,7 +126,8 @@ def main(seed: int = typer.Option(0), epsilons: str = typer.Option("1,2,4,8", he
          skip_no_dp: bool = typer.Option(False, "--skip-no-dp", help="do not run the point without local DP"),
          out: Path = typer.Option(RESULTS),
          work: Path = typer.Option(Path("runs") / "privacy-utility", help="run folders (not kept)"),
-         table: bool = typer.Option(False, help="only print the table of the results in --out")) -> None:
+         table: bool = typer.Option(False, help="only print the table of the results in --out and redraw the "
+                                                "plot from them")) -> None:
     """Run each point and write its result file; then draw the curve."""
     if not table:
         defaults = resolve({})
@@ -125,7 +150,7 @@ def main(seed: int = typer.Option(0), epsilons: str = typer.Option("1,2,4,8", he
             print(json.dumps({"point": label, "NDCG@10": result["metrics"]["NDCG@10"],
                               "epsilon": result["privacy"].get("epsilon"),
                               "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
-        _plot(_rows(out), out / "privacy-utility.png")
+    _plot(_rows(out), out / "privacy-utility.png")
     print(markdown_table(out))
 
 

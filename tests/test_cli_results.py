@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from simulations.cli import app
@@ -90,3 +92,18 @@ def test_the_central_comparison_noise_is_the_smallest_that_keeps_the_secure_epsi
         return epsilon_of_history([(z, 41 / 943, 23)], 1e-4)
 
     assert epsilon(noise) <= USER_EPSILON < epsilon(round(noise - 1e-4, 4))
+
+
+def test_the_privacy_utility_curve_averages_each_setting_over_its_seeds():
+    from simulations.bench_privacy_utility import points
+
+    rows = [{"file": "eps8-seed0-test.json", "epsilon": 7.99, "ndcg": 0.05, "hr": 0.09, "noise": 1.28, "seed": 0},
+            {"file": "eps8-seed1-test.json", "epsilon": 8.0, "ndcg": 0.07, "hr": 0.11, "noise": 1.28, "seed": 1},
+            {"file": "no-dp-seed0-test.json", "epsilon": None, "ndcg": 0.06, "hr": 0.1, "noise": None, "seed": 0},
+            {"file": "eps1-seed0-test.json", "epsilon": 1.0, "ndcg": 0.02, "hr": 0.05, "noise": 8.1, "seed": 0}]
+    got = points(rows)
+    assert [p["label"] for p in got] == ["eps1", "eps8", "no-dp"]
+    eps8 = got[1]
+    assert eps8["epsilon"] == 8.0 and eps8["seeds"] == [0, 1] and eps8["per_seed"] == [0.05, 0.07]
+    assert eps8["ndcg"] == pytest.approx(0.06) and eps8["ndcg_sd"] == pytest.approx(0.0141421, rel=1e-4)
+    assert got[0]["ndcg_sd"] == 0.0 and got[2]["epsilon"] is None
