@@ -167,11 +167,15 @@ def _stop(proc: subprocess.Popen, marker: str, keep: set[tuple[int, int]] | None
     """Terminate the SuperLink's whole process group (it leads a session of its own), then every
     process that carries this launch's marker (the simulation Flower starts in a session of its own
     and Ray's workers, which a failed run, e.g. one whose heartbeat was lost, would otherwise leave
-    running), then kill whatever is left; a second SIGTERM or SIGHUP meanwhile does not interrupt this."""
+    running), then kill whatever is left; a second SIGTERM or SIGHUP meanwhile does not interrupt this.
+    With ``keep`` (this process adopts orphans), every other live descendant is ended too, including a
+    child the caller started inside the ``with`` block and has not waited for: it is killed and reaped,
+    so its ``Popen.returncode`` means nothing afterwards."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _terminate_group(proc)
-        _terminate_marked(marker)
+        # with the tree adopted, terminate_descendants ends a late starter: no quiet watch needed here
+        _terminate_marked(marker, settle=6.0 if keep is None else 0.0)
         if keep is not None:  # everything else below this (subreaper) process, adopted orphans included
             terminate_descendants(keep)
     finally:
@@ -224,9 +228,12 @@ def descendants(root: int, table: dict[int, tuple[int, str, int]] | None = None)
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    found, todo = [], list(children.get(root, []))
+    found, todo, seen = [], list(children.get(root, [])), {root}
     while todo:
         pid = todo.pop()
+        if pid in seen:  # a scan is not atomic: an id reused meanwhile must not make a cycle
+            continue
+        seen.add(pid)
         if table[pid][1] not in ("Z", "X"):
             found.append(pid)
         todo.extend(children.get(pid, []))
@@ -271,7 +278,7 @@ def terminate_descendants(keep: set[tuple[int, int]], grace: float = 10.0, round
             for pid in set(pids) - signalled:  # also one started meanwhile
                 try:
                     os.kill(pid, sig)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):  # gone, or an id reused by another user's process
                     pass
                 signalled.add(pid)
             time.sleep(0.1)

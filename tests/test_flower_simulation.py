@@ -245,29 +245,37 @@ STAND_IN = f'''import subprocess, sys, time
 subprocess.Popen([sys.executable, "-c", {DYING_SPAWNER!r}], env={{}}, start_new_session=True)
 time.sleep(300)
 '''
+import select, signal
 kept = subprocess.Popen(["sleep", "120"])  # this process's own child from before: it must survive
+late = None
 with ls._adopting_orphans() as keep:
     if keep is None:
+        kept.kill()
         print(json.dumps({"unsupported": True}))
         sys.exit(0)
     proc = subprocess.Popen([sys.executable, "-c", STAND_IN], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
-    word, spawner = proc.stdout.readline().split()
+    spawner = int(proc.stdout.readline().split()[1])
+    print(json.dumps({"spawner": spawner}), flush=True)  # for the test to clean up should this script fail
     ls._stop(proc, "no-process-has-this-marker", keep)
     left = ls.descendants(os.getpid())
-    late = int(proc.stdout.readline())
-print(json.dumps({"spawner": int(spawner), "left": left, "late": late, "kept": kept.pid,
-                  "kept_alive": kept.poll() is None, "adopting_after": ls.subreaper_flag()}), flush=True)
-kept.kill()
-kept.wait()
-"""
-
-
-def _alive(pid: int) -> bool:
+    if select.select([proc.stdout], [], [], 30)[0]:  # the spawner prints the late process's id when told to end
+        line = proc.stdout.readline()
+        late = int(line) if line.strip() else None
+def alive(pid):
     try:
-        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
-    except OSError:  # gone
+        return pid is not None and "Z" not in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1][:3]
+    except OSError:
         return False
+report = {"spawner": spawner, "left": left, "late": late, "kept": kept.pid, "kept_alive": kept.poll() is None,
+          "spawner_alive": alive(spawner), "late_alive": alive(late), "adopting_after": ls.subreaper_flag()}
+for pid in (spawner, late, kept.pid):  # nothing of this script outlives it, whatever the outcome
+    try:
+        os.kill(pid, signal.SIGKILL) if pid else None
+    except (ProcessLookupError, PermissionError):
+        pass
+print(json.dumps(report), flush=True)
+"""
 
 
 def test_the_launcher_ends_adopted_processes_even_one_started_while_dying(tmp_path):
@@ -280,7 +288,8 @@ def test_the_launcher_ends_adopted_processes_even_one_started_while_dying(tmp_pa
     got = json.loads(proc.stdout.splitlines()[-1])
     if got.get("unsupported"):
         pytest.skip("this kernel does not let a process adopt orphans (PR_SET_CHILD_SUBREAPER)")
+    # the script killed its processes before it reported, so what it reports alive was alive after _stop
     assert got["left"] == [got["kept"]] and got["kept_alive"]
+    assert got["late"] is not None  # the spawner was told to end (by _stop) and started its late process
+    assert not got["spawner_alive"] and not got["late_alive"]
     assert not got["adopting_after"]
-    for pid in (got["spawner"], got["late"]):  # neither the spawner nor what it started while dying is alive
-        assert not _alive(pid)
