@@ -180,9 +180,25 @@ def check_private_rules(dp: bool, examples_per_user: int, final_lr_factor: float
         raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
                                  "examples and accounts sensitivity C")
     if exclude_prefix or final_lr_factor not in (None, 1.0) or final_learning_rate is not None:
-        # the prefix mask reads more than a row's own input; the schedule is for epoch-by-epoch training
-        raise typer.BadParameter("--exclude-prefix and --final-lr-factor are for the non-private model's "
-                                 "epoch-by-epoch training")
+        # The prefix mask reads more than a row's own input. A learning-rate schedule, a public function of
+        # the step, would be covered; it is refused so that the one DP run stays the configuration reported.
+        raise typer.BadParameter("--exclude-prefix, --final-lr-factor and --set final_learning_rate are for the "
+                                 "non-private model's epoch-by-epoch training")
+
+
+def method_config(method: str, overrides: list[str], examples_per_user: int, final_lr_factor: float | None,
+                  exclude_prefix: bool | None) -> tuple[SequenceSettings, SequenceTrainConfig, float, bool]:
+    """A sequence method's settings, training config and training rules after ``--set`` overrides; refuses
+    a DP switch that disagrees with the method and any rule the DP accounting does not cover."""
+    settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN, overrides)
+    if train_cfg.dp != (method == "sequence-dp"):
+        raise typer.BadParameter(f"--set dp={str(train_cfg.dp).lower()}: the method ({method}) says whether it "
+                                 f"is private")
+    if train_cfg.final_learning_rate is not None and not train_cfg.dp:
+        raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor")
+    check_private_rules(train_cfg.dp, examples_per_user, final_lr_factor, exclude_prefix,
+                        train_cfg.final_learning_rate)
+    return (settings, train_cfg, *training_rules(method, final_lr_factor, exclude_prefix))
 
 
 def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path, max_epochs: int,
@@ -213,16 +229,8 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
         records.append(result_record(method, "test-cold-start", {k: metrics[k] for k in ("HR@10", "NDCG@10")},
                                      len(cold_users), seed, NO_PRIVACY, time.perf_counter() - t0, config))
     elif method in ("sequence", "sequence-dp"):
-        settings, train_cfg = with_overrides(SETTINGS, DP_TRAIN if method == "sequence-dp" else TRAIN,
-                                             overrides or [])
-        if train_cfg.dp != (method == "sequence-dp"):
-            raise typer.BadParameter(f"--set dp={str(train_cfg.dp).lower()}: the method ({method}) says whether it "
-                                     f"is private")
-        if train_cfg.final_learning_rate is not None and not train_cfg.dp:
-            raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor")
-        check_private_rules(train_cfg.dp, examples_per_user, final_lr_factor, exclude_prefix,
-                            train_cfg.final_learning_rate)
-        final_lr_factor, exclude_prefix = training_rules(method, final_lr_factor, exclude_prefix)
+        settings, train_cfg, final_lr_factor, exclude_prefix = method_config(
+            method, overrides or [], examples_per_user, final_lr_factor, exclude_prefix)
         model, info = fit(item_text, split, settings, train_cfg, max_epochs, seed, f"{method} seed {seed}",
                           examples_per_user=examples_per_user, final_lr_factor=final_lr_factor,
                           exclude_prefix=exclude_prefix)
@@ -289,7 +297,8 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
     if table:
         print(results_table(out))
         return
-    check_private_rules(method == "sequence-dp", examples_per_user, final_lr_factor, exclude_prefix)
+    if method in ("sequence", "sequence-dp"):  # refuse a bad combination before loading anything
+        method_config(method, set_, examples_per_user, final_lr_factor, exclude_prefix)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_recbole()
     item_text = item_text_vectors(data, ITEM_MAX_LENGTH)
