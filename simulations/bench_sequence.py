@@ -170,22 +170,6 @@ def training_rules(method: str, final_lr_factor: float | None, exclude_prefix: b
     return final_lr_factor, exclude_prefix
 
 
-def check_private_rules(dp: bool, examples_per_user: int, final_lr_factor: float | None,
-                        exclude_prefix: bool | None, final_learning_rate: float | None = None) -> None:
-    """Refuse, for a DP-SGD run, the training rules its accounting does not cover."""
-    if not dp:
-        return
-    if examples_per_user:
-        # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
-        raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
-                                 "examples and accounts sensitivity C")
-    if exclude_prefix or final_lr_factor not in (None, 1.0) or final_learning_rate is not None:
-        # The prefix mask reads more than a row's own input. A learning-rate schedule, a public function of
-        # the step, would be covered; it is refused so that the one DP run stays the configuration reported.
-        raise typer.BadParameter("--exclude-prefix, --final-lr-factor and --set final_learning_rate are for the "
-                                 "non-private model's epoch-by-epoch training")
-
-
 def method_config(method: str, overrides: list[str], examples_per_user: int, final_lr_factor: float | None,
                   exclude_prefix: bool | None) -> tuple[SequenceSettings, SequenceTrainConfig, float, bool]:
     """A sequence method's settings, training config and training rules after ``--set`` overrides; refuses
@@ -196,8 +180,16 @@ def method_config(method: str, overrides: list[str], examples_per_user: int, fin
                                  f"is private")
     if train_cfg.final_learning_rate is not None and not train_cfg.dp:
         raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor")
-    check_private_rules(train_cfg.dp, examples_per_user, final_lr_factor, exclude_prefix,
-                        train_cfg.final_learning_rate)
+    if train_cfg.dp and examples_per_user:
+        # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
+        raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
+                                 "examples and accounts sensitivity C")
+    if train_cfg.dp and (exclude_prefix or final_lr_factor not in (None, 1.0)
+                         or train_cfg.final_learning_rate is not None):
+        # The prefix mask reads more than a row's own input. A learning-rate schedule, a public function of
+        # the step, would be covered; it is refused so that the one DP run stays the configuration reported.
+        raise typer.BadParameter("--exclude-prefix, --final-lr-factor and --set final_learning_rate are for the "
+                                 "non-private model's epoch-by-epoch training")
     return (settings, train_cfg, *training_rules(method, final_lr_factor, exclude_prefix))
 
 

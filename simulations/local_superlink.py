@@ -249,7 +249,7 @@ def terminate_descendants(keep: set[tuple[int, int]], grace: float = 10.0, round
     end (empty unless something survived every SIGKILL round)."""
     me = os.getpid()
 
-    def targets() -> tuple[list[int], set[int]]:
+    def targets() -> list[int]:
         table = _processes()
         kept = {pid for pid, start in keep if pid in table and table[pid][2] == start}
         spared = set(kept)
@@ -261,9 +261,9 @@ def terminate_descendants(keep: set[tuple[int, int]], grace: float = 10.0, round
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-        return [pid for pid in descendants(me, table) if pid not in spared], kept
+        return [pid for pid in descendants(me, table) if pid not in spared]
 
-    pids, _ = targets()
+    pids = targets()
     empty_scans = 0
     for sig in (signal.SIGTERM, *[signal.SIGKILL] * rounds):
         signalled: set[int] = set()
@@ -282,9 +282,7 @@ def terminate_descendants(keep: set[tuple[int, int]], grace: float = 10.0, round
                     pass
                 signalled.add(pid)
             time.sleep(0.1)
-            pids, _ = targets()
-        if not pids:
-            continue
+            pids = targets()
     return pids
 
 

@@ -438,7 +438,7 @@ def test_the_central_dp_reference_refuses_rules_its_accounting_does_not_cover(fl
 
     from simulations import bench_sequence
 
-    result = CliRunner().invoke(typer_app(bench_sequence.main), ["sequence-dp", "--out", str(tmp_path),
+    result = CliRunner().invoke(bench_sequence.app, ["sequence-dp", "--out", str(tmp_path),
                                                                  "--no-cold-start", *flags])
     assert result.exit_code != 0
     said = _plain(result.output)
@@ -452,7 +452,7 @@ def test_the_non_private_reference_cannot_be_switched_to_dp_past_its_rules(tmp_p
     from simulations import bench_sequence
 
     # DP-SGD on a most-recent-N window would need sensitivity 2C, and sequence-dp accounts C
-    result = CliRunner().invoke(typer_app(bench_sequence.main), ["sequence", "--out", str(tmp_path), "--no-cold-start",
+    result = CliRunner().invoke(bench_sequence.app, ["sequence", "--out", str(tmp_path), "--no-cold-start",
                                                                  "--set", "dp=true", "--examples-per-user", "50"])
     assert result.exit_code != 0 and "says whether it is private" in _plain(result.output)
     assert not list(tmp_path.iterdir())
@@ -495,9 +495,30 @@ def _plain(output: str) -> str:
     return " ".join(output.replace("│", " ").split())
 
 
-def typer_app(main):
-    import typer
+def test_the_cold_start_grid_equals_ranking_with_each_boost_set():
+    from dataclasses import replace
 
-    app = typer.Typer(add_completion=False)
-    app.command()(main)
-    return app
+    from common.evaluation import evaluate_scores
+    from simulations.bench_cold_start import unseen_rankings
+    from simulations.baselines import cold_start_users
+
+    rng = np.random.default_rng(3)
+    split = leave_one_out(_dataset([list(rng.permutation(NUM_ITEMS)[:10]) for _ in range(12)]))
+    test_targets = [int(split.data.item[split.target_row(int(u), "test")]) for u in split.eval_users()]
+    held_out = np.array(sorted(set(test_targets[:4])))
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[torch.from_numpy(held_out)] = False
+    model = _model(SequenceSettings(history_len=4, dim=8, layers=1, heads=2, new_item_boost=0.7), known)
+    boosts = (0.0, 0.5, 2.0)
+    got = unseen_rankings(model, split, held_out, boosts)
+    assert model.settings.new_item_boost == 0.7  # restored
+    for boost in boosts:
+        model.settings = replace(model.settings, new_item_boost=boost)
+        for which in ("validation", "test"):
+            for group, users in (("all", split.eval_users()), ("cold", cold_start_users(split, held_out, which))):
+                rows = evaluation_rows(split, which, 4, users)
+                want = evaluate_scores(sequence_scores(model, rows), split, which, users)
+                assert got[f"{boost:g}"][f"{which}_{group}"] == {
+                    "users": len(users), "NDCG@10": round(want["NDCG@10"], 5), "HR@10": round(want["HR@10"], 5)}
+    assert len(cold_start_users(split, held_out, "test")) >= 4
+    assert got["2"]["test_cold"]["HR@10"] > got["0"]["test_cold"]["HR@10"]  # the boost does lift new items here
