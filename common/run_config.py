@@ -224,6 +224,10 @@ FIELDS: dict[str, Field] = {
     "server-learning-rate": Field(
         0.01, "server",
         ("FedAdam's server learning rate (eta)"), low=0, high=10, low_inclusive=False),
+    "server-lr-final-factor": Field(
+        1.0, "server",
+        ("FedAdam's learning rate falls linearly from server-learning-rate in round 1 to this share of it in "
+         "the last round (1: constant)"), low=0, high=1),
     "evaluate-clients": Field(
         0, "server",
         ("clients asked to score their own held-out item when the model is evaluated; each reply is a DP "

@@ -51,15 +51,26 @@ def make_server_step(name: str, server_learning_rate: float):
     return STRATEGIES[name](server_learning_rate)
 
 
+def server_learning_rate(base: float, final_factor: float, server_round: int, num_rounds: int) -> float:
+    """The server learning rate of round ``server_round`` (1-based): ``base`` in round 1, falling linearly
+    to ``final_factor * base`` in round ``num_rounds``; a function of the round alone, so a resumed run
+    continues the same schedule."""
+    progress = (server_round - 1) / (num_rounds - 1) if num_rounds > 1 else 0.0
+    return base * (1.0 - (1.0 - final_factor) * min(1.0, max(0.0, progress)))
+
+
 def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
     return ArrayRecord({n: Array(np.asarray(a, dtype=np.float32)) for n, a in zip(names, arrays)})
 
 
 def server_step(step, server_round: int, names: list[str], current: list[np.ndarray],
-                mean: list[np.ndarray]) -> list[np.ndarray]:
-    """Apply the strategy's server update to ``mean`` from ``current``."""
+                mean: list[np.ndarray], learning_rate: float | None = None) -> list[np.ndarray]:
+    """Apply the strategy's server update to ``mean`` from ``current`` (FedAdam at ``learning_rate`` when
+    given, else at its own eta)."""
     step._given = to_record(names, mean)
     if isinstance(step, FedAdam):
+        if learning_rate is not None:
+            step.eta = learning_rate
         step.current_arrays = {n: np.asarray(a, dtype=np.float32) for n, a in zip(names, current)}
         new, _ = step.aggregate_train(server_round, [])
     else:

@@ -31,7 +31,8 @@ from common.runtimes import make_runtime
 from common.secure_random import SecureStream
 from common.skellam import plan_epsilon, secure_plan
 from common.split import Split
-from server.aggregation import load_optimizer_state, make_server_step, optimizer_state, server_step, to_record
+from server.aggregation import (load_optimizer_state, make_server_step, optimizer_state, server_learning_rate,
+                                server_step, to_record)
 from server.aggregators import aggregate, without_common_mode
 from server.catalogue import CataloguePublisher
 from server.central_dp import CentralDP, client_rate
@@ -352,7 +353,9 @@ class Federation:
 
     def _apply(self, rnd: int, mean: list[np.ndarray]) -> bool:
         """The server step on the round's aggregate state; stops the run before a non-finite state is used."""
-        new = server_step(self.step, rnd, self.names, self.arrays, mean)
+        eta = server_learning_rate(self.cfg["server-learning-rate"], self.cfg["server-lr-final-factor"], rnd,
+                                   self.cfg["num-server-rounds"])
+        new = server_step(self.step, rnd, self.names, self.arrays, mean, eta)
         bad = [n for n, a in zip(self.names, new) if not np.isfinite(a).all()]
         if bad:  # validated replies cannot cause this; stop before a corrupt state is checkpointed or used
             raise FloatingPointError(f"round {rnd}: the aggregated global state has non-finite values in "

@@ -36,6 +36,12 @@ PROBES: dict[str, tuple[dict, dict, float | None]] = {
     "no-dp-local-steps-4": ({"local-epochs": 4.0, **NO_DP[0]}, NO_DP[1], None),
     # the default with each row's own history items out of its training softmax (same epsilon)
     "exclude-history": ({"sequence-exclude-history": True}, {}, None),
+    # FedAdam's rate falling linearly to 0 over the run (server-lr-final-factor), with more sessions per user
+    "no-dp-sessions-4-decay": ({"num-server-rounds": 192, "eval-every": 48, "server-lr-final-factor": 0.0,
+                                **NO_DP[0]}, NO_DP[1], None),
+    "no-dp-wide-sessions-4-decay": ({"num-server-rounds": 192, "eval-every": 48, "server-lr-final-factor": 0.0,
+                                     "sequence-dim": 64, "sequence-exclude-history": True, **NO_DP[0]},
+                                    NO_DP[1], None),
 }
 
 

@@ -179,17 +179,17 @@ def method_config(method: str, overrides: list[str], examples_per_user: int, fin
         raise typer.BadParameter(f"--set dp={str(train_cfg.dp).lower()}: the method ({method}) says whether it "
                                  f"is private")
     if train_cfg.final_learning_rate is not None and not train_cfg.dp:
-        raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor")
+        raise typer.BadParameter("--set final_learning_rate: the non-private model's decay is --final-lr-factor "
+                                 "(the set is for sequence-dp)")
     if train_cfg.dp and examples_per_user:
         # a most-recent-N window lets an older example in when one is removed: 2C, not the C accounted here
         raise typer.BadParameter("--examples-per-user is for the non-private model: sequence-dp trains on all "
                                  "examples and accounts sensitivity C")
-    if train_cfg.dp and (exclude_prefix or final_lr_factor not in (None, 1.0)
-                         or train_cfg.final_learning_rate is not None):
-        # The prefix mask reads more than a row's own input. A learning-rate schedule, a public function of
-        # the step, would be covered; it is refused so that the one DP run stays the configuration reported.
-        raise typer.BadParameter("--exclude-prefix, --final-lr-factor and --set final_learning_rate are for the "
-                                 "non-private model's epoch-by-epoch training")
+    if train_cfg.dp and (exclude_prefix or final_lr_factor not in (None, 1.0)):
+        # The prefix mask reads more than a row's own input. (A DP run's own learning-rate schedule, a
+        # public function of the step, is covered: --set final_learning_rate.)
+        raise typer.BadParameter("--exclude-prefix and --final-lr-factor are for the non-private model's "
+                                 "epoch-by-epoch training (a DP run decays with --set final_learning_rate)")
     return (settings, train_cfg, *training_rules(method, final_lr_factor, exclude_prefix))
 
 

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, Mult
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.run_config import ConfigError, resolve
+from server.aggregation import make_server_step, server_learning_rate, server_step
 from server.aggregators import AGGREGATORS, aggregate
 from server.federation import Federation
 from server.validation import update_norm_bound
@@ -160,3 +161,36 @@ def test_an_examples_item_bias_gradient_sums_to_zero_and_the_server_removes_any_
     assert np.allclose(np.delete(update, 3), -2.0 / len(update), atol=1e-5)
     assert update[3] == pytest.approx(2.0 - 2.0 / len(update), abs=1e-5)
     assert all(np.array_equal(a, b) for j, (a, b) in enumerate(zip(projected, hostile)) if j != k)
+
+
+def test_the_server_learning_rate_falls_linearly_to_its_final_share():
+    assert server_learning_rate(0.01, 0.0, 1, 5) == 0.01
+    assert server_learning_rate(0.01, 0.2, 3, 5) == pytest.approx(0.01 * 0.6)
+    assert server_learning_rate(0.01, 0.0, 5, 5) == 0.0
+    assert server_learning_rate(0.01, 0.0, 1, 1) == 0.01  # a one-round run keeps its rate
+    assert {server_learning_rate(0.01, 1.0, r, 7) for r in range(1, 8)} == {0.01}
+
+
+def test_fedadam_moves_the_state_by_the_given_learning_rate():
+    names, current, mean = ["w"], [np.zeros(3, dtype=np.float32)], [np.array([1.0, -2.0, 0.5], dtype=np.float32)]
+    moves = [server_step(make_server_step("fedadam", 0.01), 1, names, current, mean, lr)[0] for lr in (0.01, 0.02)]
+    assert np.abs(moves[0]).min() > 0
+    np.testing.assert_allclose(moves[1], 2 * moves[0], rtol=1e-6)
+    assert np.array_equal(server_step(make_server_step("fedadam", 0.01), 1, names, current, mean, 0.0)[0], current[0])
+
+
+def test_a_run_steps_fedadam_at_each_rounds_scheduled_rate(small_run_config, monkeypatch):
+    import server.federation as federation
+
+    used = []
+
+    def recording(step, rnd, names, current, mean, learning_rate=None):
+        used.append((rnd, learning_rate))
+        return server_step(step, rnd, names, current, mean, learning_rate)
+
+    monkeypatch.setattr(federation, "server_step", recording)
+    cfg = dict(small_run_config, **{"num-server-rounds": 3, "server-learning-rate": 0.04,
+                                    "server-lr-final-factor": 0.5})
+    Federation(InProcessGrid(6, cfg), cfg).run()
+    assert [r for r, _ in used] == [1, 2, 3]
+    assert [lr for _, lr in used] == pytest.approx([0.04, 0.03, 0.02])

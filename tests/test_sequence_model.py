@@ -432,7 +432,7 @@ def test_the_learning_rate_falls_linearly_to_its_final_value(dp, monkeypatch):
 
 
 @pytest.mark.parametrize("flags", [["--examples-per-user", "50"], ["--exclude-prefix"], ["--final-lr-factor", "0.5"],
-                                   ["--set", "final_learning_rate=0.0"], ["--set", "dp=false"]])
+                                   ["--set", "dp=false"]])
 def test_the_central_dp_reference_refuses_rules_its_accounting_does_not_cover(flags, tmp_path):
     from typer.testing import CliRunner
 
@@ -522,3 +522,11 @@ def test_the_cold_start_grid_equals_ranking_with_each_boost_set():
                     "users": len(users), "NDCG@10": round(want["NDCG@10"], 5), "HR@10": round(want["HR@10"], 5)}
     assert len(cold_start_users(split, held_out, "test")) >= 4
     assert got["2"]["test_cold"]["HR@10"] > got["0"]["test_cold"]["HR@10"]  # the boost does lift new items here
+
+
+def test_the_central_dp_reference_takes_its_own_public_learning_rate_schedule():
+    from simulations.bench_sequence import method_config
+
+    _, train_cfg, final_lr_factor, exclude_prefix = method_config("sequence-dp", ["final_learning_rate=0.0"], 0,
+                                                                  None, None)
+    assert train_cfg.dp and train_cfg.final_learning_rate == 0.0 and final_lr_factor == 1.0 and not exclude_prefix
