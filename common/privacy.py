@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -165,6 +165,20 @@ class PrivateTraining:
     def close(self) -> None:
         """Remove Opacus' hooks from the model (always call it, also when training failed)."""
         self.module._close()
+
+
+class GradientCanaries(Protocol):
+    """Extra rows of the training set whose per-example gradients an audit chooses.
+
+    They are Poisson-sampled, clipped and noised by the same Opacus objects as the real
+    examples: only their gradient is made up (see :mod:`simulations.audits.mechanism`).
+    """
+
+    count: int
+
+    def rows(self, canary_index: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-example gradients of the sampled canaries, one tensor (len(index), *p.shape) per param."""
+        ...
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,

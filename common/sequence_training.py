@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
+from common.privacy import GradientCanaries, PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 from common.secure_random import SecureStream
 from common.sequence import SequenceRecommender, SequenceRows, history_mask
@@ -67,16 +67,22 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: SequenceTrainConfig,
                    row_weights: np.ndarray | None = None, label: str | None = None,
                    on_start: Callable[[], None] | None = None,
-                   extra_exclusions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SequenceTrainReport:
+                   extra_exclusions: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   canaries: GradientCanaries | None = None) -> SequenceTrainReport:
     """Train ``model`` in place on ``rows``; ``row_weights`` (0/1) marks weight-0 padding rows.
     ``on_start`` runs once the DP machinery is in place, before the first step (a device records the
     session's spend there, so that a failure afterwards can only over-report). ``extra_exclusions``
     (non-private training only) maps a batch's row indices to a (B, num_items) mask of further items to
     leave out of each row's softmax (for example the user's items older than the history window): it
-    reads more than the row's own input, so it is refused under DP."""
+    reads more than the row's own input, so it is refused under DP. ``canaries`` (audits only, DP only)
+    appends rows with made-up per-example gradients: they are Poisson-sampled, clipped and noised by the
+    same objects as the real rows (as in :func:`common.training.train`)."""
     n = len(rows)
+    extra = canaries.count if canaries is not None else 0
     if n == 0 and not cfg.dp:
         raise ValueError("no training rows")
+    if extra and not cfg.dp:
+        raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")
     if cfg.dp and extra_exclusions is not None:
         raise ValueError("extra_exclusions reads beyond a row's own input: not allowed under DP")
     if cfg.final_learning_rate is not None and not 0.0 <= cfg.final_learning_rate <= cfg.learning_rate:
@@ -103,7 +109,7 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
         private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant,
                                sensitivity=cfg.sensitivity)
         module, optimizer = private.module, private.optimizer
-        batches = private.batches(n)
+        batches = private.batches(n + extra)
         report.noise_multiplier, report.sample_rate = sigma, schedule.sample_rate
         report.expected_batch_size = schedule.expected_batch_size
     else:
@@ -133,6 +139,8 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                 if report.steps >= steps:
                     break
                 optimizer.zero_grad(set_to_none=True)
+                canary_idx = idx[idx >= n] - n
+                idx = idx[idx < n]
                 if len(idx) == 0:  # an empty Poisson batch still takes its noise step
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -155,11 +163,14 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     loss = (per_row * weights[idx]).sum() / len(idx)
                     loss.backward()
                     report.losses.append(float(loss.detach()))
+                if len(canary_idx):
+                    for p, made_up in zip(params, canaries.rows(canary_idx, params)):
+                        p.grad_sample = torch.cat([p.grad_sample, made_up.to(p.grad_sample.dtype)])
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 report.steps += 1
-                report.examples += int(weights[idx].sum())
+                report.examples += int(weights[idx].sum()) + len(canary_idx)
                 advance(1)
         if private is not None:
             report.epsilon = private.epsilon(cfg.delta)

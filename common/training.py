@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from common.features import FeatureSet
 from common.model import Recommender, refresh_items
-from common.privacy import PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
+from common.privacy import GradientCanaries, PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -68,20 +68,6 @@ class TrainReport:
     @property
     def examples_per_second(self) -> float:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
-
-
-class GradientCanaries(Protocol):
-    """Extra rows of the training set whose per-example gradients an audit chooses.
-
-    They are Poisson-sampled, clipped and noised by the same Opacus objects as the real
-    examples: only their gradient is made up (see :mod:`simulations.audits.mechanism`).
-    """
-
-    count: int
-
-    def rows(self, canary_index: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-example gradients of the sampled canaries, one tensor (len(index), *p.shape) per param."""
-        ...
 
 
 class AdapterCorruptionError(RuntimeError):

@@ -53,7 +53,8 @@ def main(out: Path = typer.Option(Path("simulations/results/audits"), help="fold
     from simulations.audits.membership import run_membership_audit
     from simulations.audits.secure_canaries import run_secure_client_audit
 
-    # Client DP-SGD audited at noise 1.0 and batch 20, where the accountant's epsilon (about 1.6) is
+    # Client DP-SGD (the configured user model: the sequence model by default) audited at noise 1.0 and
+    # batch 20, where the accountant's epsilon (about 1.5-1.6) is
     # within what the canaries can prove (docs/privacy-audits.md); at noise 0.64 it would be above.
     audited = {"noise-multiplier": 1.0, "batch-size": 20}
     plan = [("mechanism", b, lambda b=b: run_mechanism_audit(audited, broken=b)) for b in ("none", "noise-off", "clip-off")]

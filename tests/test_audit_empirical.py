@@ -42,9 +42,13 @@ AUDITED_NOISE = 1.0
 AUDITED_BATCH = 20
 
 
+TEXT_MODEL = {"user-model": "text"}
+
+
 def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
-    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH}, canaries=2000,
-                                 confidence=SURE)
+    report = run_mechanism_audit({**TEXT_MODEL, "noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH},
+                                 canaries=2000, confidence=SURE)
+    assert report["user_model"] == "text"
     assert REQUIRED <= set(report)
     assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
@@ -56,19 +60,44 @@ def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
     assert report["mechanism_run"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
 
+def test_the_sequence_models_session_stays_below_the_accountant_under_audit():
+    """The default user model's own loop (train_sequence) on a device's padded session rows."""
+    report = run_mechanism_audit({"noise-multiplier": AUDITED_NOISE, "batch-size": AUDITED_BATCH}, canaries=2000,
+                                 confidence=SURE)
+    assert REQUIRED <= set(report) and report["user_model"] == "sequence"
+    assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
+    assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    rows = report["training_rows"]
+    assert rows["real_examples"] + rows["padding_rows"] == 200  # the public session cap (examples-per-user)
+    public = rows["real_examples"] + rows["padding_rows"] + rows["canary_rows"]
+    claimed = report["mechanism_claimed"]
+    assert claimed["sample_rate"] == pytest.approx(AUDITED_BATCH / public)
+    assert claimed["steps"] == rows["planned_steps"] and claimed["optimizer"] == "sgd"
+
+
 # Chance of a false failure: broken, an included canary that was sampled in any step stands out by
 # far (noise off: no noise at all; clip off: a step of 100 C against noise of about 7 C over the
 # steps, 13 standard deviations), and 300 right guesses already bound epsilon at 2.18 > 1.6, so a
 # failure needs fewer than 300 of the 2,000 canaries both included and sampled (each is with
 # probability about 0.3: expected about 630; a binomial tail far below 1e-9).
+# The sequence model's broken set-up is audited on a 10-example session: its real rows then move the
+# canaries' coordinates by far less than one sampled canary does (measured without noise over three
+# sessions: at most 0.10 of one canary's step on any of the 2,000 coordinates; on a 200-example
+# session a few dozen move by a quarter of a step or more, which would put some excluded canaries
+# among the top guesses). The rest of the argument is the text model's above: about 640 canaries
+# are both included and sampled (rate 20/1,010, 51 steps), and 300 right guesses bound epsilon at
+# 2.18, above the claim (about 1.6).
+@pytest.mark.parametrize("model", [("text", ["--set", "user-model='text'"]),
+                                   ("sequence", ["--set", "examples-per-user=10"])], ids=["text", "sequence"])
 @pytest.mark.parametrize("broken", ["noise-off", "clip-off"])
-def test_mechanism_audit_catches_a_broken_setup(broken, tmp_path):
+def test_mechanism_audit_catches_a_broken_setup(broken, model, tmp_path):
+    user_model, flags = model
     result = CliRunner().invoke(app, ["audit-empirical", "mechanism", "--broken", broken, "--out", str(tmp_path),
                                       "--set", f"noise-multiplier={AUDITED_NOISE}",
-                                      "--set", f"batch-size={AUDITED_BATCH}"])
+                                      "--set", f"batch-size={AUDITED_BATCH}", *flags])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / f"audit-mechanism-{broken}.json").read_text())
-    assert REQUIRED <= set(report)
+    assert REQUIRED <= set(report) and report["user_model"] == user_model
     assert report["epsilon_lower_bound"] > report["accountant_epsilon"], report["estimator"]
     assert report["bound_exceeds_accountant"] and "EXCEEDS" in result.output
 

@@ -530,3 +530,14 @@ def test_the_central_dp_reference_takes_its_own_public_learning_rate_schedule():
     _, train_cfg, final_lr_factor, exclude_prefix = method_config("sequence-dp", ["final_learning_rate=0.0"], 0,
                                                                   None, None)
     assert train_cfg.dp and train_cfg.final_learning_rate == 0.0 and final_lr_factor == 1.0 and not exclude_prefix
+
+
+def test_gradient_canaries_are_refused_without_dp():
+    class OneCanary:
+        count = 1
+
+        def rows(self, canary_index, params):
+            return [torch.zeros((len(canary_index), *p.shape)) for p in params]
+
+    with pytest.raises(ValueError, match="canaries need DP"):
+        train_sequence(_model(), _rows(4), SequenceTrainConfig(epochs=1.0, batch_size=2), canaries=OneCanary())

@@ -2,9 +2,12 @@
 
 The training set is one client's real examples plus the *included* half of m canaries.
 A canary is a row whose per-example gradient is a spike of norm ``100 x max-grad-norm``
-on one LoRA coordinate of its own (a "Dirac canary"). The rows go through the product's
-``common.training.train`` with the client's ``TrainConfig``: the same DP-SGD engine
-(:func:`common.privacy.make_private`), Poisson sampling, per-example clipping and noise. A canary's score is how
+on one trainable coordinate of its own (a "Dirac canary"). The rows go through the product's
+training loop of the configured ``user-model``: the sequence model's
+:func:`common.sequence_training.train_sequence` with the device's padded session rows and
+``SequenceTrainConfig`` (coordinates of every exchanged tensor), or the text model's
+``common.training.train`` with the client's ``TrainConfig`` (LoRA coordinates). Both use the same
+DP-SGD engine (:func:`common.privacy.make_private`), Poisson sampling, per-example clipping and noise. A canary's score is how
 far its coordinate moved down the gradient; the one-run estimator turns scores into a
 lower bound on epsilon (:mod:`server.audit.estimator`).
 
@@ -22,11 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.session import train_config
+from client.session import sequence_train_config, train_config
 from common.ledger import Session, composed_epsilon
 from common.model_state import ModelRuntime, ModelSettings, get_state
 from common.partition import client_data, dataset_from_source, split_for
 from common.run_config import resolve
+from common.runtimes import make_runtime
+from common.sequence_runtime import client_sequences, padded_sequence_rows
+from common.sequence_training import train_sequence
 from common.training import TrainConfig, adapter_params, dp_schedule, planned_steps, train
 from server.audit.estimator import audit_scores
 
@@ -73,6 +79,8 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     if canaries < 2:
         raise ValueError(f"need at least 2 canaries, got {canaries}")
     t0 = time.perf_counter()
+    if resolve(overrides or {})["user-model"] == "sequence":
+        return _sequence_mechanism_audit(overrides, canaries, user, broken, confidence, t0)
     cfg, runtime = audit_runtime(overrides)
     client = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
     features = runtime.features(client.train_texts)
@@ -98,9 +106,51 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     n_rows = len(client.train_targets) + injector.count
     return {
         **session_report("mechanism", claimed, run_cfg, broken, n_rows, report.steps, scores, included, confidence),
+        "user_model": "text",
         "training_rows": {"real_examples": len(client.train_targets), "user": user,
                           "canary_rows": injector.count, "planned_steps": planned_steps(n_rows, claimed)},
         "canaries": {"kind": "Dirac gradient canaries on distinct LoRA coordinates",
+                     "gradient_norm": injector.norm, "count": canaries, "included": int(included.sum())},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "train_seconds": round(report.seconds, 2),
+    }
+
+
+def _sequence_mechanism_audit(overrides: dict[str, Any] | None, canaries: int, user: int, broken: str,
+                              confidence: float, t0: float) -> dict[str, Any]:
+    """The same audit of the sequence model's session: the device's padded rows (its most recent
+    ``examples-per-user`` examples and weight-0 padding up to that cap), the device's
+    :class:`SequenceTrainConfig` and :func:`train_sequence`, Dirac canaries on distinct coordinates
+    of the exchanged tensors (every trainable one)."""
+    cfg = resolve({**(overrides or {}), "local-dp": True})
+    data = dataset_from_source(cfg["dataset"])
+    runtime = make_runtime(data, cfg, seed=cfg["seed"])
+    cap = cfg["examples-per-user"]
+    rows, weights = padded_sequence_rows(client_sequences(split_for(cfg["dataset"]), user, cfg["history-len"],
+                                                          cap).train, cap, data.num_items)
+    secret = np.random.default_rng()  # inclusion must be unpredictable, as in the estimator's model
+    included = secret.random(canaries) < 0.5
+    params = [p for p in runtime.model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    if canaries > total:
+        raise ValueError(f"{canaries} canaries need distinct coordinates; the model has {total}")
+    coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
+    # The audit's own public size (real and padding rows plus the included canaries); a canary is an
+    # added row that shifts no window, so the claim is accounted at C.
+    claimed = replace(sequence_train_config(cfg, seed=cfg["seed"]), public_size=len(rows) + int(included.sum()))
+    run_cfg = with_broken(claimed, broken)
+    injector = DiracCanaries(params, np.flatnonzero(included), coords, CANARY_NORM_FACTOR * claimed.max_grad_norm)
+    before = _flat(params)
+    report = train_sequence(runtime.model, rows, run_cfg, row_weights=weights, canaries=injector)
+    scores = -(_flat(params) - before)[coords]  # SGD and Adam both move a coordinate against its gradient
+    n_rows = len(rows) + injector.count
+    return {
+        **session_report("mechanism", claimed, run_cfg, broken, n_rows, report.steps, scores, included, confidence),
+        "user_model": "sequence",
+        "training_rows": {"real_examples": int(weights.sum()), "padding_rows": int(len(rows) - weights.sum()),
+                          "user": user, "canary_rows": injector.count,
+                          "planned_steps": dp_schedule(n_rows, claimed).steps},
+        "canaries": {"kind": "Dirac gradient canaries on distinct coordinates of the sequence model's tensors",
                      "gradient_norm": injector.norm, "count": canaries, "included": int(included.sum())},
         "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(report.seconds, 2),
