@@ -226,8 +226,8 @@ FIELDS: dict[str, Field] = {
         ("FedAdam's server learning rate (eta)"), low=0, high=10, low_inclusive=False),
     "server-lr-final-factor": Field(
         1.0, "server",
-        ("FedAdam's learning rate falls linearly from server-learning-rate in round 1 to this share of it in "
-         "the last round (1: constant)"), low=0, high=1),
+        ("FedAdam's learning rate falls linearly from server-learning-rate in round 1 towards this share of "
+         "it, reached one round after the last (1: constant)"), low=0, high=1),
     "evaluate-clients": Field(
         0, "server",
         ("clients asked to score their own held-out item when the model is evaluated; each reply is a DP "
@@ -311,6 +311,9 @@ def resolve(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
         cfg["aggregator"] = "mean" if cfg["central-dp"] or cfg["secure-aggregation"] else "trimmed-mean"
     if cfg["secure-aggregation"]:
         _check_secure(cfg)
+    if cfg["strategy"] != "fedadam" and cfg["server-lr-final-factor"] != 1.0:
+        raise ConfigError(f"run config 'server-lr-final-factor': {cfg['server-lr-final-factor']:g} schedules "
+                          f"FedAdam's learning rate; strategy {cfg['strategy']!r} has none (use 1)")
     if cfg["local-dp"] and cfg["examples-per-user"] == 0:
         raise ConfigError("run config 'examples-per-user': 0 (all of a device's examples) cannot be used with "
                           "local-dp=true: a session's size, and so its duration, would depend on how many examples "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from common.features import FeatureSet
 from common.model import Recommender, refresh_items
 from common.privacy import GradientCanaries, PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
+
+if TYPE_CHECKING:  # only for the annotation of dp_schedule
+    from common.sequence_training import SequenceTrainConfig
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -87,8 +90,9 @@ def _param_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def dp_schedule(num_rows: int, cfg: TrainConfig) -> PublicSchedule:
-    """The DP session's public rate, steps and denominator (from ``cfg.public_size`` when set)."""
+def dp_schedule(num_rows: int, cfg: TrainConfig | SequenceTrainConfig) -> PublicSchedule:
+    """The DP session's public rate, steps and denominator (from ``cfg.public_size`` when set); either
+    loop's config (the fields read are common to both)."""
     size = cfg.public_size if cfg.public_size is not None else num_rows
     return PublicSchedule.from_public_size(size, cfg.batch_size, cfg.epochs)
 

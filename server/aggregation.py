@@ -53,9 +53,10 @@ def make_server_step(name: str, server_learning_rate: float):
 
 def server_learning_rate(base: float, final_factor: float, server_round: int, num_rounds: int) -> float:
     """The server learning rate of round ``server_round`` (1-based): ``base`` in round 1, falling linearly
-    to ``final_factor * base`` in round ``num_rounds``; a function of the round alone, so a resumed run
-    continues the same schedule."""
-    progress = (server_round - 1) / (num_rounds - 1) if num_rounds > 1 else 0.0
+    towards ``final_factor * base``, which it would reach one round after the last, so every round's
+    update counts (a round's releases are spent whatever its rate). A function of the round and the
+    run's length (which a resume may not change while the rate falls: :func:`server.resume.check_resume`)."""
+    progress = (server_round - 1) / num_rounds
     return base * (1.0 - (1.0 - final_factor) * min(1.0, max(0.0, progress)))
 
 

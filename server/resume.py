@@ -48,6 +48,11 @@ def check_resume(folder: RunFolder, cfg: dict[str, Any]) -> None:
     changed = sorted(k for k in cfg if k not in MAY_CHANGE and old.get(k) != cfg[k])
     if changed:
         raise ConfigError(f"resume: run config differs from the stored run in {changed}")
+    if cfg["server-lr-final-factor"] != 1.0 and old.get("num-server-rounds") != cfg["num-server-rounds"]:
+        # the server's learning-rate schedule runs over num-server-rounds: more rounds would raise it again
+        raise ConfigError(f"resume: num-server-rounds cannot change ({old.get('num-server-rounds')} to "
+                          f"{cfg['num-server-rounds']}) while server-lr-final-factor "
+                          f"({cfg['server-lr-final-factor']:g}) makes the server's learning rate fall over them")
     if not checkpoint.exists():
         raise ConfigError(f"resume=true but {checkpoint} does not exist: the run stopped before its first round was "
                           f"checkpointed, so there is nothing to continue from. Remove {folder.root} (its records and "

@@ -291,6 +291,9 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
         return
     if method in ("sequence", "sequence-dp"):  # refuse a bad combination before loading anything
         method_config(method, set_, examples_per_user, final_lr_factor, exclude_prefix)
+    if set_ and out == RESULTS:
+        raise typer.BadParameter(f"--set changes the configuration: give it an --out folder of its own ({RESULTS} "
+                                 f"holds the published results)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_recbole()
     item_text = item_text_vectors(data, ITEM_MAX_LENGTH)

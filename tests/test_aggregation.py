@@ -163,12 +163,23 @@ def test_an_examples_item_bias_gradient_sums_to_zero_and_the_server_removes_any_
     assert all(np.array_equal(a, b) for j, (a, b) in enumerate(zip(projected, hostile)) if j != k)
 
 
-def test_the_server_learning_rate_falls_linearly_to_its_final_share():
+def test_the_server_learning_rate_falls_linearly_towards_its_final_share():
     assert server_learning_rate(0.01, 0.0, 1, 5) == 0.01
-    assert server_learning_rate(0.01, 0.2, 3, 5) == pytest.approx(0.01 * 0.6)
-    assert server_learning_rate(0.01, 0.0, 5, 5) == 0.0
+    assert server_learning_rate(0.01, 0.2, 3, 5) == pytest.approx(0.01 * (1 - 0.8 * 2 / 5))
+    # the final share is reached one round after the last: the last round's (spent) update still counts
+    assert server_learning_rate(0.01, 0.0, 5, 5) == pytest.approx(0.002)
     assert server_learning_rate(0.01, 0.0, 1, 1) == 0.01  # a one-round run keeps its rate
     assert {server_learning_rate(0.01, 1.0, r, 7) for r in range(1, 8)} == {0.01}
+
+
+def test_a_falling_server_rate_needs_fedadam_and_a_fixed_number_of_rounds(small_run_config):
+    with pytest.raises(ConfigError, match="server-lr-final-factor"):
+        resolve({"strategy": "fedavg", "server-lr-final-factor": 0.5})
+    cfg = dict(small_run_config, **{"num-server-rounds": 1, "server-lr-final-factor": 0.5})
+    Federation(InProcessGrid(6, cfg), cfg).run()
+    longer = dict(cfg, **{"num-server-rounds": 2, "resume": True})
+    with pytest.raises(ConfigError, match="num-server-rounds cannot change"):
+        Federation(InProcessGrid(6, longer), longer)
 
 
 def test_fedadam_moves_the_state_by_the_given_learning_rate():
@@ -193,4 +204,4 @@ def test_a_run_steps_fedadam_at_each_rounds_scheduled_rate(small_run_config, mon
                                     "server-lr-final-factor": 0.5})
     Federation(InProcessGrid(6, cfg), cfg).run()
     assert [r for r, _ in used] == [1, 2, 3]
-    assert [lr for _, lr in used] == pytest.approx([0.04, 0.03, 0.02])
+    assert [lr for _, lr in used] == pytest.approx([0.04, 0.04 * (1 - 0.5 / 3), 0.04 * (1 - 0.5 * 2 / 3)])

@@ -53,9 +53,10 @@ def test_mechanism_audit_of_the_correct_setup_stays_below_the_accountant():
     assert report["broken"] == "none" and not report["bound_exceeds_accountant"]
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
     claimed = report["mechanism_claimed"]
-    rows = report["training_rows"]["real_examples"] + report["training_rows"]["canary_rows"]
-    # The audited session's public size is its real + canary rows: rate batch / rows, ceil(1 / rate) steps.
-    assert claimed["sample_rate"] == pytest.approx(claimed["batch_size"] / rows)
+    # The audited session's public size is its real rows and the expected number of included canaries
+    # (fixed before inclusion is drawn): rate batch / size, ceil(1 / rate) steps.
+    assert report["training_rows"]["public_size"] == report["training_rows"]["real_examples"] + 1000
+    assert claimed["sample_rate"] == pytest.approx(claimed["batch_size"] / report["training_rows"]["public_size"])
     assert claimed["steps"] == report["training_rows"]["planned_steps"]
     assert report["mechanism_run"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
@@ -69,9 +70,9 @@ def test_the_sequence_models_session_stays_below_the_accountant_under_audit():
     assert 0 <= report["epsilon_lower_bound"] <= report["accountant_epsilon"]
     rows = report["training_rows"]
     assert rows["real_examples"] + rows["padding_rows"] == 200  # the public session cap (examples-per-user)
-    public = rows["real_examples"] + rows["padding_rows"] + rows["canary_rows"]
+    assert rows["public_size"] == 200 + 1000  # the session's rows and the expected included canaries
     claimed = report["mechanism_claimed"]
-    assert claimed["sample_rate"] == pytest.approx(AUDITED_BATCH / public)
+    assert claimed["sample_rate"] == pytest.approx(AUDITED_BATCH / rows["public_size"])
     assert claimed["steps"] == rows["planned_steps"] and claimed["optimizer"] == "sgd"
 
 
@@ -81,12 +82,14 @@ def test_the_sequence_models_session_stays_below_the_accountant_under_audit():
 # failure needs fewer than 300 of the 2,000 canaries both included and sampled (each is with
 # probability about 0.3: expected about 630; a binomial tail far below 1e-9).
 # The sequence model's broken set-up is audited on a 10-example session: its real rows then move the
-# canaries' coordinates by far less than one sampled canary does (measured without noise over three
+# canaries' coordinates by far less than one sampled canary does (noise off, measured over three
 # sessions: at most 0.10 of one canary's step on any of the 2,000 coordinates; on a 200-example
 # session a few dozen move by a quarter of a step or more, which would put some excluded canaries
-# among the top guesses). The rest of the argument is the text model's above: about 640 canaries
-# are both included and sampled (rate 20/1,010, 51 steps), and 300 right guesses bound epsilon at
-# 2.18, above the claim (about 1.6).
+# among the top guesses). Clipping off, the real rows are unclipped but tiny beside a canary's
+# 100 C, and the noise calibrated to C is the text model's case above (excluded canaries measured
+# at most 0.25 of a step, included and sampled ones at least 0.80). The rest of the argument is
+# the text model's: about 640 canaries are both included and sampled (rate 20/1,010, 51 steps), and
+# 300 right guesses bound epsilon at 2.18, above the claim (about 1.6).
 @pytest.mark.parametrize("model", [("text", ["--set", "user-model='text'"]),
                                    ("sequence", ["--set", "examples-per-user=10"])], ids=["text", "sequence"])
 @pytest.mark.parametrize("broken", ["noise-off", "clip-off"])

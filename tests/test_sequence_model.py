@@ -532,12 +532,41 @@ def test_the_central_dp_reference_takes_its_own_public_learning_rate_schedule():
     assert train_cfg.dp and train_cfg.final_learning_rate == 0.0 and final_lr_factor == 1.0 and not exclude_prefix
 
 
+class _SpikeCanary:
+    """One audit canary: a per-example gradient of norm 100 on the first coordinate of the first tensor."""
+
+    count = 1
+
+    def rows(self, canary_index, params):
+        out = [torch.zeros((len(canary_index), *p.shape)) for p in params]
+        out[0].view(len(canary_index), -1)[:, 0] = 100.0
+        return out
+
+
 def test_gradient_canaries_are_refused_without_dp():
-    class OneCanary:
-        count = 1
-
-        def rows(self, canary_index, params):
-            return [torch.zeros((len(canary_index), *p.shape)) for p in params]
-
     with pytest.raises(ValueError, match="canaries need DP"):
-        train_sequence(_model(), _rows(4), SequenceTrainConfig(epochs=1.0, batch_size=2), canaries=OneCanary())
+        train_sequence(_model(), _rows(4), SequenceTrainConfig(epochs=1.0, batch_size=2), canaries=_SpikeCanary())
+
+
+def test_a_sampled_canary_moves_its_coordinate_by_one_clipped_step_over_the_public_batch():
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    # rate 1 (batch 5 of public size 5: 4 real rows and the canary): one step, every row in it; the real
+    # rows are weight-0 padding, so only the canary's gradient, clipped to C = 1, moves anything
+    cfg = SequenceTrainConfig(epochs=1.0, batch_size=5, optimizer="sgd", learning_rate=0.5, dp=True,
+                              noise_multiplier=0.0, max_grad_norm=1.0, public_size=5)
+    report = train_sequence(model, _rows(4), cfg, row_weights=np.zeros(4), canaries=_SpikeCanary())
+    assert report.steps == 1 and report.examples == 1
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    assert float(moved[0]) == pytest.approx(-0.5 * 1.0 / 5)  # lr x C / the public expected batch
+    assert float(moved[1:].abs().max()) == 0.0
+
+
+def test_a_changed_configuration_does_not_overwrite_the_published_results():
+    from typer.testing import CliRunner
+
+    from simulations import bench_sequence
+
+    result = CliRunner().invoke(bench_sequence.app, ["sequence-dp", "--no-cold-start", "--set", "epochs=1.0"])
+    assert result.exit_code != 0 and "--out folder of its own" in _plain(result.output)

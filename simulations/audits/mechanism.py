@@ -32,11 +32,13 @@ from common.partition import client_data, dataset_from_source, split_for
 from common.run_config import resolve
 from common.runtimes import make_runtime
 from common.sequence_runtime import client_sequences, padded_sequence_rows
-from common.sequence_training import train_sequence
+from common.sequence_training import SequenceTrainConfig, train_sequence
 from common.training import TrainConfig, adapter_params, dp_schedule, planned_steps, train
 from server.audit.estimator import audit_scores
 
 BROKEN = ("none", "noise-off", "clip-off")
+# either loop's config: the fields read here (noise, clip, rate inputs, accountant) are common to both
+AnyTrainConfig = TrainConfig | SequenceTrainConfig
 CANARY_NORM_FACTOR = 100.0  # canary gradient norm / clip: clipping, when on, cuts it to the clip
 UNCLIPPED = 1e6  # the "clip" used for clip-off: no real gradient comes near it
 
@@ -67,6 +69,13 @@ class DiracCanaries:
         return out
 
 
+def audit_public_size(rows: int, canaries: int) -> int:
+    """The audited session's public size: its rows and the expected number of included canaries. The
+    audit, not a client, chooses it, and it must not depend on which canaries are included (the
+    estimator models one fixed mechanism applied to a secret inclusion vector)."""
+    return rows + canaries // 2
+
+
 def _flat(params: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([p.detach().numpy().ravel() for p in params]).astype(np.float64)
 
@@ -92,9 +101,8 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     if canaries > total:
         raise ValueError(f"{canaries} canaries need distinct coordinates; the adapters have {total}")
     coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
-    # The audited session's public size is its row count (real examples plus included canaries):
-    # the audit, not a client, chooses it.
-    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=len(client.train_targets) + int(included.sum()))
+    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=audit_public_size(len(client.train_targets),
+                                                                                          canaries))
     run_cfg = with_broken(claimed, broken)
     injector = DiracCanaries(params, np.flatnonzero(included), coords, CANARY_NORM_FACTOR * claimed.max_grad_norm)
 
@@ -108,7 +116,8 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
         **session_report("mechanism", claimed, run_cfg, broken, n_rows, report.steps, scores, included, confidence),
         "user_model": "text",
         "training_rows": {"real_examples": len(client.train_targets), "user": user,
-                          "canary_rows": injector.count, "planned_steps": planned_steps(n_rows, claimed)},
+                          "canary_rows": injector.count, "public_size": claimed.public_size,
+                          "planned_steps": planned_steps(n_rows, claimed)},
         "canaries": {"kind": "Dirac gradient canaries on distinct LoRA coordinates",
                      "gradient_norm": injector.norm, "count": canaries, "included": int(included.sum())},
         "seconds": round(time.perf_counter() - t0, 2),
@@ -135,9 +144,8 @@ def _sequence_mechanism_audit(overrides: dict[str, Any] | None, canaries: int, u
     if canaries > total:
         raise ValueError(f"{canaries} canaries need distinct coordinates; the model has {total}")
     coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
-    # The audit's own public size (real and padding rows plus the included canaries); a canary is an
-    # added row that shifts no window, so the claim is accounted at C.
-    claimed = replace(sequence_train_config(cfg, seed=cfg["seed"]), public_size=len(rows) + int(included.sum()))
+    # a canary is an added row that shifts no window, so the claim is accounted at C
+    claimed = replace(sequence_train_config(cfg, seed=cfg["seed"]), public_size=audit_public_size(len(rows), canaries))
     run_cfg = with_broken(claimed, broken)
     injector = DiracCanaries(params, np.flatnonzero(included), coords, CANARY_NORM_FACTOR * claimed.max_grad_norm)
     before = _flat(params)
@@ -148,7 +156,7 @@ def _sequence_mechanism_audit(overrides: dict[str, Any] | None, canaries: int, u
         **session_report("mechanism", claimed, run_cfg, broken, n_rows, report.steps, scores, included, confidence),
         "user_model": "sequence",
         "training_rows": {"real_examples": int(weights.sum()), "padding_rows": int(len(rows) - weights.sum()),
-                          "user": user, "canary_rows": injector.count,
+                          "user": user, "canary_rows": injector.count, "public_size": claimed.public_size,
                           "planned_steps": dp_schedule(n_rows, claimed).steps},
         "canaries": {"kind": "Dirac gradient canaries on distinct coordinates of the sequence model's tensors",
                      "gradient_norm": injector.norm, "count": canaries, "included": int(included.sum())},
@@ -166,7 +174,7 @@ def audit_runtime(overrides: dict[str, Any] | None) -> tuple[dict[str, Any], Mod
     return cfg, runtime
 
 
-def with_broken(claimed: TrainConfig, broken: str) -> TrainConfig:
+def with_broken(claimed: AnyTrainConfig, broken: str) -> AnyTrainConfig:
     """The configuration actually run: ``claimed``, or it with the noise or the clipping switched off."""
     if broken == "noise-off":
         return replace(claimed, noise_multiplier=0.0)
@@ -177,7 +185,7 @@ def with_broken(claimed: TrainConfig, broken: str) -> TrainConfig:
     return claimed
 
 
-def session_report(kind: str, claimed: TrainConfig, run_cfg: TrainConfig, broken: str, rows: int, steps: int,
+def session_report(kind: str, claimed: AnyTrainConfig, run_cfg: AnyTrainConfig, broken: str, rows: int, steps: int,
                    scores: np.ndarray, included: np.ndarray, confidence: float) -> dict[str, Any]:
     """The fields every audit of one client DP-SGD session reports: the bound beside the accountant's
     epsilon for the *claimed* mechanism (Poisson rate from ``rows``, ``steps`` taken)."""

@@ -26,7 +26,7 @@ from common.model import refresh_items
 from common.model_state import ModelRuntime
 from common.partition import client_data, split_for
 from common.training import train
-from simulations.audits.mechanism import BROKEN, audit_runtime, session_report, with_broken
+from simulations.audits.mechanism import BROKEN, audit_public_size, audit_runtime, session_report, with_broken
 
 
 def canary_texts(titles: list[str], count: int, rng: np.random.Generator, words: tuple[int, int] = (8, 20)) -> list[str]:
@@ -76,7 +76,7 @@ def run_membership_audit(overrides: dict[str, Any] | None = None, canaries: int 
     inc = np.flatnonzero(included)
     features = runtime.features(texts + [c_texts[i] for i in inc])
     all_targets = np.array(targets + c_targets[inc].tolist(), dtype=np.int64)
-    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=len(all_targets))
+    claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=audit_public_size(len(targets), canaries))
     run_cfg = with_broken(claimed, broken)
     report = train(runtime.model, features, all_targets, runtime.item_features, run_cfg)
     refresh_items(runtime.model, runtime.item_features)  # score with the trained adapters' catalogue
