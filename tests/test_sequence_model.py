@@ -525,11 +525,13 @@ def test_the_cold_start_grid_equals_ranking_with_each_boost_set():
 
 
 def test_the_central_dp_reference_takes_its_own_public_learning_rate_schedule():
-    from simulations.bench_sequence import method_config
+    from simulations.bench_sequence import DP_SETTINGS, DP_TRAIN, method_config
 
-    _, train_cfg, final_lr_factor, exclude_prefix = method_config("sequence-dp", ["final_learning_rate=0.0"], 0,
-                                                                  None, None)
+    settings, train_cfg, final_lr_factor, exclude_prefix = method_config("sequence-dp", ["final_learning_rate=0.0"],
+                                                                         0, None, None)
     assert train_cfg.dp and train_cfg.final_learning_rate == 0.0 and final_lr_factor == 1.0 and not exclude_prefix
+    # the DP model's own settings (chosen on validation), not the non-private model's
+    assert settings == DP_SETTINGS and settings.id_dropout == 0.0 and train_cfg.epochs == DP_TRAIN.epochs
 
 
 class _SpikeCanary:
