@@ -1,6 +1,6 @@
 """Central references for the sequence model on the PROTOCOL split (and the training-free heuristic).
 
-    python -m simulations.bench_sequence METHOD [--seeds 0,1,2] [--out DIR]
+    python -m simulations.bench_sequence METHOD [--seeds 0,1,2] --out DIR
 
 Methods:
   text-heuristic  zero-shot text vectors, rating-weighted recency-decayed user, + popularity (no training;
@@ -234,8 +234,8 @@ def run_method(method: str, seed: int, data, item_text: torch.Tensor, out: Path,
                           examples_per_user=examples_per_user, final_lr_factor=final_lr_factor,
                           exclude_prefix=exclude_prefix)
         privacy = _dp_privacy(train_cfg, info, settings.history_len) if train_cfg.dp else NO_PRIVACY
-        config = {"settings": asdict(settings), "train": asdict(train_cfg), "examples_per_user": examples_per_user,
-                  **info}
+        config = {"settings": asdict(settings), "train": asdict(replace(train_cfg, seed=seed)),
+                  "examples_per_user": examples_per_user, **info}
         for which in ("validation", "test"):
             rows = evaluation_rows(split, which, settings.history_len, users)
             metrics = evaluate_scores(sequence_scores(model, rows), split, which, users)
@@ -280,7 +280,7 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
          seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
          max_epochs: int = typer.Option(6, help="epochs per trained model (the best on validation is kept); the "
                                                 "non-private model's learning rate reaches its final value at the last"),
-         out: Path = typer.Option(RESULTS, help="folder for the result files"),
+         out: Path = typer.Option(RESULTS, help="folder for the result files (a trained method needs its own)"),
          set_: list[str] = typer.Option([], "--set", help="FIELD=VALUE override of the settings (repeatable)"),
          cold_start: bool = typer.Option(True, help="also train and score the cold-start row"),
          examples_per_user: int = typer.Option(0, help="train on each user's most recent N targets (0: all)"),
@@ -298,9 +298,10 @@ def main(method: str = typer.Argument(..., help="text-heuristic, sequence or seq
         return
     if method in ("sequence", "sequence-dp"):  # refuse a bad combination before loading anything
         method_config(method, set_, examples_per_user, final_lr_factor, exclude_prefix)
-    if set_ and out == RESULTS:
-        raise typer.BadParameter(f"--set changes the configuration: give it an --out folder of its own ({RESULTS} "
-                                 f"holds the published results)")
+    if method in ("sequence", "sequence-dp") and out.resolve() == RESULTS.resolve():
+        # every trained row has its folder; the root holds the earliest rows' files, which a run would overwrite
+        raise typer.BadParameter(f"a trained method needs an --out folder of its own ({RESULTS} holds the earliest "
+                                 f"published rows)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_recbole()
     item_text = item_text_vectors(data, ITEM_MAX_LENGTH)

@@ -565,10 +565,28 @@ def test_a_sampled_canary_moves_its_coordinate_by_one_clipped_step_over_the_publ
     assert float(moved[1:].abs().max()) == 0.0
 
 
-def test_a_changed_configuration_does_not_overwrite_the_published_results():
+@pytest.mark.parametrize("out", [[], ["--out", "simulations/results/sequence"]])
+def test_a_trained_run_does_not_overwrite_the_published_rows(out, monkeypatch):
+    from pathlib import Path
+
     from typer.testing import CliRunner
 
     from simulations import bench_sequence
 
-    result = CliRunner().invoke(bench_sequence.app, ["sequence-dp", "--no-cold-start", "--set", "epochs=1.0"])
+    monkeypatch.chdir(Path(bench_sequence.__file__).parent.parent)  # the relative path names the root itself
+    result = CliRunner().invoke(bench_sequence.app, ["sequence-dp", "--no-cold-start", *out])
     assert result.exit_code != 0 and "--out folder of its own" in _plain(result.output)
+
+
+def test_the_central_dp_defaults_are_those_of_the_published_tuned_runs():
+    """The documented command (no --set) must reproduce the configuration of results/sequence/dp-tuned."""
+    import json
+    from dataclasses import asdict
+
+    from simulations.bench_sequence import DP_SETTINGS, DP_TRAIN, RESULTS
+
+    for seed in (0, 1, 2):
+        config = json.loads((RESULTS / "dp-tuned" / f"sequence-dp-seed{seed}-test.json").read_text())["config"]
+        assert config["settings"] == asdict(DP_SETTINGS)
+        assert {k: v for k, v in config["train"].items() if k != "seed"} == \
+               {k: v for k, v in asdict(DP_TRAIN).items() if k != "seed"}
