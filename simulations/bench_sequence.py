@@ -182,7 +182,7 @@ def method_config(method: str, overrides: list[str], examples_per_user: int, fin
     private = method == "sequence-dp"
     settings, train_cfg = with_overrides(DP_SETTINGS if private else SETTINGS, DP_TRAIN if private else TRAIN,
                                          overrides)
-    if train_cfg.dp != (method == "sequence-dp"):
+    if train_cfg.dp != private:
         raise typer.BadParameter(f"--set dp={str(train_cfg.dp).lower()}: the method ({method}) says whether it "
                                  f"is private")
     if train_cfg.final_learning_rate is not None and not train_cfg.dp:

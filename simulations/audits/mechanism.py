@@ -28,7 +28,7 @@ import torch
 from client.session import sequence_train_config, train_config
 from common.ledger import Session, composed_epsilon
 from common.model_state import ModelRuntime, ModelSettings, get_state
-from common.partition import client_data, dataset_from_source, split_for
+from common.partition import client_data, dataset_from_source, run_split, split_for
 from common.run_config import resolve
 from common.runtimes import make_runtime
 from common.sequence_runtime import client_sequences, padded_sequence_rows
@@ -69,6 +69,17 @@ class DiracCanaries:
         return out
 
 
+def draw_canaries(params: list[torch.Tensor], canaries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(which canaries are included, each canary's distinct flat coordinate over ``params``). Inclusion
+    must be unpredictable, as in the estimator's model (a generator keyed from the OS); the coordinates
+    are public (the run's seed)."""
+    included = np.random.default_rng().random(canaries) < 0.5
+    total = sum(p.numel() for p in params)
+    if canaries > total:
+        raise ValueError(f"{canaries} canaries need distinct coordinates; the audited tensors have {total}")
+    return included, np.random.default_rng(seed).choice(total, size=canaries, replace=False)
+
+
 def audit_public_size(rows: int, canaries: int) -> int:
     """The audited session's public size: its rows and the expected number of included canaries. The
     audit, not a client, chooses it, and it must not depend on which canaries are included (the
@@ -94,13 +105,8 @@ def run_mechanism_audit(overrides: dict[str, Any] | None = None, canaries: int =
     client = client_data(split_for(cfg["dataset"]), user, cfg["history-len"], cfg["examples-per-user"])
     features = runtime.features(client.train_texts)
 
-    secret = np.random.default_rng()  # inclusion must be unpredictable, as in the estimator's model
-    included = secret.random(canaries) < 0.5
     params = adapter_params(runtime.model)
-    total = sum(p.numel() for p in params)
-    if canaries > total:
-        raise ValueError(f"{canaries} canaries need distinct coordinates; the adapters have {total}")
-    coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
+    included, coords = draw_canaries(params, canaries, cfg["seed"])
     claimed = replace(train_config(cfg, seed=cfg["seed"]), public_size=audit_public_size(len(client.train_targets),
                                                                                           canaries))
     run_cfg = with_broken(claimed, broken)
@@ -132,18 +138,13 @@ def _sequence_mechanism_audit(overrides: dict[str, Any] | None, canaries: int, u
     :class:`SequenceTrainConfig` and :func:`train_sequence`, Dirac canaries on distinct coordinates
     of the exchanged tensors (every trainable one)."""
     cfg = resolve({**(overrides or {}), "local-dp": True})
-    data = dataset_from_source(cfg["dataset"])
-    runtime = make_runtime(data, cfg, seed=cfg["seed"])
+    split = run_split(cfg)  # the split the run's devices read (the data loaded once)
+    runtime = make_runtime(split.data, cfg, seed=cfg["seed"])
     cap = cfg["examples-per-user"]
-    rows, weights = padded_sequence_rows(client_sequences(split_for(cfg["dataset"]), user, cfg["history-len"],
-                                                          cap).train, cap, data.num_items)
-    secret = np.random.default_rng()  # inclusion must be unpredictable, as in the estimator's model
-    included = secret.random(canaries) < 0.5
+    rows, weights = padded_sequence_rows(client_sequences(split, user, cfg["history-len"], cap).train, cap,
+                                         split.data.num_items)
     params = [p for p in runtime.model.parameters() if p.requires_grad]
-    total = sum(p.numel() for p in params)
-    if canaries > total:
-        raise ValueError(f"{canaries} canaries need distinct coordinates; the model has {total}")
-    coords = np.random.default_rng(cfg["seed"]).choice(total, size=canaries, replace=False)
+    included, coords = draw_canaries(params, canaries, cfg["seed"])
     # a canary is an added row that shifts no window, so the claim is accounted at C
     claimed = replace(sequence_train_config(cfg, seed=cfg["seed"]), public_size=audit_public_size(len(rows), canaries))
     run_cfg = with_broken(claimed, broken)
