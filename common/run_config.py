@@ -68,7 +68,7 @@ FIELDS: dict[str, Field] = {
          "device's secure random stream, secret and independent of the data; without DP from the run's seed)"),
         low=0, high=0.9),
     "sequence-exclude-history": Field(
-        False, "model",
+        True, "model",
         ("sequence model, training: the items in a training row's history window (its last history-len "
          "items, other than its target) leave that row's softmax, since ranking never recommends a user an item "
          "they have (a per-row rule on the row's own input: each loss still depends on its own example alone)")),
@@ -364,11 +364,12 @@ def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A run config read back from a run folder, with every key that privrec version lacked filled in:
     the value that reproduces what that run did where a key's default has changed since (a plain
     item bias; the text model; the sampling used before client-sampling existed: uniform, Poisson under central
-    DP; the plain mean before aggregator existed; no failure threshold), the current default
+    DP; the plain mean before aggregator existed; no failure threshold; the full training softmax before
+    sequence-exclude-history existed), the current default
     otherwise. The one place that knows about older run folders."""
     legacy = {"user-model": "text", "item-bias-scale": 1.0,
               "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
-              "aggregator": "mean", "max-failed-share": 1.0}
+              "aggregator": "mean", "max-failed-share": 1.0, "sequence-exclude-history": False}
     return {**DEFAULTS, **legacy, **stored}
 
 

@@ -34,8 +34,13 @@ app = typer.Typer(add_completion=False)
 def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set", help="run-config KEY=VALUE"),
          name: str = typer.Option("federated-default", help="result file prefix (name the --set overrides)"),
          out: Path = typer.Option(RESULTS),
-         work: Path = typer.Option(Path("runs") / "cold-start", help="run folder (not kept)")) -> None:
+         work: Path = typer.Option(Path("runs") / "cold-start", help="run folder (not kept)"),
+         table: bool = typer.Option(False, help="print the new-item boost table of the --name files in --out "
+                                                "and stop")) -> None:
     """Train without the held-out items and score the cold-start users."""
+    if table:
+        print(boost_table(sorted(out.glob(f"{name}-seed*-test-cold-start.json"))))
+        return
     import server.federation as federation
     from common.evaluation import evaluate_scores
     from common.partition import split_for
@@ -85,6 +90,54 @@ def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set"
     print(json.dumps({"cold_start_HR@10": cold["HR@10"], "cold_start_NDCG@10": cold["NDCG@10"],
                       "cold_users": len(cold_users), "all_users_NDCG@10": warm["metrics"]["NDCG@10"],
                       "validation": validation, "unseen_rankings": rankings, "seconds": round(wall, 1)}))
+
+
+def _warm(figures: dict, split: str) -> float:
+    """NDCG@10 of the users whose target is not a held-out item, from the all-users and cold-start figures."""
+    everyone, cold = figures[f"{split}_all"], figures[f"{split}_cold"]
+    return ((everyone["NDCG@10"] * everyone["users"] - cold["NDCG@10"] * cold["users"])
+            / (everyone["users"] - cold["users"]))
+
+
+def boost_table(files: list[Path]) -> str:
+    """The markdown table of every boost of the grid over the runs in ``files`` (one per seed): validation
+    (what a boost is chosen on) and test, for all users, the warm users and the cold-start users; shares are
+    of boost 0's mean."""
+    if not files:
+        raise typer.BadParameter("no result files to tabulate (run the benchmark first)")
+    runs = [json.loads(f.read_text()) for f in files]
+    rankings = [r["config"]["unseen_rankings"] for r in runs]
+    seeds = " / ".join(str(r["seed"]) for r in runs)
+
+    def column(boost: str, key) -> list[float]:
+        return [key(r[boost]) for r in rankings]
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    def sd(values: list[float]) -> str:
+        return f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else ""
+
+    base_val_all = mean(column("0", lambda f: f["validation_all"]["NDCG@10"]))
+    base_val_warm = mean(column("0", lambda f: _warm(f, "validation")))
+    base_test_warm = mean(column("0", lambda f: _warm(f, "test")))
+    lines = [f"| boost | validation: all users NDCG@10 (seeds {seeds} = mean; share of boost 0's) | validation: warm "
+             f"users NDCG@10 (mean; share) | validation: cold-start NDCG@10 ({rankings[0]['0']['validation_cold']['users']}"
+             f" users, mean) | test: cold-start HR@10 ({rankings[0]['0']['test_cold']['users']} users) | test: all users "
+             f"NDCG@10 | test: warm users NDCG@10 (share) |", "|---|---|---|---|---|---|---|"]
+    for boost in rankings[0]:
+        val_all = column(boost, lambda f: f["validation_all"]["NDCG@10"])
+        val_warm = column(boost, lambda f: _warm(f, "validation"))
+        val_cold = column(boost, lambda f: f["validation_cold"]["NDCG@10"])
+        cold_hr = column(boost, lambda f: f["test_cold"]["HR@10"])
+        test_all = column(boost, lambda f: f["test_all"]["NDCG@10"])
+        test_warm = column(boost, lambda f: _warm(f, "test"))
+        per_seed = lambda values: " / ".join(f"{v:.4f}" for v in values)  # noqa: E731
+        lines.append(f"| {boost} | {per_seed(val_all)} = {mean(val_all):.4f} ({mean(val_all) / base_val_all:.1%}) | "
+                     f"{mean(val_warm):.4f} ({mean(val_warm) / base_val_warm:.1%}) | {mean(val_cold):.4f} | "
+                     f"{per_seed(cold_hr)} = {mean(cold_hr):.4f} | {per_seed(test_all)} = {mean(test_all):.4f}"
+                     f"{sd(test_all)} | {mean(test_warm):.4f}{sd(test_warm)} ({mean(test_warm) / base_test_warm:.1%}) |")
+    return "\n".join(lines)
 
 
 def unseen_rankings(model, split, held_out, boosts) -> dict[str, dict]:

@@ -29,16 +29,18 @@ import typer
 from common.io import write_bytes_atomic, write_json_atomic
 from common.privacy import client_schedule, noise_for_epsilon, session_sensitivity
 from common.device_policy import DevicePolicy
-from common.run_config import resolve
+from common.run_config import parse_overrides, resolve
 
 RESULTS = Path(__file__).parent / "results" / "privacy-utility"
 app = typer.Typer(add_completion=False)
 
 
-def noise_for(epsilon: float, cfg: dict) -> float:
-    """Noise multiplier of a default session costing ``epsilon`` (accounted at 2C)."""
+def noise_for(epsilon: float, cfg: dict, sessions: int = 1) -> float:
+    """Noise multiplier for which ``sessions`` sessions of ``cfg``'s schedule cost ``epsilon`` together
+    (each accounted at 2C)."""
     schedule = client_schedule(cfg)
-    per_unit = noise_for_epsilon(epsilon, cfg["delta"], schedule.sample_rate, schedule.steps, cfg["accountant"])
+    per_unit = noise_for_epsilon(epsilon, cfg["delta"], schedule.sample_rate, schedule.steps * sessions,
+                                 cfg["accountant"])
     return session_sensitivity(cfg["examples-per-user"], "add-remove") * per_unit
 
 
@@ -127,18 +129,24 @@ def main(seed: int = typer.Option(0), epsilons: str = typer.Option("1,2,4,8", he
          out: Path = typer.Option(RESULTS),
          work: Path = typer.Option(Path("runs") / "privacy-utility", help="run folders (not kept)"),
          table: bool = typer.Option(False, help="only print the table of the results in --out and redraw the "
-                                                "plot from them")) -> None:
+                                                "plot from them"),
+         set_: list[str] = typer.Option([], "--set", help="run-config KEY=VALUE on every point (then give --out "
+                                                          "a folder of its own)")) -> None:
     """Run each point and write its result file; then draw the curve."""
     if not table:
-        defaults = resolve({})
+        base = parse_overrides(set_)
+        if base and out.resolve() == RESULTS.resolve():
+            raise typer.BadParameter("--set changes the curve: give --out a folder of its own (the results root holds "
+                                     "the published defaults' curve)")
+        defaults = resolve(base)
         points: list[tuple[str, dict, dict]] = []
         for text in epsilons.split(","):
             eps = float(text)
             # one session fits the budget (its epsilon is at most eps), and no device policy allows more than 8
-            points.append((f"eps{eps:g}", {"noise-multiplier": noise_for(eps, defaults),
+            points.append((f"eps{eps:g}", {**base, "noise-multiplier": noise_for(eps, defaults),
                                            "client-epsilon-budget": min(eps, DevicePolicy().epsilon_budget)}, {}))
         if not skip_no_dp:
-            points.append(("no-dp", {"local-dp": False}, {"privacy-local-dp": False}))
+            points.append(("no-dp", {**base, "local-dp": False}, {"privacy-local-dp": False}))
         for label, overrides, node_config in points:
             t0 = time.perf_counter()
             result = run_point(label, overrides, node_config, seed, work)

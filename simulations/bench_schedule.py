@@ -26,22 +26,34 @@ from common.run_config import resolve
 OUT = Path(__file__).parent / "results" / "federated-sequence" / "schedule"
 NO_DP = ({"local-dp": False}, {"privacy-local-dp": False})
 
-# name -> (run-config overrides, node config, example-level epsilon the schedule is solved for or None)
-PROBES: dict[str, tuple[dict, dict, float | None]] = {
-    "default": ({}, {}, None),  # the published schedule again: how far two runs of one seed differ
-    "clients-10": ({"clients-per-round": 10, "num-server-rounds": 96, "eval-every": 24}, {}, None),
-    "clients-5": ({"clients-per-round": 5, "num-server-rounds": 192, "eval-every": 48}, {}, None),
-    "local-steps-4": ({"local-epochs": 4.0}, {}, 7.97),
-    "no-dp-sessions-4": ({"num-server-rounds": 192, "eval-every": 48, **NO_DP[0]}, NO_DP[1], None),
-    "no-dp-local-steps-4": ({"local-epochs": 4.0, **NO_DP[0]}, NO_DP[1], None),
-    # the default with each row's own history items out of its training softmax (same epsilon)
+# name -> (run-config overrides, node config, (example-level epsilon, sessions per device) the noise is solved
+# for, or None).
+# Every probe ran with the full training softmax, the default until sequence-exclude-history became true;
+# AS_RAN keeps them rerunning as they ran.
+AS_RAN = {"sequence-exclude-history": False}
+PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
+    "default": (AS_RAN, {}, None),  # the default of its time again: how far two runs of one seed differ
+    "clients-10": ({**AS_RAN, "clients-per-round": 10, "num-server-rounds": 96, "eval-every": 24}, {}, None),
+    "clients-5": ({**AS_RAN, "clients-per-round": 5, "num-server-rounds": 192, "eval-every": 48}, {}, None),
+    "local-steps-4": ({**AS_RAN, "local-epochs": 4.0}, {}, (7.97, 1)),
+    "no-dp-sessions-4": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 48, **NO_DP[0]}, NO_DP[1], None),
+    "no-dp-local-steps-4": ({**AS_RAN, "local-epochs": 4.0, **NO_DP[0]}, NO_DP[1], None),
+    # the default of its time with each row's own history items out of its training softmax (same epsilon)
     "exclude-history": ({"sequence-exclude-history": True}, {}, None),
     # FedAdam's rate falling linearly to 0 over the run (server-lr-final-factor), with more sessions per user
-    "no-dp-sessions-4-decay": ({"num-server-rounds": 192, "eval-every": 48, "server-lr-final-factor": 0.0,
+    "no-dp-sessions-4-decay": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 48, "server-lr-final-factor": 0.0,
                                 **NO_DP[0]}, NO_DP[1], None),
     "no-dp-wide-sessions-4-decay": ({"num-server-rounds": 192, "eval-every": 48, "server-lr-final-factor": 0.0,
                                      "sequence-dim": 64, "sequence-exclude-history": True, **NO_DP[0]},
                                     NO_DP[1], None),
+    # Four passes over the users at the same per-client epsilon (noise solved for four sessions), and without
+    # DP with the plain mean (the trimmed mean drops the extreme values that carry the signal without noise)
+    # at FedAdam's rate and at a third of it.
+    "sessions-4": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 48}, {}, (7.97, 4)),
+    "no-dp-sessions-4-mean": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 48, "aggregator": "mean",
+                               **NO_DP[0]}, NO_DP[1], None),
+    "no-dp-sessions-4-mean-slow": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 24, "aggregator": "mean",
+                                    "server-learning-rate": 0.003, **NO_DP[0]}, NO_DP[1], None),
 }
 
 
@@ -49,12 +61,13 @@ def probe_config(name: str) -> tuple[dict, dict]:
     """(run-config overrides, node config) of probe ``name``, the noise solved where it asks."""
     if name not in PROBES:
         raise typer.BadParameter(f"probe {name!r}: expected one of {sorted(PROBES)}")
-    overrides, node_config, epsilon = PROBES[name]
+    overrides, node_config, budget = PROBES[name]
     overrides = dict(overrides)
-    if epsilon is not None:
+    if budget is not None:
         from simulations.bench_privacy_utility import noise_for
 
-        overrides["noise-multiplier"] = noise_for(epsilon, resolve(overrides))
+        epsilon, sessions = budget
+        overrides["noise-multiplier"] = noise_for(epsilon, resolve(overrides), sessions)
         overrides["client-epsilon-budget"] = epsilon
     return overrides, node_config
 

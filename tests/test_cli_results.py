@@ -60,7 +60,15 @@ def test_a_schedule_probe_at_a_target_epsilon_solves_its_noise_for_the_whole_sch
     # the noise is per unit of the session's 2C sensitivity; four steps at it cost at most 7.97
     eps = epsilon_of_history([(cfg["noise-multiplier"] / 2.0, schedule.sample_rate, schedule.steps)], cfg["delta"])
     assert 7.9 < eps <= 7.97 and cfg["client-epsilon-budget"] == 7.97
+    # four one-step sessions per device at the solved noise cost at most 7.97 together, a fifth would not fit
+    overrides, _ = probe_config("sessions-4")
+    cfg = resolve(overrides)
+    session = (cfg["noise-multiplier"] / 2.0, 1.0, client_schedule(cfg).steps)
+    assert 7.9 < epsilon_of_history([session] * 4, cfg["delta"]) <= 7.97
+    assert epsilon_of_history([session] * 5, cfg["delta"]) > 7.97
     assert probe_config("no-dp-sessions-4")[1] == {"privacy-local-dp": False}
+    # the probes rerun as they ran, with the full training softmax of their time
+    assert not resolve(probe_config("clients-10")[0])["sequence-exclude-history"]
     with pytest.raises(typer.BadParameter, match="probe 'nope'"):
         probe_config("nope")
 
@@ -107,3 +115,25 @@ def test_the_privacy_utility_curve_averages_each_setting_over_its_seeds():
     assert eps8["epsilon"] == 8.0 and eps8["seeds"] == [0, 1] and eps8["per_seed"] == [0.05, 0.07]
     assert eps8["ndcg"] == pytest.approx(0.06) and eps8["ndcg_sd"] == pytest.approx(0.0141421, rel=1e-4)
     assert got[0]["ndcg_sd"] == 0.0 and got[2]["epsilon"] is None
+
+
+def test_the_cold_start_boost_table_derives_warm_users_from_all_and_cold(tmp_path):
+    import json
+
+    from simulations.bench_cold_start import boost_table
+
+    def figures(all_ndcg: float, cold_ndcg: float) -> dict:
+        return {f"{s}_{g}": {"users": n, "NDCG@10": v, "HR@10": v}
+                for s in ("validation", "test") for g, n, v in (("all", 10, all_ndcg), ("cold", 2, cold_ndcg))}
+
+    files = []
+    for seed, boosted in ((0, 0.05), (1, 0.07)):
+        path = tmp_path / f"x-seed{seed}-test-cold-start.json"
+        path.write_text(json.dumps({"seed": seed, "config": {"unseen_rankings": {
+            "0": figures(0.1, 0.0), "0.5": figures(boosted, 0.25)}}}))
+        files.append(path)
+    lines = boost_table(files).splitlines()
+    assert "seeds 0 / 1" in lines[0] and len(lines) == 4
+    # warm users: (10 x 0.1 - 2 x 0) / 8 = 0.125 at boost 0; (10 x 0.05 - 2 x 0.25) / 8 = 0 and 0.025 at 0.5
+    assert "| 0.1250 (100.0%) |" in lines[2]
+    assert lines[3].startswith("| 0.5 | 0.0500 / 0.0700 = 0.0600 (60.0%) | 0.0125 (10.0%) | 0.2500 |")

@@ -114,3 +114,11 @@ def test_every_choice_in_the_config_has_its_registered_implementation():
 
     assert set(FIELDS["strategy"].choices) == set(STRATEGIES)
     assert set(FIELDS["client-sampling"].choices) - {"auto"} == set(SAMPLERS)
+
+
+def test_a_run_folder_from_before_a_changed_default_resumes_as_it_ran():
+    from common.run_config import DEFAULTS, stored_config
+
+    older = {k: v for k, v in DEFAULTS.items() if k != "sequence-exclude-history"}
+    assert DEFAULTS["sequence-exclude-history"] and not stored_config(older)["sequence-exclude-history"]
+    assert stored_config(dict(DEFAULTS))["sequence-exclude-history"]

@@ -139,8 +139,8 @@ def test_a_training_step_leaves_the_rows_history_items_out_of_its_softmax():
     from common.run_config import resolve
     from common.sequence_runtime import sequence_settings
 
-    assert sequence_settings(resolve({"sequence-exclude-history": True})).exclude_history
-    assert not sequence_settings(resolve({})).exclude_history
+    assert sequence_settings(resolve({})).exclude_history  # the federated default
+    assert not sequence_settings(resolve({"sequence-exclude-history": False})).exclude_history
     rows = _rows(1)
     rows.targets[:] = 0
     history = set(rows.items[0][rows.items[0] < NUM_ITEMS].tolist()) - {0}
