@@ -73,7 +73,7 @@ FIELDS: dict[str, Field] = {
          "items, other than its target) leave that row's softmax, since ranking never recommends a user an item "
          "they have (a per-row rule on the row's own input: each loss still depends on its own example alone)")),
     "sequence-new-item-boost": Field(
-        0.0, "model",
+        0.3, "model",
         ("sequence model, ranking only: an item marked as never trained on gets this constant in place of the "
          "trained item bias it lacks, favouring such items by the factor exp(boost) (0: their text terms alone). "
          "Only cold-start-holdout's items are ever so marked (a device's recommender treats every catalogue item "
@@ -365,11 +365,12 @@ def stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     the value that reproduces what that run did where a key's default has changed since (a plain
     item bias; the text model; the sampling used before client-sampling existed: uniform, Poisson under central
     DP; the plain mean before aggregator existed; no failure threshold; the full training softmax before
-    sequence-exclude-history existed), the current default
+    sequence-exclude-history existed; no new-item boost before its key existed), the current default
     otherwise. The one place that knows about older run folders."""
     legacy = {"user-model": "text", "item-bias-scale": 1.0,
               "client-sampling": "poisson" if stored.get("central-dp") else "uniform",
-              "aggregator": "mean", "max-failed-share": 1.0, "sequence-exclude-history": False}
+              "aggregator": "mean", "max-failed-share": 1.0, "sequence-exclude-history": False,
+              "sequence-new-item-boost": 0.0}
     return {**DEFAULTS, **legacy, **stored}
 
 

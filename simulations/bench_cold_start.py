@@ -41,6 +41,9 @@ def main(seed: int = typer.Option(0), set_: list[str] = typer.Option([], "--set"
     if table:
         print(boost_table(sorted(out.glob(f"{name}-seed*-test-cold-start.json"))))
         return
+    if set_ and name == "federated-default" and out.resolve() == RESULTS.resolve():
+        raise typer.BadParameter("--set changes the run: give it a --name or an --out of its own (the published "
+                                 "default's files are federated-default-seedS-* in the results folder)")
     import server.federation as federation
     from common.evaluation import evaluate_scores
     from common.partition import split_for
@@ -129,7 +132,9 @@ def boost_table(files: list[Path]) -> str:
         val_all = column(boost, lambda f: f["validation_all"]["NDCG@10"])
         val_warm = column(boost, lambda f: _warm(f, "validation"))
         val_cold = column(boost, lambda f: f["validation_cold"]["NDCG@10"])
-        cold_hr = column(boost, lambda f: f["test_cold"]["HR@10"])
+        # HR@10 is hits / users: recover the exact share from the stored (rounded) figure
+        cold_hr = column(boost, lambda f: round(f["test_cold"]["HR@10"] * f["test_cold"]["users"])
+                         / f["test_cold"]["users"])
         test_all = column(boost, lambda f: f["test_all"]["NDCG@10"])
         test_warm = column(boost, lambda f: _warm(f, "test"))
         per_seed = lambda values: " / ".join(f"{v:.4f}" for v in values)  # noqa: E731

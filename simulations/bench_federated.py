@@ -24,6 +24,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.io import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Run-config overrides of each named configuration (the defaults are pyproject's: the sequence model,
@@ -104,22 +106,31 @@ def _run(config: str, seed: int, central: bool, runs: Path) -> Path:
 
 
 def _keep(run_folder: Path, keep: Path) -> Path:
+    """Copy a run's artefacts to ``keep``; its validation curve also goes to ``validation.json``, which is
+    committed (the metrics file is a raw artefact, not committed), so the figures settings are chosen on stay."""
     dest = keep / run_folder.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         if (run_folder / name).exists():
             shutil.copy2(run_folder / name, dest / name)
+    write_json_atomic(dest / "validation.json", {"validation_NDCG@10": validation_curve(run_folder / "metrics.jsonl")})
     return dest
+
+
+def validation_curve(metrics: Path) -> list[list[float]]:
+    """[[round, validation NDCG@10], ...] from a run's metrics file (empty when it has none)."""
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r]
 
 
 def _validation_ndcg(kept: Path) -> float | None:
     """Validation NDCG@10 of the run's last evaluated round (what settings are chosen on)."""
-    path = kept / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = [r["val_NDCG@10"] for r in rows if "val_NDCG@10" in r]
-    return float(values[-1]) if values else None
+    recorded = kept / "validation.json"
+    curve = (json.loads(recorded.read_text())["validation_NDCG@10"] if recorded.exists()
+             else validation_curve(kept / "metrics.jsonl"))
+    return float(curve[-1][1]) if curve else None
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:

@@ -137,3 +137,14 @@ def test_the_cold_start_boost_table_derives_warm_users_from_all_and_cold(tmp_pat
     # warm users: (10 x 0.1 - 2 x 0) / 8 = 0.125 at boost 0; (10 x 0.05 - 2 x 0.25) / 8 = 0 and 0.025 at 0.5
     assert "| 0.1250 (100.0%) |" in lines[2]
     assert lines[3].startswith("| 0.5 | 0.0500 / 0.0700 = 0.0600 (60.0%) | 0.0125 (10.0%) | 0.2500 |")
+
+
+def test_a_cold_start_run_with_overrides_cannot_overwrite_the_published_default(tmp_path):
+    import pytest
+    import typer
+
+    from simulations.bench_cold_start import RESULTS, main
+
+    with pytest.raises(typer.BadParameter, match="published"):
+        main(seed=0, set_=["sequence-exclude-history=false"], name="federated-default", out=RESULTS,
+             work=tmp_path, table=False)

@@ -116,9 +116,22 @@ def test_every_choice_in_the_config_has_its_registered_implementation():
     assert set(FIELDS["client-sampling"].choices) - {"auto"} == set(SAMPLERS)
 
 
-def test_a_run_folder_from_before_a_changed_default_resumes_as_it_ran():
+def test_a_run_folder_from_before_a_changed_default_reads_back_the_value_it_ran_with():
     from common.run_config import DEFAULTS, stored_config
 
-    older = {k: v for k, v in DEFAULTS.items() if k != "sequence-exclude-history"}
+    older = {k: v for k, v in DEFAULTS.items() if k not in ("sequence-exclude-history", "sequence-new-item-boost")}
     assert DEFAULTS["sequence-exclude-history"] and not stored_config(older)["sequence-exclude-history"]
+    assert DEFAULTS["sequence-new-item-boost"] == 0.3 and stored_config(older)["sequence-new-item-boost"] == 0.0
     assert stored_config(dict(DEFAULTS))["sequence-exclude-history"]
+
+
+def test_published_configurations_measured_with_the_full_softmax_rerun_with_it():
+    from simulations.bench_federated import CONFIGS, TUNING
+    from simulations.bench_schedule import PROBES
+    from simulations.bench_secure import CONFIGS as SECURE
+
+    assert not resolve(SECURE["default"])["sequence-exclude-history"]
+    for name in TUNING:
+        assert "sequence-exclude-history=false" in CONFIGS[name].split(), name
+    excluded = {name: resolve(overrides)["sequence-exclude-history"] for name, (overrides, _, _) in PROBES.items()}
+    assert {name for name, on in excluded.items() if on} == {"exclude-history", "no-dp-wide-sessions-4-decay"}

@@ -302,7 +302,7 @@ def test_cold_start_holdout_items_are_scored_by_text_alone_and_held_by_no_client
     from common.partition import run_split
     from common.split import cold_start_items
 
-    cfg = resolve({"cold-start-holdout": True})
+    cfg = resolve({"cold-start-holdout": True, "sequence-new-item-boost": 0.0})  # text terms alone
     held = cold_start_items(ml100k.num_items)
     split = run_split(cfg)
     assert not np.isin(split.data.item[np.concatenate(split.train)], held).any()
