@@ -139,12 +139,33 @@ def test_the_cold_start_boost_table_derives_warm_users_from_all_and_cold(tmp_pat
     assert lines[3].startswith("| 0.5 | 0.0500 / 0.0700 = 0.0600 (60.0%) | 0.0125 (10.0%) | 0.2500 |")
 
 
-def test_a_cold_start_run_with_overrides_cannot_overwrite_the_published_default(tmp_path):
+def test_a_cold_start_run_with_overrides_cannot_overwrite_the_published_default(tmp_path, monkeypatch):
     import pytest
     import typer
 
+    import server.federation
     from simulations.bench_cold_start import RESULTS, main
 
+    def no_federation(*args, **kwargs):
+        raise AssertionError("the guard let the run start")
+
+    monkeypatch.setattr(server.federation, "Federation", no_federation)  # a regression fails fast, writes nothing
     with pytest.raises(typer.BadParameter, match="published"):
         main(seed=0, set_=["sequence-exclude-history=false"], name="federated-default", out=RESULTS,
              work=tmp_path, table=False)
+
+
+def test_a_kept_run_keeps_its_validation_curve_where_it_is_committed(tmp_path):
+    import json
+
+    from simulations.bench_federated import _keep, _validation_ndcg
+
+    run = tmp_path / "runs" / "default-seed0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"round": 0, "val_NDCG@10": 0.02}, {"round": 1, "loss": 1.0}, {"round": 12, "val_NDCG@10": 0.05})) + "\n")
+    kept = _keep(run, tmp_path / "kept")
+    assert json.loads((kept / "validation.json").read_text()) == {"validation_NDCG@10": [[0, 0.02], [12, 0.05]]}
+    (kept / "metrics.jsonl").unlink()  # a clean clone has no raw metrics: the committed curve answers
+    assert _validation_ndcg(kept) == 0.05
