@@ -124,7 +124,7 @@ def test_the_cold_start_boost_table_derives_warm_users_from_all_and_cold(tmp_pat
 
     def figures(all_ndcg: float, cold_ndcg: float) -> dict:
         return {f"{s}_{g}": {"users": n, "NDCG@10": v, "HR@10": v}
-                for s in ("validation", "test") for g, n, v in (("all", 10, all_ndcg), ("cold", 2, cold_ndcg))}
+                for s in ("validation", "test") for g, n, v in (("all", 20, all_ndcg), ("cold", 4, cold_ndcg))}
 
     files = []
     for seed, boosted in ((0, 0.05), (1, 0.07)):
@@ -134,9 +134,10 @@ def test_the_cold_start_boost_table_derives_warm_users_from_all_and_cold(tmp_pat
         files.append(path)
     lines = boost_table(files).splitlines()
     assert "seeds 0 / 1" in lines[0] and len(lines) == 4
-    # warm users: (10 x 0.1 - 2 x 0) / 8 = 0.125 at boost 0; (10 x 0.05 - 2 x 0.25) / 8 = 0 and 0.025 at 0.5
+    # warm users: (20 x 0.1 - 4 x 0) / 16 = 0.125 at boost 0; (20 x 0.05 - 4 x 0.25) / 16 = 0 and 0.025 at 0.5
     assert "| 0.1250 (100.0%) |" in lines[2]
     assert lines[3].startswith("| 0.5 | 0.0500 / 0.0700 = 0.0600 (60.0%) | 0.0125 (10.0%) | 0.2500 |")
+    assert "| 0.2500 / 0.2500 = 0.2500 |" in lines[3]  # the cold-start HR@10: one hit of 4 users on each seed
 
 
 def test_a_cold_start_run_with_overrides_cannot_overwrite_the_published_default(tmp_path, monkeypatch):
