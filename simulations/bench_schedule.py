@@ -54,6 +54,10 @@ PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
                                **NO_DP[0]}, NO_DP[1], None),
     "no-dp-sessions-4-mean-slow": ({**AS_RAN, "num-server-rounds": 192, "eval-every": 24, "aggregator": "mean",
                                     "server-learning-rate": 0.003, **NO_DP[0]}, NO_DP[1], None),
+    # The default since 2026-12-07 (history exclusion) with another aggregator: the plain mean, and the trimmed
+    # mean dropping one value of twenty at each end instead of two (issue 19's quality part compares them).
+    "aggregator-mean": ({"aggregator": "mean"}, {}, None),
+    "trim-0.05": ({"trim-fraction": 0.05}, {}, None),
 }
 
 

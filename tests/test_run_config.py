@@ -134,4 +134,5 @@ def test_published_configurations_measured_with_the_full_softmax_rerun_with_it()
     for name in TUNING:
         assert "sequence-exclude-history=false" in CONFIGS[name].split(), name
     excluded = {name: resolve(overrides)["sequence-exclude-history"] for name, (overrides, _, _) in PROBES.items()}
-    assert {name for name, on in excluded.items() if on} == {"exclude-history", "no-dp-wide-sessions-4-decay"}
+    assert {name for name, on in excluded.items() if on} == {"exclude-history", "no-dp-wide-sessions-4-decay",
+                                                              "aggregator-mean", "trim-0.05"}
