@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.io import write_json_atomic
+from simulations.summary import read_metrics, validation_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,23 +114,18 @@ def _keep(run_folder: Path, keep: Path) -> Path:
     for name in KEPT:
         if (run_folder / name).exists():
             shutil.copy2(run_folder / name, dest / name)
-    write_json_atomic(dest / "validation.json", {"validation_NDCG@10": validation_curve(run_folder / "metrics.jsonl")})
+    curve = validation_curve(read_metrics(run_folder / "metrics.jsonl"))  # a finished run always has one
+    write_json_atomic(dest / "validation.json", {"validation_NDCG@10": curve})
     return dest
-
-
-def validation_curve(metrics: Path) -> list[list[float]]:
-    """[[round, validation NDCG@10], ...] from a run's metrics file (empty when it has none)."""
-    if not metrics.exists():
-        return []
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r]
 
 
 def _validation_ndcg(kept: Path) -> float | None:
     """Validation NDCG@10 of the run's last evaluated round (what settings are chosen on)."""
-    recorded = kept / "validation.json"
-    curve = (json.loads(recorded.read_text())["validation_NDCG@10"] if recorded.exists()
-             else validation_curve(kept / "metrics.jsonl"))
+    recorded, metrics = kept / "validation.json", kept / "metrics.jsonl"
+    if recorded.exists():
+        curve = json.loads(recorded.read_text())["validation_NDCG@10"]
+    else:  # a folder kept before validation.json existed
+        curve = validation_curve(read_metrics(metrics)) if metrics.exists() else []
     return float(curve[-1][1]) if curve else None
 
 

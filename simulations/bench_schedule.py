@@ -22,6 +22,7 @@ import typer
 
 from common.io import write_json_atomic
 from common.run_config import resolve
+from simulations.summary import read_metrics, validation_curve
 
 OUT = Path(__file__).parent / "results" / "federated-sequence" / "schedule"
 NO_DP = ({"local-dp": False}, {"privacy-local-dp": False})
@@ -85,9 +86,9 @@ def main(name: str = typer.Argument(..., help=f"one of {', '.join(PROBES)}"), se
     overrides, node_config = probe_config(name)
     t0 = time.perf_counter()
     result = run_point(name, overrides, node_config, seed, work)
-    rows = [json.loads(line) for line in (work / f"{name}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / f"{name}-seed{seed}" / "metrics.jsonl")
     record = {"probe": name, "seed": seed, "overrides": overrides, "node_config": node_config,
-              "validation_NDCG@10": [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r],
+              "validation_NDCG@10": validation_curve(rows),
               "test": result["metrics"], "epsilon": result["privacy"].get("epsilon"),
               "seconds": round(time.perf_counter() - t0, 1)}
     write_json_atomic(out / f"{name}-seed{seed}.json", record)

@@ -23,6 +23,7 @@ import typer
 
 from common.io import write_json_atomic
 from common.run_config import parse_overrides, resolve
+from simulations.summary import read_metrics, validation_curve
 
 OUT = Path(__file__).parent / "results" / "secure"
 SECURE = {"secure-aggregation": True, "local-dp": False}
@@ -74,7 +75,7 @@ def run_secure(name: str, overrides: dict, seed: int, work: Path, users: int = 9
         seconds = time.perf_counter() - t0
     finally:
         client_app.app = real_app
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder / "metrics.jsonl")
     result = json.loads((folder / "result.json").read_text())
     rounds = [r for r in rows if r["round"] > 0]
     return {"name": name, "seed": seed, "overrides": overrides, "drop_share": drop_share,
@@ -82,7 +83,7 @@ def run_secure(name: str, overrides: dict, seed: int, work: Path, users: int = 9
                 "clients-per-round", "num-server-rounds", "min-survivors", "user-clip", "user-noise-multiplier",
                 "local-epochs", "learning-rate", "local-optimizer", "server-learning-rate", "strategy",
                 "secagg-neighbours", "secagg-threshold", "local-dp")},
-            "validation_NDCG@10": [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r],
+            "validation_NDCG@10": validation_curve(rows),
             "test": result["metrics"], "privacy": result["privacy"], "seconds": round(seconds, 1),
             "rounds": [{"round": r["round"], "survivors": r["clients_accepted"], "aggregated": r["aggregated"],
                         "secure_round_seconds": r["secure_round_seconds"],
@@ -127,9 +128,9 @@ def run_reference(name: str, overrides: dict, seed: int, work: Path, central: bo
         cfg.setdefault("central-noise-multiplier", central_noise(cfg))
     resolve(cfg)
     result = run_point(name, cfg, {"privacy-local-dp": False}, seed, work)
-    rows = [json.loads(line) for line in (work / f"{name}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / f"{name}-seed{seed}" / "metrics.jsonl")
     return {"name": name, "seed": seed, "overrides": cfg, "test": result["metrics"], "privacy": result["privacy"],
-            "validation_NDCG@10": [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r]}
+            "validation_NDCG@10": validation_curve(rows)}
 
 
 def projection(records: list[dict], clip: float = 1.0, targets: tuple[float, ...] = (1.0, 10.0)) -> dict:

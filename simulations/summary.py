@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (FileNotFoundError naming it when absent)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def validation_curve(rows: list[dict]) -> list[list[float]]:
+    """[[round, validation NDCG@10], ...] of a run's metrics rows: what settings are chosen on."""
+    return [[r["round"], r["val_NDCG@10"]] for r in rows if "val_NDCG@10" in r]
 
 
 def _fmt(values: list[float]) -> str:
