@@ -65,10 +65,13 @@ def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..94
 
 def recommend(state_dir: Path = typer.Option(..., help="the device's state folder"),
               k: int = typer.Option(10, help="how many items"),
-              text: Optional[str] = typer.Option(None, help='free text leading the query, e.g. "like Alien but funny"')) -> None:
+              text: Optional[str] = typer.Option(None, help='free text leading the query, e.g. "like Alien but funny"'),
+              personal: bool = typer.Option(True, help="add the personal offset fitted here on this device's own "
+                                                       "history (never sent); --no-personal: the global model alone")) -> None:
     """Recommend K unseen items for this device's user, on the device, with explanations."""
     from client.recommend import DeviceRecommender
     from common.errors import DataFormatError
+    from common.personalisation import PersonalSettings
 
     if text is not None:
         try:
@@ -76,7 +79,7 @@ def recommend(state_dir: Path = typer.Option(..., help="the device's state folde
         except UnicodeEncodeError:
             fail("--text: not valid UTF-8 text (it holds bytes that are not characters)")
     try:
-        recs = DeviceRecommender(state_dir).recommend(k, text)
+        recs = DeviceRecommender(state_dir, PersonalSettings() if personal else None).recommend(k, text)
     except (DataFormatError, ValueError) as exc:
         fail(exc)
     table = Table(title="recommendations (computed on this device)")

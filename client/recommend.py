@@ -3,8 +3,9 @@ global model and the user's local history (plus optional free text), and explain
 the history items closest to it. Runs entirely on the device; nothing is sent anywhere.
 
 The sequence model reads the user's last ``history-len`` items and scores the published item text
-vectors; free text, if given, adds the zero-shot encoder's cosine of the text with each item's
-vector at the model's prior weight. The text model renders the history as text for its LoRA encoder."""
+vectors, plus the device's personal offset (:mod:`common.personalisation`: fitted here on the user's
+own history on top of the global model, kept in memory, never sent or stored); free text, if given,
+adds the zero-shot encoder's cosine of the text with each item's vector at the model's prior weight. The text model renders the history as text for its LoRA encoder."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from common.features import compute_features
 from common.model import Recommender
 from common.model_state import set_state, state_digest
 from common.partition import device_dataset
+from common.personalisation import PersonalSettings, fit_offsets, personal_rows, personal_scores
 from common.sequence import SequenceRecommender, SequenceSettings, history_window
 from common.sequence_runtime import checked_item_vectors, set_sequence_state
 from common.split import Split, leave_one_out
@@ -47,8 +49,11 @@ class Recommendation:
 class DeviceRecommender:
     """Loads the device's state once; :meth:`recommend` then answers in milliseconds."""
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, personal: PersonalSettings | None = PersonalSettings()) -> None:
+        """``personal``: how the sequence model's personal offset is fitted (None: the global model alone)."""
         self.state_dir = Path(state_dir)
+        self.personal = personal
+        self._personal_term: np.ndarray | None = None  # the personal score terms of the data last read
         info = read_device_info(self.state_dir)
         self.data_path = Path(info["data-path"])
         names, arrays, self.settings, self.meta = load_global_state(self.state_dir)
@@ -95,6 +100,7 @@ class DeviceRecommender:
             if [it.item_id for it in data.items] != self.catalogue.item_ids:
                 raise DataFormatError(files[1], "item ids differ from the catalogue the server published")
             self._data, self._split, self._data_stamp = data, leave_one_out(data), stamp
+            self._personal_term = None  # refitted on the new history when next needed
         return self._data, self._split.all_rows(0)
 
     @torch.no_grad()
@@ -127,6 +133,16 @@ class DeviceRecommender:
                                       float(scores[j]), because))
         return out
 
+    def personal_term(self, rows: np.ndarray) -> np.ndarray:
+        """Each item's personal score term, <offset, t_j>, with the offset fitted on the user's rows (once
+        per read of the device's data)."""
+        if self._personal_term is None:
+            fitted = personal_rows(self._split, rows, self.settings.history_len, self.personal.rows)
+            offset = fit_offsets(self.sequence, fitted, np.zeros(len(fitted), dtype=np.int64), 1, self.personal)
+            self._personal_term = personal_scores(self.sequence, np.zeros((1, self.sequence.num_items),
+                                                                          dtype=np.float32), offset)[0]
+        return self._personal_term
+
     @property
     def tokenizer(self):
         """The encoder's tokenizer, loaded once on first use."""
@@ -144,6 +160,8 @@ class DeviceRecommender:
     def _sequence_scores(self, data: Dataset, rows: np.ndarray, text: str | None) -> np.ndarray:
         items, codes = history_window(self._split, rows, self.settings.history_len)
         scores = self.sequence.score(torch.from_numpy(items[None]), torch.from_numpy(codes[None]))[0].numpy()
+        if self.personal is not None and self.personal.steps > 0:
+            scores = scores + self.personal_term(rows)
         if text and text.strip():
             if self.encoder is None:  # the zero-shot encoder (the item vectors' own), loaded on first use
                 self.encoder = TextEncoder()

@@ -228,10 +228,9 @@ def _device_message(names, arrays, catalogue: tuple[bytes, str] | None = None) -
     return Message(content=RecordDict(content), dst_node_id=5, message_type=MessageType.TRAIN)
 
 
-def test_a_device_trains_keeps_the_state_and_recommends_on_its_own(ml100k, small_ml100k, tmp_path):
-    """A device with the published catalogue: its session, the kept global state (marked as the sequence
-    model), and top-k recommendations computed on the device, unseen items only, with free text."""
-    from client.recommend import DeviceRecommender
+def _device_after_one_session(ml100k, small_ml100k, tmp_path):
+    """(reply, exchanged names) of a device holding MovieLens user 1 after one session with the published
+    catalogue; its state folder is ``tmp_path / "state"``."""
     from server.catalogue import CataloguePublisher
 
     cfg = {"dataset": str(small_ml100k), "output-dir": str(tmp_path / "runs"), "run-name": "d"}
@@ -241,8 +240,16 @@ def test_a_device_trains_keeps_the_state_and_recommends_on_its_own(ml100k, small
     export_user(ml100k, "1", data)
     ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
                   node_config={"data-path": str(data), "state-dir": str(tmp_path / "state")})
-    reply = client_app.train(_device_message(fed.names, fed.arrays, catalogue), ctx)
-    assert "status" not in reply.content.config_records and list(reply.content["arrays"].keys()) == fed.names
+    return client_app.train(_device_message(fed.names, fed.arrays, catalogue), ctx), fed.names
+
+
+def test_a_device_trains_keeps_the_state_and_recommends_on_its_own(ml100k, small_ml100k, tmp_path):
+    """A device with the published catalogue: its session, the kept global state (marked as the sequence
+    model), and top-k recommendations computed on the device, unseen items only, with free text."""
+    from client.recommend import DeviceRecommender
+
+    reply, names = _device_after_one_session(ml100k, small_ml100k, tmp_path)
+    assert "status" not in reply.content.config_records and list(reply.content["arrays"].keys()) == names
     recommender = DeviceRecommender(tmp_path / "state")
     assert recommender.sequence is not None
     seen = {ml100k.items[i].item_id for i in ml100k.item[ml100k.user == ml100k.user_ids.index("1")]}
@@ -251,6 +258,30 @@ def test_a_device_trains_keeps_the_state_and_recommends_on_its_own(ml100k, small
     assert [r.rank for r in top] == list(range(1, 11)) and all(np.isfinite(r.score) for r in top)
     steered = recommender.recommend(k=10, text="a science fiction film about space travel")
     assert len(steered) == 10 and not {r.item_id for r in steered} & seen
+
+
+def test_a_device_ranks_with_its_personal_offset_and_keeps_it_to_itself(ml100k, small_ml100k, tmp_path):
+    """The default device recommender adds the offset fitted on its own events to the global scores;
+    ``personal=None`` is the global model; ranking writes nothing to the device's state folder."""
+    from client.recommend import DeviceRecommender
+    from common.personalisation import PersonalSettings, fit_offsets, personal_rows
+
+    _device_after_one_session(ml100k, small_ml100k, tmp_path)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "state").rglob("*")}
+    personal, plain = DeviceRecommender(tmp_path / "state"), DeviceRecommender(tmp_path / "state", personal=None)
+    everything = {r.item_id: r.score for r in plain.recommend(k=ml100k.num_items)}
+    top = personal.recommend(k=10)
+    split = plain._split
+    rows = split.all_rows(0)
+    fitted = personal_rows(split, rows, plain.settings.history_len, PersonalSettings().rows)
+    offset = fit_offsets(plain.sequence, fitted, np.zeros(len(fitted), dtype=np.int64), 1, PersonalSettings())[0]
+    assert len(fitted) == min(len(rows) - 1, PersonalSettings().rows) and offset.abs().sum() > 0
+    index = {item.item_id: k for k, item in enumerate(ml100k.items)}
+    text = plain.sequence.item_text[: plain.sequence.num_items]
+    for r in top:
+        expected = everything[r.item_id] + float(offset @ text[index[r.item_id]])
+        assert r.score == pytest.approx(expected, abs=1e-4)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "state").rglob("*")} == files
 
 
 def test_the_stored_sequence_state_must_match_the_model(tiny_runtime):

@@ -1,0 +1,177 @@
+"""Personalised quality of the federated default, measured where the personal part lives: each device
+fits its offset (:mod:`common.personalisation`) on its own history, on top of the final global model,
+and ranks its own held-out item with it.
+
+    python -m simulations.bench_personal --seed S [--run runs/default-seedS]   # validation and test
+    python -m simulations.bench_personal --seed S --grid                          # the tuning grid, validation
+    python -m simulations.bench_personal --table                                  # the summary of the files
+
+With ``--run`` the final global model of a finished run folder is used (the README's main command
+writes ``runs/<run-name>``); without it the default is trained first, in one process
+(:class:`simulations.inprocess_grid.InProcessGrid`), into ``runs/personal-seedS``. For the validation
+item a device holds its train interactions; for the test item also its validation interaction
+(PROTOCOL section 2): the offset is refitted on what the device holds before each target. Every
+user is fitted in one batch, which gives each user exactly the offset a device fitting alone gets
+(``tests/test_personalisation.py``). The global figures are computed from the same model and inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from common.io import write_json_atomic
+from common.personalisation import PersonalSettings
+from common.results import result_record
+
+RESULTS = Path(__file__).parent / "results" / "personal"
+# The grid declared before its first runs (chosen on validation: the highest mean of the seeds'
+# NDCG@10; test read only for the chosen settings).
+GRID = tuple(PersonalSettings(steps=s, learning_rate=0.05, l2=l2, rows=50) for s in (20, 50) for l2 in (0.03, 0.1, 0.3))
+USERS_PER_BATCH = 256
+app = typer.Typer(add_completion=False)
+
+
+def load_run(run_dir: Path):
+    """(split, runtime) of a finished sequence-model run folder, its final state loaded and checked."""
+    from common.io import load_tensors
+    from common.partition import split_for
+    from common.run_config import stored_config
+    from common.sequence_runtime import SequenceRuntime, sequence_settings
+
+    config_path, state_path = run_dir / "config.json", run_dir / "adapters.safetensors"
+    for path in (config_path, state_path):
+        if not path.exists():
+            raise typer.BadParameter(f"{path}: missing (is {run_dir} a finished run folder?)")
+    cfg = stored_config(json.loads(config_path.read_text()))
+    if cfg["user-model"] != "sequence" or cfg["cold-start-holdout"]:
+        raise typer.BadParameter(f"{config_path}: personalisation is measured on the sequence model without a "
+                                 "cold-start hold-out")
+    split = split_for(cfg["dataset"])
+    runtime = SequenceRuntime(split.data, sequence_settings(cfg), cfg["item-max-length"], cfg["seed"])
+    tensors, _ = load_tensors(state_path)
+    runtime.load_state(list(runtime.names), [tensors[n] for n in runtime.names])
+    return split, runtime, cfg
+
+
+def personalised_metrics(model, split, which: str, settings: PersonalSettings) -> dict[str, dict[str, float]]:
+    """Global and personalised PROTOCOL metrics of every user with a ``which`` target."""
+    import torch
+
+    from common.evaluation import evaluate_scores
+    from common.personalisation import fit_offsets, personal_rows, personal_scores
+    from common.sequence import concat_rows, evaluation_rows, sequence_scores
+
+    users = split.eval_users()
+    history_len = model.settings.history_len
+    global_scores = sequence_scores(model, evaluation_rows(split, which, history_len, users))
+    offsets = []
+    for start in range(0, len(users), USERS_PER_BATCH):
+        batch = users[start:start + USERS_PER_BATCH]
+        parts = [personal_rows(split, split.history_rows(int(u), which), history_len, settings.rows) for u in batch]
+        owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
+        offsets.append(fit_offsets(model, concat_rows(parts, history_len), owners, len(batch), settings))
+    personal = personal_scores(model, global_scores, torch.cat(offsets))
+    return {"global": evaluate_scores(global_scores, split, which, users),
+            "personal": evaluate_scores(personal, split, which, users)}
+
+
+@app.command()
+def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a finished run folder of the default"),
+         grid: bool = typer.Option(False, help="score the tuning grid on validation only"),
+         out: Path = typer.Option(RESULTS), table: bool = typer.Option(False, help="print the summary and stop")) -> None:
+    """Fit every device's personal offset and score its held-out items."""
+    if table:
+        print(summary_table(out))
+        return
+    import torch
+
+    torch.manual_seed(0)  # the fit is deterministic; this only fixes the initialisation of a fresh run
+    t0 = time.perf_counter()
+    if run is None:
+        run = _train_default(seed)
+    split, runtime, cfg = load_run(run)
+    if cfg["seed"] != seed:
+        raise typer.BadParameter(f"{run}: the run's seed is {cfg['seed']}, not --seed {seed}")
+    model = runtime.model
+    run_result = json.loads((run / "result.json").read_text())
+    base = {"run": str(run), "run_test_NDCG@10": run_result["metrics"]["NDCG@10"],
+            "personal_part": "an offset in item-text space per device, fitted on the device's own history; "
+                             "never sent (no DP needed, no epsilon spent)"}
+    if grid:
+        rows = []
+        for settings in GRID:
+            figures = personalised_metrics(model, split, "validation", settings)
+            rows.append({"settings": asdict(settings), "validation": figures})
+            print(json.dumps(rows[-1]), flush=True)
+        write_json_atomic(out / f"grid-seed{seed}.json", {"seed": seed, **base, "grid": rows,
+                                                          "wall_seconds": round(time.perf_counter() - t0, 1)})
+        return
+    settings = PersonalSettings()
+    figures = {w: personalised_metrics(model, split, w, settings) for w in ("validation", "test")}
+    config = {**base, "personal": asdict(settings), "global": {w: figures[w]["global"] for w in figures},
+              "validation": figures["validation"]["personal"]}
+    record = result_record("federated-dp-personalised", "test", figures["test"]["personal"],
+                           len(split.eval_users()), seed, run_result["privacy"], time.perf_counter() - t0, config)
+    write_json_atomic(out / f"personalised-seed{seed}.json", record)
+    print(json.dumps({w: {k: round(v["NDCG@10"], 4) for k, v in figures[w].items()} for w in figures}))
+
+
+def _train_default(seed: int) -> Path:
+    import shutil
+
+    import server.federation as federation
+    from common.partition import split_for
+    from simulations.inprocess_grid import InProcessGrid
+
+    cfg = {"seed": seed, "output-dir": "runs", "run-name": f"personal-seed{seed}"}
+    shutil.rmtree(Path("runs") / cfg["run-name"], ignore_errors=True)
+    fed = federation.Federation(InProcessGrid(split_for("recbole").data.num_users, cfg), cfg)
+    fed.run()
+    return fed.folder.root
+
+
+def grid_table(folder: Path) -> str:
+    """Markdown rows: each grid setting's validation NDCG@10 per seed and its mean (the choice's basis)."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("grid-seed*.json"))]
+    if not runs:
+        return f"no grid-seed*.json in {folder}"
+    seeds = [r["seed"] for r in runs]
+    lines = ["| steps | l2 | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 3) + "|"]
+    lines.append("| global model | | " + " | ".join(f"{r['grid'][0]['validation']['global']['NDCG@10']:.4f}"
+                                                for r in runs) + " | " + f"{np.mean([r['grid'][0]['validation']['global']['NDCG@10'] for r in runs]):.4f} |")
+    for k, row in enumerate(runs[0]["grid"]):
+        values = [r["grid"][k]["validation"]["personal"]["NDCG@10"] for r in runs]
+        lines.append(f"| {row['settings']['steps']} | {row['settings']['l2']} | " +
+                     " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
+    return "\n".join(lines)
+
+
+def summary_table(folder: Path) -> str:
+    """Markdown rows: per seed and mean ± sd, the global and personalised NDCG@10 on validation and test,
+    then the grid."""
+    files = sorted(folder.glob("personalised-seed*.json"))
+    if not files:
+        return f"no personalised-seed*.json in {folder}\n\n" + grid_table(folder)
+    records = [json.loads(f.read_text()) for f in files]
+    columns = {"validation, global": lambda r: r["config"]["global"]["validation"]["NDCG@10"],
+               "validation, personalised": lambda r: r["config"]["validation"]["NDCG@10"],
+               "test, global": lambda r: r["config"]["global"]["test"]["NDCG@10"],
+               "test, personalised": lambda r: r["metrics"]["NDCG@10"],
+               "test HR@10, personalised": lambda r: r["metrics"]["HR@10"]}
+    lines = ["| seed | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in records:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{get(r):.4f}" for get in columns.values()) + " |")
+    values = {name: [get(r) for r in records] for name, get in columns.items()}
+    lines.append(f"| mean ± sd ({len(records)}) | " + " | ".join(
+        f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}" for v in values.values()) + " |")
+    return "\n".join(lines) + "\n\n" + grid_table(folder)
+
+
+if __name__ == "__main__":
+    app()

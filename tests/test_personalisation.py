@@ -1,0 +1,140 @@
+"""The personal part of the sequence model (an offset in item-text space fitted on the device's own
+history): each user's offset depends on that user's rows alone, the global model is never changed,
+the fit lowers the user's own objective, and the device ranks with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.partition import split_for
+from common.personalisation import PersonalSettings, fit_offsets, personal_objective, personal_rows, \
+    personal_scores
+from common.sequence import SequenceRecommender, SequenceSettings, concat_rows, evaluation_rows, sequence_scores
+
+
+@pytest.fixture
+def trained_like(tiny_grouplens):
+    """A sequence model over the tiny catalogue with every parameter moved off its initial value (a
+    stand-in for a trained global model; no randomness beyond a fixed seed)."""
+    split = split_for(str(tiny_grouplens))
+    gen = torch.Generator().manual_seed(3)
+    text = torch.nn.functional.normalize(torch.randn(split.data.num_items, 384, generator=gen), dim=1)
+    model = SequenceRecommender(text, SequenceSettings(history_len=3, dim=8, layers=1, id_terms=False,
+                                                       prior_weight=2.0, exclude_history=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    return split, model
+
+
+def _rows(split, users, which="validation", cap=50):
+    parts = [personal_rows(split, split.history_rows(int(u), which), 3, cap) for u in users]
+    owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
+    return parts, concat_rows(parts, 3), owners
+
+
+def _everyone(trained_like):
+    """(split, model, users, per-user rows, all rows, their owners) for every user with targets."""
+    split, model = trained_like
+    users = split.eval_users()
+    return (split, model, users, *_rows(split, users))
+
+
+def test_each_users_offset_is_the_one_it_gets_fitting_alone(trained_like):
+    _, model, users, parts, rows, owners = _everyone(trained_like)
+    settings = PersonalSettings(steps=15, learning_rate=0.05, l2=0.1)
+    together = fit_offsets(model, rows, owners, len(users), settings)
+    for k, part in enumerate(parts):
+        alone = fit_offsets(model, part, np.zeros(len(part), dtype=np.int64), 1, settings)[0]
+        assert torch.allclose(together[k], alone, atol=1e-6), k
+    assert together.abs().sum(1).min() > 0  # every user with rows moved off the global model
+
+
+def test_no_steps_is_the_global_model_and_a_fit_changes_no_global_parameter(trained_like):
+    split, model, users, _, rows, owners = _everyone(trained_like)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert fit_offsets(model, rows, owners, len(users), PersonalSettings(steps=0)).abs().max() == 0
+    offsets = fit_offsets(model, rows, owners, len(users), PersonalSettings())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    global_scores = sequence_scores(model, evaluation_rows(split, "validation", 3, users))
+    assert np.array_equal(personal_scores(model, global_scores, torch.zeros_like(offsets)), global_scores)
+    shifted = personal_scores(model, global_scores, offsets)
+    text = model.item_text[: model.num_items].numpy()
+    assert np.allclose(shifted - global_scores, offsets.numpy() @ text.T, atol=1e-5)
+
+
+def test_the_fit_lowers_each_users_own_objective(trained_like):
+    _, model, users, _, rows, owners = _everyone(trained_like)
+    settings = PersonalSettings(steps=20, learning_rate=0.05, l2=0.1)
+    offsets = fit_offsets(model, rows, owners, len(users), settings)
+    with torch.no_grad():
+        items, targets = torch.from_numpy(rows.items), torch.from_numpy(rows.targets)
+        from common.sequence import history_mask
+        base = model(items, torch.from_numpy(rows.ratings)).masked_fill(
+            history_mask(items, targets, model.num_items), float("-inf"))
+        owners_t = torch.from_numpy(owners)
+        counts = torch.bincount(owners_t, minlength=len(users)).clamp(min=1).float()
+        text = model.item_text[: model.num_items]
+        at_zero = personal_objective(base, targets, owners_t, counts, torch.zeros_like(offsets), text, settings.l2)
+        fitted = personal_objective(base, targets, owners_t, counts, offsets, text, settings.l2)
+    assert (fitted < at_zero).all()
+
+
+def test_personal_rows_read_only_interactions_before_each_target_and_the_most_recent(trained_like):
+    split, _ = trained_like
+    data = split.data
+    user_rows = split.history_rows(0, "test")
+    rows = personal_rows(split, user_rows, 3, cap=4)
+    assert len(rows) == 4
+    for k, t in enumerate(range(len(user_rows) - 4, len(user_rows))):
+        assert rows.targets[k] == data.item[user_rows[t]]
+        before = data.item[user_rows[max(0, t - 3):t]]
+        assert list(rows.items[k][3 - len(before):]) == list(before)
+        assert (rows.items[k][: 3 - len(before)] == data.num_items).all()
+    assert len(personal_rows(split, user_rows[:1], 3, cap=4)) == 0  # one interaction: no row to fit
+
+
+@pytest.mark.parametrize("bad", [dict(steps=-1), dict(rows=0), dict(learning_rate=0.0), dict(l2=-1.0),
+                                 dict(learning_rate=float("nan"))])
+def test_bad_personal_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="personal"):
+        PersonalSettings(**bad)
+
+
+def test_owners_outside_the_offsets_are_refused(trained_like):
+    split, model = trained_like
+    _, rows, owners = _rows(split, split.eval_users()[:2])
+    with pytest.raises(ValueError, match="owners"):
+        fit_offsets(model, rows, owners + 5, 2, PersonalSettings())
+
+
+def test_the_harness_scores_global_and_personalised_quality_from_the_same_model(trained_like):
+    from common.evaluation import evaluate_scores
+    from simulations.bench_personal import personalised_metrics
+
+    split, model = trained_like
+    users = split.eval_users()
+    none = personalised_metrics(model, split, "test", PersonalSettings(steps=0))
+    assert none["personal"] == none["global"]
+    assert none["global"] == evaluate_scores(sequence_scores(model, evaluation_rows(split, "test", 3, users)),
+                                             split, "test", users)
+
+
+def test_nothing_a_device_sends_is_computed_with_the_personal_part():
+    """Only the on-device ranking (client/recommend.py and its command) reads the personal part: no
+    module of a training session, an evaluation reply or the app imports it."""
+    import ast
+    from pathlib import Path
+
+    readers = set()
+    for path in sorted((Path(__file__).parents[1] / "client").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n and n.startswith("common.personalisation") for n in names):
+                readers.add(path.name)
+    assert readers == {"recommend.py", "cli.py"}
