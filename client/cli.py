@@ -66,8 +66,9 @@ def export_user_cmd(user: str = typer.Option(..., help="MovieLens user id (1..94
 def recommend(state_dir: Path = typer.Option(..., help="the device's state folder"),
               k: int = typer.Option(10, help="how many items"),
               text: Optional[str] = typer.Option(None, help='free text leading the query, e.g. "like Alien but funny"'),
-              personal: bool = typer.Option(True, help="add the personal offset fitted here on this device's own "
-                                                       "history (never sent); --no-personal: the global model alone")) -> None:
+              personal: bool = typer.Option(True, help="the sequence model: add the personal offset fitted here on "
+                                                       "this device's own history (never sent); --no-personal: the "
+                                                       "global model alone (the text model has no personal part)")) -> None:
     """Recommend K unseen items for this device's user, on the device, with explanations."""
     from client.recommend import DeviceRecommender
     from common.errors import DataFormatError

@@ -35,6 +35,9 @@ ITEM_TEXT_TOKENS = 32  # free text for the sequence model is read like an item t
 # The weight of the free-text cosine when the model's own text prior is off (weight 0): free text the
 # user typed should still count, at the scale of one cosine.
 FREE_TEXT_WEIGHT_WITHOUT_PRIOR = 1.0
+# Rows per forward pass when fitting the personal offset: attention memory grows with the square of the
+# server-chosen history length, so a device never runs many long histories at once.
+DEVICE_ROWS_PER_PASS = 8
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DeviceRecommender:
         """``personal``: how the sequence model's personal offset is fitted (None: the global model alone)."""
         self.state_dir = Path(state_dir)
         self.personal = personal
-        self._personal_term: np.ndarray | None = None  # the personal score terms of the data last read
+        self._personal_terms: np.ndarray | None = None  # the personal score terms of the data last read
         info = read_device_info(self.state_dir)
         self.data_path = Path(info["data-path"])
         names, arrays, self.settings, self.meta = load_global_state(self.state_dir)
@@ -87,12 +90,13 @@ class DeviceRecommender:
         self._unit = unit.astype(np.float32)
         self._data: Dataset | None = None
         self._split: Split | None = None
-        self._data_stamp: tuple[float, float] | None = None
+        self._data_stamp: tuple[int, ...] | None = None
 
     def _history(self) -> tuple[Dataset, np.ndarray]:
         """The device's data (re-read only when its files change) and the user's rows, oldest first."""
         files = (self.data_path / "events.jsonl", self.data_path / "catalogue.jsonl")
-        stamp = tuple(f.stat().st_mtime if f.exists() else -1.0 for f in files)
+        # nanosecond times and sizes: an append within one tick of a coarse clock still changes the size
+        stamp = tuple(v for f in files for v in ((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else (-1, -1)))
         if self._data is None or stamp != self._data_stamp:
             data = device_dataset(self.data_path)
             if data.num_users != 1:
@@ -100,7 +104,7 @@ class DeviceRecommender:
             if [it.item_id for it in data.items] != self.catalogue.item_ids:
                 raise DataFormatError(files[1], "item ids differ from the catalogue the server published")
             self._data, self._split, self._data_stamp = data, leave_one_out(data), stamp
-            self._personal_term = None  # refitted on the new history when next needed
+            self._personal_terms = None  # refitted on the new history when next needed
         return self._data, self._split.all_rows(0)
 
     @torch.no_grad()
@@ -133,15 +137,21 @@ class DeviceRecommender:
                                       float(scores[j]), because))
         return out
 
-    def personal_term(self, rows: np.ndarray) -> np.ndarray:
-        """Each item's personal score term, <offset, t_j>, with the offset fitted on the user's rows (once
-        per read of the device's data)."""
-        if self._personal_term is None:
-            fitted = personal_rows(self._split, rows, self.settings.history_len, self.personal.rows)
-            offset = fit_offsets(self.sequence, fitted, np.zeros(len(fitted), dtype=np.int64), 1, self.personal)
-            self._personal_term = personal_scores(self.sequence, np.zeros((1, self.sequence.num_items),
-                                                                          dtype=np.float32), offset)[0]
-        return self._personal_term
+    def _personal_term(self, rows: np.ndarray) -> np.ndarray:
+        """Each item's personal score term, <offset, t_j>, with the offset fitted on the user's rows ``rows``
+        of the data last read (:meth:`_history`), once per read."""
+        if self._personal_terms is None:
+            settings = self.personal
+            fitted = personal_rows(self._split, rows, self.settings.history_len, settings.rows,
+                                   settings.min_target_rating)
+            offset = fit_offsets(self.sequence, fitted, np.zeros(len(fitted), dtype=np.int64), 1, settings,
+                                 chunk=DEVICE_ROWS_PER_PASS)
+            if not torch.isfinite(offset).all():
+                raise ValueError("the personal offset fitted on this device's history is not finite; "
+                                 "--no-personal ranks with the global model alone")
+            self._personal_terms = personal_scores(self.sequence, np.zeros((1, self.sequence.num_items),
+                                                                           dtype=np.float32), offset)[0]
+        return self._personal_terms
 
     @property
     def tokenizer(self):
@@ -161,7 +171,7 @@ class DeviceRecommender:
         items, codes = history_window(self._split, rows, self.settings.history_len)
         scores = self.sequence.score(torch.from_numpy(items[None]), torch.from_numpy(codes[None]))[0].numpy()
         if self.personal is not None and self.personal.steps > 0:
-            scores = scores + self.personal_term(rows)
+            scores = scores + self._personal_term(rows)
         if text and text.strip():
             if self.encoder is None:  # the zero-shot encoder (the item vectors' own), loaded on first use
                 self.encoder = TextEncoder()

@@ -164,23 +164,23 @@ def evaluation_rows(split: Split, which: str, history_len: int, users: np.ndarra
 
 
 class TextBias(nn.Module):
-    """Adds a bias predicted from each item's text vector to the logits: ``logits + T w``."""
+    """The item bias predicted from each item's text vector, ``T w``, added where it is cheapest: to the
+    user's text-space vector before it meets the catalogue, ``(z + w) . t_j = z . t_j + w . t_j``. Each
+    example's gradient is then its own backprop into ``z``, which autograd computes anyway, instead of a
+    (batch x items) by (items x text dim) product per step."""
 
-    def __init__(self, item_text: torch.Tensor) -> None:
+    def __init__(self, text_dim: int) -> None:
         super().__init__()
-        # A plain attribute, not a buffer: Opacus refuses trainable layers that hold buffers (it cannot
-        # tell a public constant from a batch statistic). The text vectors are public.
-        self.item_text = item_text.clone()
-        self.weight = nn.Parameter(torch.zeros(item_text.shape[1]))
+        self.weight = nn.Parameter(torch.zeros(text_dim))
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.item_text @ self.weight
+    def forward(self, user_text: torch.Tensor) -> torch.Tensor:
+        return user_text + self.weight
 
 
 @register_grad_sampler(TextBias)
 def _text_bias_grad_sample(layer: TextBias, activations, backprops: torch.Tensor) -> dict:
-    # d logit_ij / d w = t_j, so example i's gradient is sum_j backprop_ij t_j.
-    return {layer.weight: backprops @ layer.item_text}
+    # d (z_i + w) / d w is the identity, so example i's gradient is its backprop into z_i.
+    return {layer.weight: backprops}
 
 
 class SelfAttention(nn.Module):
@@ -240,7 +240,7 @@ class SequenceRecommender(nn.Module):
         self.drop = nn.Dropout(settings.dropout)
         self.norm = nn.LayerNorm(d)
         self.text_out = nn.Linear(d, text_dim, bias=False)
-        self.text_bias = TextBias(item_text.float()) if settings.text_bias else None
+        self.text_bias = TextBias(text_dim) if settings.text_bias else None
         self.id_in = nn.Embedding(num_items + 1, d) if settings.id_terms else None
         self.id_out = nn.Linear(d, num_items, bias=False) if settings.id_terms else None
         self.item_bias = ItemBias(num_items, settings.item_bias_scale) if settings.item_bias else None
@@ -268,9 +268,9 @@ class SequenceRecommender(nn.Module):
 
     def text_prior(self, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
         """(B, num_items) the parameter-free prior: cosine of the heuristic user with every item text."""
-        n = items.shape[1]
-        stars = torch.where(ratings > 0, ratings.to(torch.float32), torch.full_like(ratings, 2.5, dtype=torch.float32))
-        decay = self.settings.prior_decay ** torch.arange(n - 1, -1, -1, dtype=torch.float32)
+        n, dtype = items.shape[1], self.item_text.dtype
+        stars = torch.where(ratings > 0, ratings.to(dtype), torch.full_like(ratings, 2.5, dtype=dtype))
+        decay = self.settings.prior_decay ** torch.arange(n - 1, -1, -1, dtype=dtype)
         weight = (stars - 2.5) * decay * (items < self.num_items)
         # the weighted sum of the history's text vectors without gathering them first
         user = nn.functional.normalize(nn.functional.embedding_bag(items, self.item_text, per_sample_weights=weight,
@@ -279,11 +279,12 @@ class SequenceRecommender(nn.Module):
 
     def _logits(self, user: torch.Tensor, id_mask: torch.Tensor | None,
                 prior: torch.Tensor | None = None, ranking: bool = False) -> torch.Tensor:
-        logits = self.text_out(user) @ self.item_text[: self.num_items].T
+        text_side = self.text_out(user)
+        if self.text_bias is not None:
+            text_side = self.text_bias(text_side)
+        logits = text_side @ self.item_text[: self.num_items].T
         if prior is not None:
             logits = logits + self.settings.prior_weight * prior
-        if self.text_bias is not None:
-            logits = self.text_bias(logits)
         known = self.known[: self.num_items]
         if self.id_out is not None or self.item_bias is not None:
             id_part = self.id_out(user) if self.id_out is not None else torch.zeros_like(logits)

@@ -183,5 +183,3 @@ class SequenceRuntime:
         vectors = checked_item_vectors(embeddings, self.model.num_items)
         with torch.no_grad():
             self.model.item_text[: self.model.num_items] = vectors
-            if self.model.text_bias is not None:
-                self.model.text_bias.item_text = vectors.clone()

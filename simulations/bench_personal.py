@@ -59,11 +59,12 @@ def load_run(run_dir: Path):
     return split, runtime, cfg
 
 
-def personalised_metrics(model, split, which: str, settings: PersonalSettings) -> dict[str, dict[str, float]]:
-    """Global and personalised PROTOCOL metrics of every user with a ``which`` target."""
+def personalised_scores(model, split, which: str, settings: PersonalSettings,
+                        users_per_batch: int = USERS_PER_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, global scores, personalised scores) for every user with a ``which`` target; each user's offset
+    is fitted on what the user holds before that target (:meth:`common.split.Split.history_rows`)."""
     import torch
 
-    from common.evaluation import evaluate_scores
     from common.personalisation import fit_offsets, personal_rows, personal_scores
     from common.sequence import concat_rows, evaluation_rows, sequence_scores
 
@@ -71,27 +72,45 @@ def personalised_metrics(model, split, which: str, settings: PersonalSettings) -
     history_len = model.settings.history_len
     global_scores = sequence_scores(model, evaluation_rows(split, which, history_len, users))
     offsets = []
-    for start in range(0, len(users), USERS_PER_BATCH):
-        batch = users[start:start + USERS_PER_BATCH]
-        parts = [personal_rows(split, split.history_rows(int(u), which), history_len, settings.rows) for u in batch]
+    for start in range(0, len(users), users_per_batch):
+        batch = users[start:start + users_per_batch]
+        parts = [personal_rows(split, split.history_rows(int(u), which), history_len, settings.rows,
+                               settings.min_target_rating) for u in batch]
         owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
         offsets.append(fit_offsets(model, concat_rows(parts, history_len), owners, len(batch), settings))
-    personal = personal_scores(model, global_scores, torch.cat(offsets))
+    return users, global_scores, personal_scores(model, global_scores, torch.cat(offsets))
+
+
+def personalised_metrics(model, split, which: str, settings: PersonalSettings) -> dict[str, dict[str, float]]:
+    """Global and personalised PROTOCOL metrics of every user with a ``which`` target, and the paired
+    comparison per user (how many users' NDCG@10 rose or fell)."""
+    from common.evaluation import evaluate_scores, rank_targets
+
+    users, global_scores, personal = personalised_scores(model, split, which, settings)
+    ndcg = {k: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
+            for k, r in (("global", rank_targets(global_scores, split, which, users)),
+                         ("personal", rank_targets(personal, split, which, users)))}
+    diff = ndcg["personal"] - ndcg["global"]
     return {"global": evaluate_scores(global_scores, split, which, users),
-            "personal": evaluate_scores(personal, split, which, users)}
+            "personal": evaluate_scores(personal, split, which, users),
+            "paired": {"users_up": int((diff > 0).sum()), "users_down": int((diff < 0).sum()),
+                       "mean_NDCG@10_difference": float(diff.mean())}}
 
 
 @app.command()
 def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a finished run folder of the default"),
          grid: bool = typer.Option(False, help="score the tuning grid on validation only"),
+         set_: list[str] = typer.Option([], "--set", help="a PersonalSettings field FIELD=VALUE (a probe: scored on "
+                                                          "validation only, written as probe-NAME-seedS.json)"),
+         name: str = typer.Option("", help="the probe's name (with --set)"),
          out: Path = typer.Option(RESULTS), table: bool = typer.Option(False, help="print the summary and stop")) -> None:
     """Fit every device's personal offset and score its held-out items."""
     if table:
         print(summary_table(out))
         return
-    import torch
-
-    torch.manual_seed(0)  # the fit is deterministic; this only fixes the initialisation of a fresh run
+    if bool(set_) != bool(name):
+        raise typer.BadParameter("--set and --name go together (a probe is scored on validation only)")
+    probe = _settings_with(set_) if set_ else None
     t0 = time.perf_counter()
     if run is None:
         run = _train_default(seed)
@@ -103,23 +122,41 @@ def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a fin
     base = {"run": str(run), "run_test_NDCG@10": run_result["metrics"]["NDCG@10"],
             "personal_part": "an offset in item-text space per device, fitted on the device's own history; "
                              "never sent (no DP needed, no epsilon spent)"}
-    if grid:
+    if grid or probe is not None:
         rows = []
-        for settings in GRID:
+        for settings in (GRID if grid else (probe,)):
             figures = personalised_metrics(model, split, "validation", settings)
             rows.append({"settings": asdict(settings), "validation": figures})
             print(json.dumps(rows[-1]), flush=True)
-        write_json_atomic(out / f"grid-seed{seed}.json", {"seed": seed, **base, "grid": rows,
-                                                          "wall_seconds": round(time.perf_counter() - t0, 1)})
+        path = out / (f"grid-seed{seed}.json" if grid else f"probe-{name}-seed{seed}.json")
+        write_json_atomic(path, {"seed": seed, **base, "grid": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
         return
     settings = PersonalSettings()
     figures = {w: personalised_metrics(model, split, w, settings) for w in ("validation", "test")}
     config = {**base, "personal": asdict(settings), "global": {w: figures[w]["global"] for w in figures},
-              "validation": figures["validation"]["personal"]}
+              "validation": figures["validation"]["personal"], "paired": {w: figures[w]["paired"] for w in figures}}
     record = result_record("federated-dp-personalised", "test", figures["test"]["personal"],
                            len(split.eval_users()), seed, run_result["privacy"], time.perf_counter() - t0, config)
     write_json_atomic(out / f"personalised-seed{seed}.json", record)
-    print(json.dumps({w: {k: round(v["NDCG@10"], 4) for k, v in figures[w].items()} for w in figures}))
+    print(json.dumps({w: {k: round(v["NDCG@10"], 4) for k, v in figures[w].items() if "NDCG@10" in v}
+                      for w in figures}))
+
+
+def _settings_with(pairs: list[str]) -> PersonalSettings:
+    """The default PersonalSettings with ``FIELD=VALUE`` overrides, each value of its field's type."""
+    values = asdict(PersonalSettings())
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in values:
+            raise typer.BadParameter(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(values)}")
+        try:
+            values[key] = type(values[key])(raw)
+        except ValueError:
+            raise typer.BadParameter(f"--set {pair!r}: {raw!r} is not a {type(values[key]).__name__}") from None
+    try:
+        return PersonalSettings(**values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _train_default(seed: int) -> Path:

@@ -94,6 +94,19 @@ def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout, prior
         gsm._close()
 
 
+def test_the_text_bias_adds_each_items_text_times_its_weight_to_every_score():
+    """The text bias is applied in text space, (z + w) . t_j: every score moves by exactly t_j . w."""
+    model, rows = _model(), _rows(7)
+    items, ratings = torch.from_numpy(rows.items), torch.from_numpy(rows.ratings)
+    with_bias = model.score(items, ratings)
+    weight = model.text_bias.weight.detach().clone()
+    with torch.no_grad():
+        model.text_bias.weight.zero_()
+    without = model.score(items, ratings)
+    assert weight.abs().min() > 0
+    assert torch.allclose(with_bias - without, (_item_text() @ weight).expand_as(without), atol=1e-5)
+
+
 def test_history_exclusion_keeps_per_sample_gradients_each_rows_own():
     from opacus.grad_sample.utils import wrap_model
 
