@@ -5,10 +5,12 @@ the history items closest to it. Runs entirely on the device; nothing is sent an
 The sequence model reads the user's last ``history-len`` items and scores the published item text
 vectors, plus the device's personal offset (:mod:`common.personalisation`: fitted here on the user's
 own history on top of the global model, kept in memory, never sent or stored); free text, if given,
-adds the zero-shot encoder's cosine of the text with each item's vector at the model's prior weight. The text model renders the history as text for its LoRA encoder."""
+adds the zero-shot encoder's cosine of the text with each item's vector at the model's prior weight.
+The text model renders the history as text for its LoRA encoder."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,16 @@ class Recommendation:
     text: str
     score: float
     because: list[tuple[str, str, float]] = field(default_factory=list)  # (item id, "loved X", cosine)
+
+
+def _file_stamp(path: Path) -> tuple[int, ...]:
+    """What tells a changed file from the one read before: one stat's inode, size and nanosecond times (an
+    append within one tick of a coarse clock still changes the size, a rewrite the inode or ctime)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (-1,)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class DeviceRecommender:
@@ -90,13 +102,12 @@ class DeviceRecommender:
         self._unit = unit.astype(np.float32)
         self._data: Dataset | None = None
         self._split: Split | None = None
-        self._data_stamp: tuple[int, ...] | None = None
+        self._data_stamp: tuple[tuple[int, ...], ...] | None = None
 
     def _history(self) -> tuple[Dataset, np.ndarray]:
         """The device's data (re-read only when its files change) and the user's rows, oldest first."""
         files = (self.data_path / "events.jsonl", self.data_path / "catalogue.jsonl")
-        # nanosecond times and sizes: an append within one tick of a coarse clock still changes the size
-        stamp = tuple(v for f in files for v in ((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else (-1, -1)))
+        stamp = tuple(_file_stamp(f) for f in files)
         if self._data is None or stamp != self._data_stamp:
             data = device_dataset(self.data_path)
             if data.num_users != 1:

@@ -10,9 +10,12 @@ With ``--run`` the final global model of a finished run folder is used (the READ
 writes ``runs/<run-name>``); without it the default is trained first, in one process
 (:class:`simulations.inprocess_grid.InProcessGrid`), into ``runs/personal-seedS``. For the validation
 item a device holds its train interactions; for the test item also its validation interaction
-(PROTOCOL section 2): the offset is refitted on what the device holds before each target. Every
-user is fitted in one batch, which gives each user exactly the offset a device fitting alone gets
-(``tests/test_personalisation.py``). The global figures are computed from the same model and inputs.
+(PROTOCOL section 2): the offset is refitted on what the device holds before each target. Users are
+fitted in batches of ``USERS_PER_BATCH``: each user's offset depends on its own rows alone, the one its
+device fits alone up to floating-point rounding (:mod:`common.personalisation`). The global figures
+are computed from the same model and inputs.
+
+    python -m simulations.bench_personal --seed S --run DIR --set FIELD=VALUE --name NAME   # a probe, validation only
 """
 
 from __future__ import annotations

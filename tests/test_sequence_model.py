@@ -94,17 +94,29 @@ def test_per_sample_gradients_equal_each_examples_own_gradient(id_dropout, prior
         gsm._close()
 
 
-def test_the_text_bias_adds_each_items_text_times_its_weight_to_every_score():
-    """The text bias is applied in text space, (z + w) . t_j: every score moves by exactly t_j . w."""
-    model, rows = _model(), _rows(7)
+@pytest.mark.parametrize("id_terms", [False, True])
+def test_the_scores_are_the_stated_formula_with_the_text_bias_in_text_space(id_terms):
+    """score(j) = <text_out(u) + w, t_j> + prior + known_j (ID terms) + boost (unknown j), and the training
+    logits the same without the boost and -inf for unknown items: the text bias applied in text space is
+    the formula's T w."""
+    known = torch.ones(NUM_ITEMS, dtype=torch.bool)
+    known[::4] = False
+    model = _model(SequenceSettings(history_len=6, dim=8, layers=1, heads=2, id_terms=id_terms, prior_weight=1.5,
+                                    new_item_boost=0.7), known)
+    rows = _rows(7)
     items, ratings = torch.from_numpy(rows.items), torch.from_numpy(rows.ratings)
-    with_bias = model.score(items, ratings)
-    weight = model.text_bias.weight.detach().clone()
+    text = _item_text()
     with torch.no_grad():
-        model.text_bias.weight.zero_()
-    without = model.score(items, ratings)
-    assert weight.abs().min() > 0
-    assert torch.allclose(with_bias - without, (_item_text() @ weight).expand_as(without), atol=1e-5)
+        user = model.user_vectors(items, ratings)
+        expected = model.text_out(user) @ text.T + (text @ model.text_bias.weight) \
+            + 1.5 * model.text_prior(items, ratings)
+        id_part = model.id_out(user) if id_terms else torch.zeros_like(expected)
+        expected = expected + known * (id_part + model.item_bias.effective())
+        assert model.text_bias.weight.abs().min() > 0 and model.item_bias.bias.abs().min() > 0
+        assert torch.allclose(model.score(items, ratings), expected + 0.7 * (~known), atol=1e-5)
+        training = model(items, ratings)
+    assert torch.isinf(training[:, ~known]).all() and (training[:, ~known] < 0).all()
+    assert torch.allclose(training[:, known], expected[:, known], atol=1e-5)
 
 
 def test_history_exclusion_keeps_per_sample_gradients_each_rows_own():
