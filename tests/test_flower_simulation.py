@@ -229,14 +229,17 @@ ADOPT_AND_END = r"""import json, os, subprocess, sys
 from simulations import local_superlink as ls
 
 # A process in a session of its own, with no environment at all (no launch marker, no FLWR_HOME), that on
-# SIGTERM starts one more such process and exits: what a dying Ray node does with its dashboard agent.
+# SIGTERM starts one more such process and exits: what a dying Ray node does with its dashboard agent. It
+# writes with os.write, one system call: the SIGTERM can arrive as soon as "ready" is readable, and a handler
+# that printed through sys.stdout while the main code was still inside its flush would fail (a reentrant
+# call into the same buffered writer) and never start the late process.
 DYING_SPAWNER = '''import os, signal, subprocess, sys, time
 def late(*_):
     p = subprocess.Popen(["sleep", "300"], env={}, start_new_session=True)
-    print(p.pid, flush=True)
+    os.write(1, f"{p.pid}\\n".encode())
     sys.exit(0)
 signal.signal(signal.SIGTERM, late)
-print("ready", os.getpid(), flush=True)
+os.write(1, f"ready {os.getpid()}\\n".encode())
 time.sleep(300)
 '''
 # The SuperLink's stand-in leads a session, starts the spawner in another one and waits; the launcher's
