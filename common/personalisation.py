@@ -54,15 +54,17 @@ class PersonalSettings:
 
 
 def personal_rows(split: Split, rows: np.ndarray, history_len: int, cap: int,
-                  min_target_rating: float = 0.0) -> SequenceRows:
+                  min_target_rating: float = 0.0, known: np.ndarray | None = None) -> SequenceRows:
     """The (history prefix, next item) rows of one user's interactions ``rows`` (oldest first): each of the
     most recent ``cap`` interactions after the first is a target, its history the interactions before it;
-    targets rated below ``min_target_rating`` are left out (an unrated one is kept)."""
+    targets rated below ``min_target_rating`` are left out (an unrated one is kept), and with ``known``
+    (a mask over the catalogue) targets the global model never trained on, which have no logit in it."""
     rows = np.asarray(rows, dtype=np.int64)
     first = max(1, len(rows) - cap)
-    rating = split.data.rating
+    rating, item = split.data.rating, split.data.item
     steps = [t for t in range(first, len(rows))
-             if not (min_target_rating > 0 and rating[rows[t]] < min_target_rating)]  # NaN < x is False
+             if not (min_target_rating > 0 and rating[rows[t]] < min_target_rating)  # NaN < x is False
+             and (known is None or known[item[rows[t]]])]
     items = np.empty((len(steps), history_len), dtype=np.int64)
     codes = np.empty((len(steps), history_len), dtype=np.int64)
     for k, t in enumerate(steps):

@@ -16,6 +16,7 @@ device fits alone up to floating-point rounding (:mod:`common.personalisation`).
 are computed from the same model and inputs.
 
     python -m simulations.bench_personal --seed S --run DIR --set FIELD=VALUE --name NAME   # a probe, validation only
+    python -m simulations.bench_personal --seed S --run runs/cold-start/cold-seedS --cold-start   # cold-start users
 """
 
 from __future__ import annotations
@@ -63,22 +64,25 @@ def load_run(run_dir: Path):
 
 
 def personalised_scores(model, split, which: str, settings: PersonalSettings,
-                        users_per_batch: int = USERS_PER_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users, global scores, personalised scores) for every user with a ``which`` target; each user's offset
-    is fitted on what the user holds before that target (:meth:`common.split.Split.history_rows`)."""
+                        users_per_batch: int = USERS_PER_BATCH,
+                        users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, global scores, personalised scores) for ``users`` (default: every user with a ``which``
+    target); each user's offset is fitted on what the user holds before that target
+    (:meth:`common.split.Split.history_rows`), leaving out targets the model has no logit for."""
     import torch
 
     from common.personalisation import fit_offsets, personal_rows, personal_scores
     from common.sequence import concat_rows, evaluation_rows, sequence_scores
 
-    users = split.eval_users()
+    users = split.eval_users() if users is None else users
+    known = model.known[: model.num_items].numpy()
     history_len = model.settings.history_len
     global_scores = sequence_scores(model, evaluation_rows(split, which, history_len, users))
     offsets = []
     for start in range(0, len(users), users_per_batch):
         batch = users[start:start + users_per_batch]
         parts = [personal_rows(split, split.history_rows(int(u), which), history_len, settings.rows,
-                               settings.min_target_rating) for u in batch]
+                               settings.min_target_rating, known) for u in batch]
         owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
         offsets.append(fit_offsets(model, concat_rows(parts, history_len), owners, len(batch), settings))
     return users, global_scores, personal_scores(model, global_scores, torch.cat(offsets))
@@ -100,9 +104,43 @@ def personalised_metrics(model, split, which: str, settings: PersonalSettings) -
                        "mean_NDCG@10_difference": float(diff.mean())}}
 
 
+def cold_start_figures(run: Path) -> dict[str, dict]:
+    """Test HR@10 and NDCG@10, global and personalised (the chosen settings), of the cold-start users and of
+    the other ("warm") users, for a finished ``cold-start-holdout`` run ranked at today's default new-item
+    boost, every user from the full split's history (as ``simulations.bench_cold_start`` ranks them)."""
+    from common.evaluation import evaluate_scores
+    from common.io import load_tensors
+    from common.partition import split_for
+    from common.run_config import resolve, stored_config
+    from common.runtimes import make_runtime
+    from common.split import cold_start_items
+    from simulations.baselines import cold_start_users
+
+    cfg = stored_config(json.loads((run / "config.json").read_text()))
+    if cfg["user-model"] != "sequence" or not cfg["cold-start-holdout"]:
+        raise typer.BadParameter(f"{run}: --cold-start reads a sequence-model run with cold-start-holdout=true "
+                                 "(python -m simulations.bench_cold_start keeps them in runs/cold-start/)")
+    cfg = {**cfg, "sequence-new-item-boost": resolve({})["sequence-new-item-boost"]}
+    full = split_for(cfg["dataset"])
+    runtime = make_runtime(full.data, cfg, seed=cfg["seed"])
+    tensors, _ = load_tensors(run / "adapters.safetensors")
+    runtime.load_state(list(runtime.names), [tensors[n] for n in runtime.names])
+    cold = cold_start_users(full, cold_start_items(full.data.num_items))
+    warm = np.setdiff1d(full.eval_users(), cold)
+    out: dict[str, dict] = {"new_item_boost": cfg["sequence-new-item-boost"]}
+    for name, users in (("cold_start_users", cold), ("warm_users", warm)):
+        users, global_scores, personal = personalised_scores(runtime.model, full, "test", PersonalSettings(),
+                                                             users=users)
+        out[name] = {"users": len(users), "global": evaluate_scores(global_scores, full, "test", users),
+                     "personal": evaluate_scores(personal, full, "test", users)}
+    return out
+
+
 @app.command()
 def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a finished run folder of the default"),
          grid: bool = typer.Option(False, help="score the tuning grid on validation only"),
+         cold_start: bool = typer.Option(False, help="--run is a cold-start-holdout run: score its cold-start and "
+                                                     "warm test users with and without the personal part"),
          set_: list[str] = typer.Option([], "--set", help="a PersonalSettings field FIELD=VALUE (a probe: scored on "
                                                           "validation only, written as probe-NAME-seedS.json)"),
          name: str = typer.Option("", help="the probe's name (with --set)"),
@@ -113,6 +151,17 @@ def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a fin
         return
     if bool(set_) != bool(name):
         raise typer.BadParameter("--set and --name go together (a probe is scored on validation only)")
+    if cold_start:
+        if run is None:
+            raise typer.BadParameter("--cold-start needs --run (a folder kept by simulations.bench_cold_start)")
+        t0 = time.perf_counter()
+        figures = cold_start_figures(run)
+        write_json_atomic(out / f"cold-start-seed{seed}.json", {"seed": seed, "run": str(run), **figures,
+                                                                "personal": asdict(PersonalSettings()),
+                                                                "wall_seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps({k: {g: round(v[g]["HR@10"], 4) for g in ("global", "personal")}
+                          for k, v in figures.items() if isinstance(v, dict)}))
+        return
     probe = _settings_with(set_) if set_ else None
     t0 = time.perf_counter()
     if run is None:
@@ -192,6 +241,24 @@ def grid_table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def cold_start_table(folder: Path) -> str:
+    """Markdown rows: per seed and mean, test HR@10 of the cold-start users and NDCG@10 of the warm users,
+    global and personalised."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("cold-start-seed*.json"))]
+    if not runs:
+        return f"no cold-start-seed*.json in {folder}"
+    columns = {"cold-start HR@10, global": ("cold_start_users", "global", "HR@10"),
+               "cold-start HR@10, personalised": ("cold_start_users", "personal", "HR@10"),
+               "warm NDCG@10, global": ("warm_users", "global", "NDCG@10"),
+               "warm NDCG@10, personalised": ("warm_users", "personal", "NDCG@10")}
+    lines = ["| seed | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in runs:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r[a][b][c]:.4f}" for a, b, c in columns.values()) + " |")
+    lines.append(f"| mean ({len(runs)}) | " + " | ".join(
+        f"{np.mean([r[a][b][c] for r in runs]):.4f}" for a, b, c in columns.values()) + " |")
+    return "\n".join(lines)
+
+
 def summary_table(folder: Path) -> str:
     """Markdown rows: per seed and mean ± sd, the global and personalised NDCG@10 on validation and test,
     then the grid."""
@@ -210,7 +277,7 @@ def summary_table(folder: Path) -> str:
     values = {name: [get(r) for r in records] for name, get in columns.items()}
     lines.append(f"| mean ± sd ({len(records)}) | " + " | ".join(
         f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}" for v in values.values()) + " |")
-    return "\n".join(lines) + "\n\n" + grid_table(folder)
+    return "\n".join(lines) + "\n\n" + grid_table(folder) + "\n\n" + cold_start_table(folder)
 
 
 if __name__ == "__main__":

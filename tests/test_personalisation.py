@@ -101,6 +101,18 @@ def test_personal_rows_read_only_interactions_before_each_target_and_the_most_re
     assert len(personal_rows(split, user_rows[:1], 3, cap=4)) == 0  # one interaction: no row to fit
 
 
+def test_targets_the_model_has_no_logit_for_are_left_out_of_the_fit(trained_like):
+    split, _ = trained_like
+    data = split.data
+    user_rows = split.history_rows(0, "test")
+    known = np.ones(data.num_items, dtype=bool)
+    dropped = int(data.item[user_rows[-1]])
+    known[dropped] = False
+    rows = personal_rows(split, user_rows, 3, cap=50, known=known)
+    assert list(rows.targets) == [int(data.item[r]) for r in user_rows[1:] if data.item[r] != dropped]
+    assert len(rows) < len(user_rows) - 1
+
+
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(rows=0), dict(learning_rate=0.0), dict(l2=-1.0),
                                  dict(learning_rate=float("nan")), dict(min_target_rating=6.0)])
 def test_bad_personal_settings_are_refused(bad):
@@ -146,6 +158,26 @@ def test_the_harness_fits_each_user_on_what_the_device_holds_before_the_target(t
         alone = personal_rows(split, held, 3, settings.rows)
         offset = fit_offsets(model, alone, np.zeros(len(alone), dtype=np.int64), 1, settings)[0]
         assert offset.abs().max() > 1e-3
+        assert np.allclose(personal[k], global_scores[k] + (offset @ text.T).numpy(), atol=1e-5), k
+
+
+def test_the_harness_leaves_items_the_model_never_trained_on_out_of_each_fit(trained_like):
+    """With items held out of training (the cold-start benchmark), no fit targets one (they have no logit:
+    the loss would be infinite), and each user still gets the offset it fits alone on the other rows."""
+    from simulations.bench_personal import personalised_scores
+
+    split, model = trained_like
+    known = np.ones(model.num_items, dtype=bool)
+    known[::3] = False
+    model.set_known(torch.from_numpy(known))
+    settings = PersonalSettings(steps=10)
+    users, global_scores, personal = personalised_scores(model, split, "test", settings, users_per_batch=4)
+    assert np.isfinite(personal).all()
+    text = model.item_text[: model.num_items]
+    for k, u in enumerate(users):
+        alone = personal_rows(split, split.history_rows(int(u), "test"), 3, settings.rows, known=known)
+        assert known[alone.targets].all()
+        offset = fit_offsets(model, alone, np.zeros(len(alone), dtype=np.int64), 1, settings)[0]
         assert np.allclose(personal[k], global_scores[k] + (offset @ text.T).numpy(), atol=1e-5), k
 
 
