@@ -64,11 +64,12 @@ def load_run(run_dir: Path):
 
 
 def personalised_scores(model, split, which: str, settings: PersonalSettings,
-                        users_per_batch: int = USERS_PER_BATCH,
-                        users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        users_per_batch: int = USERS_PER_BATCH, users: np.ndarray | None = None,
+                        fit_split=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(users, global scores, personalised scores) for ``users`` (default: every user with a ``which``
-    target); each user's offset is fitted on what the user holds before that target
-    (:meth:`common.split.Split.history_rows`), leaving out targets the model has no logit for."""
+    target), ranked from ``split``'s histories; each user's offset is fitted on what the user holds before
+    that target in ``fit_split`` (default ``split``; :meth:`common.split.Split.history_rows`), leaving out
+    targets the model has no logit for."""
     import torch
 
     from common.personalisation import fit_offsets, personal_rows, personal_scores
@@ -81,7 +82,8 @@ def personalised_scores(model, split, which: str, settings: PersonalSettings,
     offsets = []
     for start in range(0, len(users), users_per_batch):
         batch = users[start:start + users_per_batch]
-        parts = [personal_rows(split, split.history_rows(int(u), which), history_len, settings.rows,
+        fitted = split if fit_split is None else fit_split
+        parts = [personal_rows(fitted, fitted.history_rows(int(u), which), history_len, settings.rows,
                                settings.min_target_rating, known) for u in batch]
         owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
         offsets.append(fit_offsets(model, concat_rows(parts, history_len), owners, len(batch), settings))
@@ -104,11 +106,13 @@ def personalised_metrics(model, split, which: str, settings: PersonalSettings) -
                        "mean_NDCG@10_difference": float(diff.mean())}}
 
 
-def cold_start_figures(run: Path) -> dict[str, dict]:
+def cold_start_figures(run: Path, seed: int) -> dict[str, dict]:
     """Test HR@10 and NDCG@10, global and personalised (the chosen settings), of the cold-start users and of
     the other ("warm") users, for a finished ``cold-start-holdout`` run ranked at today's default new-item
-    boost, every user from the full split's history (as ``simulations.bench_cold_start`` ranks them)."""
-    from common.evaluation import evaluate_scores
+    boost, every user from the full split's history (as ``simulations.bench_cold_start`` ranks them). The
+    offsets are fitted on the training split without the held-out items (PROTOCOL section 4: no training
+    input mentions them), as the global model was trained."""
+    from common.evaluation import evaluate_scores, rank_targets
     from common.io import load_tensors
     from common.partition import split_for
     from common.run_config import resolve, stored_config
@@ -120,6 +124,8 @@ def cold_start_figures(run: Path) -> dict[str, dict]:
     if cfg["user-model"] != "sequence" or not cfg["cold-start-holdout"]:
         raise typer.BadParameter(f"{run}: --cold-start reads a sequence-model run with cold-start-holdout=true "
                                  "(python -m simulations.bench_cold_start keeps them in runs/cold-start/)")
+    if cfg["seed"] != seed:
+        raise typer.BadParameter(f"{run}: the run's seed is {cfg['seed']}, not --seed {seed}")
     cfg = {**cfg, "sequence-new-item-boost": resolve({})["sequence-new-item-boost"]}
     full = split_for(cfg["dataset"])
     runtime = make_runtime(full.data, cfg, seed=cfg["seed"])
@@ -128,11 +134,17 @@ def cold_start_figures(run: Path) -> dict[str, dict]:
     cold = cold_start_users(full, cold_start_items(full.data.num_items))
     warm = np.setdiff1d(full.eval_users(), cold)
     out: dict[str, dict] = {"new_item_boost": cfg["sequence-new-item-boost"]}
+    trained_on = split_for(cfg["dataset"], cold_start_holdout=True)
     for name, users in (("cold_start_users", cold), ("warm_users", warm)):
         users, global_scores, personal = personalised_scores(runtime.model, full, "test", PersonalSettings(),
-                                                             users=users)
+                                                             users=users, fit_split=trained_on)
+        ndcg = {k: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
+                for k, r in (("global", rank_targets(global_scores, full, "test", users)),
+                             ("personal", rank_targets(personal, full, "test", users)))}
+        diff = ndcg["personal"] - ndcg["global"]
         out[name] = {"users": len(users), "global": evaluate_scores(global_scores, full, "test", users),
-                     "personal": evaluate_scores(personal, full, "test", users)}
+                     "personal": evaluate_scores(personal, full, "test", users),
+                     "paired": {"users_up": int((diff > 0).sum()), "users_down": int((diff < 0).sum())}}
     return out
 
 
@@ -152,10 +164,11 @@ def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a fin
     if bool(set_) != bool(name):
         raise typer.BadParameter("--set and --name go together (a probe is scored on validation only)")
     if cold_start:
-        if run is None:
-            raise typer.BadParameter("--cold-start needs --run (a folder kept by simulations.bench_cold_start)")
+        if run is None or grid or set_:
+            raise typer.BadParameter("--cold-start needs --run (a folder kept by simulations.bench_cold_start) "
+                                     "and takes neither --grid nor --set")
         t0 = time.perf_counter()
-        figures = cold_start_figures(run)
+        figures = cold_start_figures(run, seed)
         write_json_atomic(out / f"cold-start-seed{seed}.json", {"seed": seed, "run": str(run), **figures,
                                                                 "personal": asdict(PersonalSettings()),
                                                                 "wall_seconds": round(time.perf_counter() - t0, 1)})

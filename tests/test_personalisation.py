@@ -111,6 +111,25 @@ def test_targets_the_model_has_no_logit_for_are_left_out_of_the_fit(trained_like
     rows = personal_rows(split, user_rows, 3, cap=50, known=known)
     assert list(rows.targets) == [int(data.item[r]) for r in user_rows[1:] if data.item[r] != dropped]
     assert len(rows) < len(user_rows) - 1
+    everything = personal_rows(split, user_rows, 3, cap=50, known=np.ones(data.num_items, dtype=bool))
+    unfiltered = personal_rows(split, user_rows, 3, cap=50)
+    assert all(np.array_equal(getattr(everything, f), getattr(unfiltered, f)) for f in ("items", "ratings", "targets"))
+
+
+def test_the_cold_start_figures_refuse_a_run_without_the_hold_out_or_of_another_seed(tmp_path):
+    import json
+
+    import typer
+
+    from common.run_config import resolve
+    from simulations.bench_personal import cold_start_figures
+
+    (tmp_path / "config.json").write_text(json.dumps({**resolve({}), "cold-start-holdout": False, "seed": 0}))
+    with pytest.raises(typer.BadParameter, match="cold-start-holdout=true"):
+        cold_start_figures(tmp_path, 0)
+    (tmp_path / "config.json").write_text(json.dumps({**resolve({}), "cold-start-holdout": True, "seed": 0}))
+    with pytest.raises(typer.BadParameter, match="not --seed 1"):
+        cold_start_figures(tmp_path, 1)
 
 
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(rows=0), dict(learning_rate=0.0), dict(l2=-1.0),
