@@ -40,6 +40,12 @@ def rank_checked(scores: np.ndarray, target: int, excluded: np.ndarray) -> int:
     return int(higher + tied_before)
 
 
+def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
+    """Each 0-based rank's NDCG@10 (one held-out item: 1 / log2(rank + 2) inside the top 10, else 0)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     """Mean HR@10, NDCG@10, MRR@10 and HR@20 over the given 0-based ranks."""
     ranks = np.asarray(ranks, dtype=np.float64)
@@ -48,7 +54,7 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     hit10 = ranks < 10
     return {
         "HR@10": float(hit10.mean()),
-        "NDCG@10": float(np.where(hit10, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
+        "NDCG@10": float(ndcg_at_10(ranks).mean()),
         "MRR@10": float(np.where(hit10, 1.0 / (ranks + 1.0), 0.0).mean()),
         "HR@20": float((ranks < 20).mean()),
     }

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.sequence import SequenceRecommender, SequenceRows, history_mask, history_window
+from common.sequence import SequenceRecommender, SequenceRows, history_mask, rows_at
 from common.split import Split
 
 ROWS_PER_CHUNK = 2048  # rows per forward pass of the frozen model (a device passes a small one)
@@ -60,17 +60,11 @@ def personal_rows(split: Split, rows: np.ndarray, history_len: int, cap: int,
     targets rated below ``min_target_rating`` are left out (an unrated one is kept), and with ``known``
     (a mask over the catalogue) targets the global model never trained on, which have no logit in it."""
     rows = np.asarray(rows, dtype=np.int64)
-    first = max(1, len(rows) - cap)
     rating, item = split.data.rating, split.data.item
-    steps = [t for t in range(first, len(rows))
-             if not (min_target_rating > 0 and rating[rows[t]] < min_target_rating)  # NaN < x is False
-             and (known is None or known[item[rows[t]]])]
-    items = np.empty((len(steps), history_len), dtype=np.int64)
-    codes = np.empty((len(steps), history_len), dtype=np.int64)
-    for k, t in enumerate(steps):
-        items[k], codes[k] = history_window(split, rows[:t], history_len)
-    targets = np.array([int(split.data.item[rows[t]]) for t in steps], dtype=np.int64)
-    return SequenceRows(items, codes, targets, np.zeros(len(targets), dtype=np.int64))
+    positions = [t for t in range(max(1, len(rows) - cap), len(rows))
+                 if not (min_target_rating > 0 and rating[rows[t]] < min_target_rating)  # NaN < x is False
+                 and (known is None or known[item[rows[t]]])]
+    return rows_at(split, rows, positions, history_len)
 
 
 @torch.no_grad()

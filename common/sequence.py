@@ -119,6 +119,18 @@ def history_window(split: Split, rows: np.ndarray, history_len: int) -> tuple[np
     return items, codes
 
 
+def rows_at(split: Split, rows: np.ndarray, positions: list[int], history_len: int, user: int = 0) -> SequenceRows:
+    """One row per position t of ``positions`` in a user's interactions ``rows`` (oldest first): its target
+    is the interaction at t, its history the interactions before t (never t or later ones)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    items = np.empty((len(positions), history_len), dtype=np.int64)
+    codes = np.empty((len(positions), history_len), dtype=np.int64)
+    for k, t in enumerate(positions):
+        items[k], codes[k] = history_window(split, rows[:t], history_len)
+    targets = np.array([int(split.data.item[rows[t]]) for t in positions], dtype=np.int64)
+    return SequenceRows(items, codes, targets, np.full(len(positions), user, dtype=np.int64))
+
+
 def user_sequence_rows(split: Split, user: int, history_len: int, examples_per_user: int = 0,
                        min_history: int = 1) -> SequenceRows:
     """One user's training rows: each train interaction at position t >= ``min_history`` is the
@@ -126,13 +138,7 @@ def user_sequence_rows(split: Split, user: int, history_len: int, examples_per_u
     ``examples_per_user`` > 0 only the most recent that many targets are used."""
     rows = split.train[user]
     first = max(min_history, len(rows) - examples_per_user) if examples_per_user > 0 else min_history
-    steps = list(range(first, len(rows)))
-    items = np.empty((len(steps), history_len), dtype=np.int64)
-    codes = np.empty((len(steps), history_len), dtype=np.int64)
-    for k, t in enumerate(steps):
-        items[k], codes[k] = history_window(split, rows[:t], history_len)
-    targets = np.array([int(split.data.item[rows[t]]) for t in steps], dtype=np.int64)
-    return SequenceRows(items, codes, targets, np.full(len(steps), user, dtype=np.int64))
+    return rows_at(split, rows, list(range(first, len(rows))), history_len, user)
 
 
 def concat_rows(parts: list[SequenceRows], history_len: int) -> SequenceRows:

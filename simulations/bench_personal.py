@@ -41,23 +41,31 @@ USERS_PER_BATCH = 256
 app = typer.Typer(add_completion=False)
 
 
-def load_run(run_dir: Path):
-    """(split, runtime) of a finished sequence-model run folder, its final state loaded and checked."""
+def load_run(run_dir: Path, seed: int, cold_start: bool = False):
+    """(the full split, runtime, run config) of a finished sequence-model run folder of ``seed``, its final
+    state loaded and checked. ``cold_start``: the run must have the cold-start hold-out (its held-out items
+    marked unknown to the model) and ranks at today's default new-item boost; otherwise it must not."""
     from common.io import load_tensors
     from common.partition import split_for
-    from common.run_config import stored_config
-    from common.sequence_runtime import SequenceRuntime, sequence_settings
+    from common.run_config import resolve, stored_config
+    from common.runtimes import make_runtime
 
     config_path, state_path = run_dir / "config.json", run_dir / "adapters.safetensors"
-    for path in (config_path, state_path):
-        if not path.exists():
-            raise typer.BadParameter(f"{path}: missing (is {run_dir} a finished run folder?)")
+    if not config_path.exists():
+        raise typer.BadParameter(f"{config_path}: missing (is {run_dir} a finished run folder?)")
     cfg = stored_config(json.loads(config_path.read_text()))
-    if cfg["user-model"] != "sequence" or cfg["cold-start-holdout"]:
-        raise typer.BadParameter(f"{config_path}: personalisation is measured on the sequence model without a "
-                                 "cold-start hold-out")
+    if cfg["user-model"] != "sequence" or bool(cfg["cold-start-holdout"]) != cold_start:
+        wanted = "with cold-start-holdout=true (python -m simulations.bench_cold_start keeps them in " \
+                 "runs/cold-start/)" if cold_start else "without a cold-start hold-out"
+        raise typer.BadParameter(f"{config_path}: this measures a sequence-model run {wanted}")
+    if cfg["seed"] != seed:
+        raise typer.BadParameter(f"{run_dir}: the run's seed is {cfg['seed']}, not --seed {seed}")
+    if not state_path.exists():
+        raise typer.BadParameter(f"{state_path}: missing (is {run_dir} a finished run folder?)")
+    if cold_start:
+        cfg = {**cfg, "sequence-new-item-boost": resolve({})["sequence-new-item-boost"]}
     split = split_for(cfg["dataset"])
-    runtime = SequenceRuntime(split.data, sequence_settings(cfg), cfg["item-max-length"], cfg["seed"])
+    runtime = make_runtime(split.data, cfg, seed=cfg["seed"])
     tensors, _ = load_tensors(state_path)
     runtime.load_state(list(runtime.names), [tensors[n] for n in runtime.names])
     return split, runtime, cfg
@@ -76,13 +84,13 @@ def personalised_scores(model, split, which: str, settings: PersonalSettings,
     from common.sequence import concat_rows, evaluation_rows, sequence_scores
 
     users = split.eval_users() if users is None else users
+    fitted = split if fit_split is None else fit_split
     known = model.known[: model.num_items].numpy()
     history_len = model.settings.history_len
     global_scores = sequence_scores(model, evaluation_rows(split, which, history_len, users))
     offsets = []
     for start in range(0, len(users), users_per_batch):
         batch = users[start:start + users_per_batch]
-        fitted = split if fit_split is None else fit_split
         parts = [personal_rows(fitted, fitted.history_rows(int(u), which), history_len, settings.rows,
                                settings.min_target_rating, known) for u in batch]
         owners = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
@@ -90,20 +98,25 @@ def personalised_scores(model, split, which: str, settings: PersonalSettings,
     return users, global_scores, personal_scores(model, global_scores, torch.cat(offsets))
 
 
-def personalised_metrics(model, split, which: str, settings: PersonalSettings) -> dict[str, dict[str, float]]:
-    """Global and personalised PROTOCOL metrics of every user with a ``which`` target, and the paired
-    comparison per user (how many users' NDCG@10 rose or fell)."""
-    from common.evaluation import evaluate_scores, rank_targets
+def compared(global_scores: np.ndarray, personal: np.ndarray, split, which: str,
+             users: np.ndarray) -> dict[str, dict[str, float]]:
+    """Global and personalised PROTOCOL metrics of ``users`` (each matrix ranked once), and the paired
+    comparison per user: how many users' NDCG@10 rose or fell, and the mean change."""
+    from common.evaluation import rank_targets
+    from common.metrics import metrics_from_ranks, ndcg_at_10
 
-    users, global_scores, personal = personalised_scores(model, split, which, settings)
-    ndcg = {k: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
-            for k, r in (("global", rank_targets(global_scores, split, which, users)),
-                         ("personal", rank_targets(personal, split, which, users)))}
-    diff = ndcg["personal"] - ndcg["global"]
-    return {"global": evaluate_scores(global_scores, split, which, users),
-            "personal": evaluate_scores(personal, split, which, users),
+    ranks = {k: rank_targets(scores, split, which, users) for k, scores in (("global", global_scores),
+                                                                             ("personal", personal))}
+    diff = ndcg_at_10(ranks["personal"]) - ndcg_at_10(ranks["global"])
+    return {"global": metrics_from_ranks(ranks["global"]), "personal": metrics_from_ranks(ranks["personal"]),
             "paired": {"users_up": int((diff > 0).sum()), "users_down": int((diff < 0).sum()),
                        "mean_NDCG@10_difference": float(diff.mean())}}
+
+
+def personalised_metrics(model, split, which: str, settings: PersonalSettings) -> dict[str, dict[str, float]]:
+    """:func:`compared` for every user with a ``which`` target."""
+    users, global_scores, personal = personalised_scores(model, split, which, settings)
+    return compared(global_scores, personal, split, which, users)
 
 
 def cold_start_figures(run: Path, seed: int) -> dict[str, dict]:
@@ -112,25 +125,11 @@ def cold_start_figures(run: Path, seed: int) -> dict[str, dict]:
     boost, every user from the full split's history (as ``simulations.bench_cold_start`` ranks them). The
     offsets are fitted on the training split without the held-out items (PROTOCOL section 4: no training
     input mentions them), as the global model was trained."""
-    from common.evaluation import evaluate_scores, rank_targets
-    from common.io import load_tensors
     from common.partition import split_for
-    from common.run_config import resolve, stored_config
-    from common.runtimes import make_runtime
     from common.split import cold_start_items
     from simulations.baselines import cold_start_users
 
-    cfg = stored_config(json.loads((run / "config.json").read_text()))
-    if cfg["user-model"] != "sequence" or not cfg["cold-start-holdout"]:
-        raise typer.BadParameter(f"{run}: --cold-start reads a sequence-model run with cold-start-holdout=true "
-                                 "(python -m simulations.bench_cold_start keeps them in runs/cold-start/)")
-    if cfg["seed"] != seed:
-        raise typer.BadParameter(f"{run}: the run's seed is {cfg['seed']}, not --seed {seed}")
-    cfg = {**cfg, "sequence-new-item-boost": resolve({})["sequence-new-item-boost"]}
-    full = split_for(cfg["dataset"])
-    runtime = make_runtime(full.data, cfg, seed=cfg["seed"])
-    tensors, _ = load_tensors(run / "adapters.safetensors")
-    runtime.load_state(list(runtime.names), [tensors[n] for n in runtime.names])
+    full, runtime, cfg = load_run(run, seed, cold_start=True)
     cold = cold_start_users(full, cold_start_items(full.data.num_items))
     warm = np.setdiff1d(full.eval_users(), cold)
     out: dict[str, dict] = {"new_item_boost": cfg["sequence-new-item-boost"]}
@@ -138,13 +137,7 @@ def cold_start_figures(run: Path, seed: int) -> dict[str, dict]:
     for name, users in (("cold_start_users", cold), ("warm_users", warm)):
         users, global_scores, personal = personalised_scores(runtime.model, full, "test", PersonalSettings(),
                                                              users=users, fit_split=trained_on)
-        ndcg = {k: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
-                for k, r in (("global", rank_targets(global_scores, full, "test", users)),
-                             ("personal", rank_targets(personal, full, "test", users)))}
-        diff = ndcg["personal"] - ndcg["global"]
-        out[name] = {"users": len(users), "global": evaluate_scores(global_scores, full, "test", users),
-                     "personal": evaluate_scores(personal, full, "test", users),
-                     "paired": {"users_up": int((diff > 0).sum()), "users_down": int((diff < 0).sum())}}
+        out[name] = {"users": len(users), **compared(global_scores, personal, full, "test", users)}
     return out
 
 
@@ -179,9 +172,7 @@ def main(seed: int = typer.Option(0), run: Path = typer.Option(None, help="a fin
     t0 = time.perf_counter()
     if run is None:
         run = _train_default(seed)
-    split, runtime, cfg = load_run(run)
-    if cfg["seed"] != seed:
-        raise typer.BadParameter(f"{run}: the run's seed is {cfg['seed']}, not --seed {seed}")
+    split, runtime, cfg = load_run(run, seed)
     model = runtime.model
     run_result = json.loads((run / "result.json").read_text())
     base = {"run": str(run), "run_test_NDCG@10": run_result["metrics"]["NDCG@10"],
