@@ -24,6 +24,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.device_state import save_global_state, store_catalogue, write_device_info
 from client.evaluation import run_evaluation
+from client.reply_pacing import reply_pacing_mod
 from client.secure_checks import SecureCheckError, check_before_training, check_before_unmask, stored_state
 from client.secure_session import run_secure_session
 from client.session import SessionResult, refusal, run_session
@@ -38,7 +39,8 @@ from common.run_config import resolve
 from common.runtimes import Runtime, make_runtime, runtime_settings
 from common.sequence_runtime import ClientSequences, client_sequences
 
-app = ClientApp()
+# Every reply, of every handler and every secure-round stage, leaves on the device's public time grid.
+app = ClientApp(mods=[reply_pacing_mod])
 
 
 _RUNTIMES: dict[tuple, Runtime] = {}

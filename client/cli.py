@@ -33,7 +33,9 @@ def deploy_supernode(superlink: str = typer.Option("127.0.0.1:9091", help="Super
                          None, help="this device's privacy policy, KEY=VALUE (repeatable): privacy-local-dp, "
                                     "privacy-min-noise-multiplier, privacy-max-clip, privacy-delta, "
                                     "privacy-epsilon-budget, privacy-adjacency, privacy-max-history-len, "
-                                    "privacy-max-length"),
+                                    "privacy-max-length, privacy-reply-time-quantum (seconds; every reply leaves "
+                                    "at a whole multiple of it after its request), and the secure-aggregation floors "
+                                    "(docs/secure-aggregation.md)"),
                      approve: Optional[list[str]] = typer.Option(
                          None, help="also run the app bundle with this SHA-256 (repeatable); by default the device "
                                     "runs only the app of its own privrec installation")) -> None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.device_policy import DevicePolicy
+from common.errors import ConfigError
 from common.flower_env import flwr_env
 from common.io import make_private_dir, write_bytes_atomic, write_text_atomic
 
@@ -76,6 +77,9 @@ def device_launch(superlink: str, ca_cert: str | Path, key: str | Path, data_pat
     for the keys not given). The device runs only the app built from its installed privrec
     (``app_dir``, default this installation) and the FAB hashes in ``approve``."""
     policy = dict(policy or {})
+    others = sorted(k for k in policy if not str(k).startswith("privacy-"))
+    if others:  # e.g. partition-id or data-path: node config the launcher sets, not policy
+        raise ConfigError(f"--policy takes privacy-* keys only, got {others}")
     DevicePolicy.from_node_config(policy)  # refuse a malformed policy here, not at the first message
     for path, what in ((ca_cert, "CA certificate"), (key, "SuperNode private key")):
         if not Path(path).is_file():

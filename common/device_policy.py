@@ -32,9 +32,13 @@ NODE_CONFIG_KEYS = {
     "privacy-user-delta": "user_delta",
     "privacy-user-epsilon-budget": "user_epsilon_budget",
     "privacy-min-survivors": "min_survivors",
+    "privacy-reply-time-quantum": "reply_time_quantum",
 }
 
 
+# Seconds. A positive quantum below the minimum is no pacing worth the name (and would overflow the count of
+# quanta); one above the maximum would outlast servers' reply timeouts (privrec's round-timeout is 600 s).
+MIN_REPLY_TIME_QUANTUM, MAX_REPLY_TIME_QUANTUM = 1e-3, 300.0
 LEGACY_HISTORY_LEN = 5  # the run default (and so the unit) of the releases whose ledgers did not record it
 
 
@@ -70,6 +74,11 @@ class DevicePolicy:
     user_delta: float = 1e-4
     user_epsilon_budget: float = 8.0
     min_survivors: int = 3
+    # Seconds: every reply leaves at the first whole multiple of this after the ClientApp took its request (at
+    # least one), so its arrival time does not tell the server how long the device's data took to read
+    # (client.reply_pacing). 0 turns pacing off. Simulated devices, whose replies no outside server times, use
+    # 0 (see from_node_config).
+    reply_time_quantum: float = 1.0
 
     def __post_init__(self) -> None:
         checks = (("min_noise_multiplier", math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier > 0),
@@ -84,12 +93,16 @@ class DevicePolicy:
                   ("max_user_clip", math.isfinite(self.max_user_clip) and self.max_user_clip > 0),
                   ("user_delta", 0 < self.user_delta <= MAX_DELTA),
                   ("user_epsilon_budget", math.isfinite(self.user_epsilon_budget) and self.user_epsilon_budget > 0),
-                  ("min_survivors", _positive_int(self.min_survivors) and self.min_survivors >= 3))
+                  ("min_survivors", _positive_int(self.min_survivors) and self.min_survivors >= 3),
+                  ("reply_time_quantum", self.reply_time_quantum == 0 or (
+                      math.isfinite(self.reply_time_quantum)
+                      and MIN_REPLY_TIME_QUANTUM <= self.reply_time_quantum <= MAX_REPLY_TIME_QUANTUM)))
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ConfigError(f"device privacy policy: invalid {', '.join(bad)} in {asdict(self)} (noise, clip and "
                               f"budget must be positive, delta in (0, {MAX_DELTA:g}], adjacency one of {ADJACENCIES}, "
-                              f"history and token limits positive integers)")
+                              f"history and token limits positive integers, the reply time quantum 0 or in "
+                              f"[{MIN_REPLY_TIME_QUANTUM:g}, {MAX_REPLY_TIME_QUANTUM:g}] seconds)")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "DevicePolicy":
@@ -101,6 +114,7 @@ class DevicePolicy:
         values: dict[str, Any] = {"owner_set_history_len": "privacy-max-history-len" in given}
         if "partition-id" in node_config and "data-path" not in node_config:
             values["allow_secure_aggregation"] = True  # a simulated person: the study chooses the mechanism
+            values["reply_time_quantum"] = 0.0  # and no outside server times its replies
         for key, value in given.items():
             name = NODE_CONFIG_KEYS[key]
             default = getattr(cls(), name)
@@ -113,7 +127,10 @@ class DevicePolicy:
             elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"node config '{key}': expected a number, got {value!r}")
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:
+                    raise ConfigError(f"node config '{key}': the number is too large") from None
             elif not isinstance(value, str):
                 raise ConfigError(f"node config '{key}': expected a string, got {value!r}")
             values[name] = value

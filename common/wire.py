@@ -93,6 +93,15 @@ SECURE_FIELDS: dict[str, str] = {
 }
 
 
+# What the server observes about every reply besides its fields (client.reply_pacing).
+OBSERVED = {
+    "when it arrives, and its metadata's creation time": (
+        "a deployed device holds every reply until a whole multiple of its own `privacy-reply-time-quantum` "
+        "(default 1 s) after it took the request, then stamps it: one quantum whenever its work fits in one, "
+        "whatever it holds"),
+}
+
+
 def allowed_metrics(message_type: str) -> dict[str, str]:
     """The metric fields a reply to a ``train`` or ``evaluate`` message may carry."""
     return TRAIN_METRICS if message_type == "train" else EVALUATE_METRICS
@@ -107,4 +116,5 @@ def markdown_table() -> str:
     rows += [f"| refusal | `status.{k}` | {v} |" for k, v in STATUS_FIELDS.items()]
     rows += [f"| refusal | reason `{k}` | {v} |" for k, v in REFUSAL_REASONS.items()]
     rows += [f"| secure round | {k} | {v} |" for k, v in SECURE_FIELDS.items()]
+    rows += [f"| any | {k} | {v} |" for k, v in OBSERVED.items()]
     return "\n".join(rows)

@@ -6,9 +6,11 @@ takes the public steps, so the tensors entering the encoder have the same shapes
 (``tests/test_client_session.py`` checks them); what still scales with the device's history is
 reading its files and building its example texts. This measures what is left: the median wall
 time of each device's session over interleaved repetitions in one warm process on one core, and
-the spread between the fastest and the slowest device.
+the spread between the fastest and the slowest device. With ``--paced`` each session goes through the
+whole ClientApp, its reply held to the device's time quantum (``client.reply_pacing``, the default device
+policy's 1 s): the time a server would see.
 
-    python -m simulations.bench_timing [--repeats 7] [--user 1] [--user-model sequence|text]
+    python -m simulations.bench_timing [--repeats 7] [--user 1] [--user-model sequence|text] [--paced]
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def _devices(root: Path, user: str, cap: int) -> dict[str, Path]:
 
 def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interleaved); the median is reported"),
          user: str = typer.Option("1", help="MovieLens user whose events the devices hold"),
-         user_model: str = typer.Option("sequence", help="sequence (the default) or text")) -> None:
+         user_model: str = typer.Option("sequence", help="sequence (the default) or text"),
+         paced: bool = typer.Option(False, help="through the whole ClientApp, the reply held to the device's time "
+                                                "quantum (the default policy's): what the server sees")) -> None:
     """Measure and print each device's median session time and the spread."""
     import torch
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -82,7 +86,7 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
                           node_config={"data-path": str(folder), "state-dir": str(root / f"state-{folder.name}"),
                                        "privacy-epsilon-budget": 1e6})
             t0 = time.perf_counter()
-            reply = client_app.train(msg, ctx)
+            reply = (client_app.app if paced else client_app.train)(msg, ctx)
             seconds = time.perf_counter() - t0
             if "arrays" not in reply.content.array_records:
                 raise RuntimeError(f"{name}: the session did not train ({dict(reply.content['metrics'])})")
@@ -94,16 +98,17 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
             for name, folder in devices.items():
                 times.setdefault(name, []).append(session(name, folder, rnd))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    table = Table(title=f"DP session duration by what the device holds ({user_model} model, defaults; median of "
+    what = "reply time through the ClientApp, paced" if paced else "DP session duration"
+    table = Table(title=f"{what} by what the device holds ({user_model} model, defaults; median of "
                         f"{repeats}, one core, warm process)")
     for col in ("device", "median s", "min s", "max s"):
         table.add_column(col)
     for name, ts in times.items():
-        table.add_row(name, f"{medians[name]:.3f}", f"{min(ts):.3f}", f"{max(ts):.3f}")
+        table.add_row(name, f"{medians[name]:.4f}", f"{min(ts):.4f}", f"{max(ts):.4f}")
     console = Console(width=140)
     console.print(table)
     spread = max(medians.values()) - min(medians.values())
-    console.print(f"spread of the medians: {spread * 1000:.0f} ms ({100 * spread / min(medians.values()):.1f}% of "
+    console.print(f"spread of the medians: {spread * 1000:.2f} ms ({100 * spread / min(medians.values()):.2f}% of "
                   f"the fastest)")
 
 

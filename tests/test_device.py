@@ -1,5 +1,6 @@
 """Device-side behaviour without a SuperLink: corrupt or missing data becomes a refusal (never a
-crash loop), export round-trips, min-replies holds the model, the catalogue file is verified."""
+crash loop), export round-trips, min-replies holds the model, the catalogue file is verified, replies leave
+on the device's time grid whatever it holds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
+import client.reply_pacing as pacing
 from client.device_state import load_catalogue, store_catalogue
 from client.export import export_user
 from common.catalogue_file import PublishedCatalogue, catalogue_bytes, sha256_hex
@@ -19,6 +21,7 @@ from common.jsonl_format import load_jsonl
 from common.partition import device_client_data
 from server.federation import Federation
 from simulations.inprocess_grid import InProcessGrid
+from tests.test_reply_pacing import FakeClock
 
 
 def _train_message(names, arrays) -> Message:
@@ -200,3 +203,47 @@ def test_stored_model_settings_are_checked_before_a_model_is_built(ml100k, globa
         load_global_state(state)
     with pytest.raises(DataFormatError, match=GLOBAL_STATE):
         DeviceRecommender(state)
+
+
+def _device_context(data, state, **policy) -> Context:
+    return Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                   node_config={"data-path": str(data), "state-dir": str(state), **policy})
+
+
+def test_devices_holding_nothing_and_hundreds_of_events_reply_at_the_same_time_through_the_app(
+        monkeypatch, ml100k, global_state, tmp_path):
+    """The ClientApp itself (its mods included): a refusal and a trained reply each leave, and are stamped,
+    one quantum after the request whatever the device holds (a fake clock: the real work takes no fake time,
+    so only the hold moves it; the quantum is the device's policy: no run config key sets it)."""
+    fake = FakeClock()
+    monkeypatch.setattr(pacing, "clock", fake.clock)
+    monkeypatch.setattr(pacing, "sleep", fake.sleep)
+    monkeypatch.setattr("flwr.app.message.message.now", lambda: fake)
+    full = tmp_path / "full"
+    export_user(ml100k, "1", full)  # 272 events
+    empty = tmp_path / "empty"
+    export_user(ml100k, "1", empty)
+    (empty / "events.jsonl").write_text("")
+    quantum = 7.0
+    for data in (full, empty):
+        ctx = _device_context(data, tmp_path / f"state-{data.name}", **{"privacy-reply-time-quantum": quantum})
+        for run_config, trained in (({"local-dp": False}, False), ({}, True)):  # a policy refusal, then a session
+            ctx.run_config = run_config
+            msg = _train_message(*global_state)
+            start = fake.now
+            reply: Message = client_app.app(msg, ctx)
+            assert ("arrays" in reply.content.array_records) == trained
+            if not trained:
+                assert reply.content["status"]["reason"] == "privacy-policy"
+            assert fake.now - start == quantum and reply.metadata.created_at == fake.now
+
+
+def test_a_devices_launch_takes_only_privacy_keys_as_policy(tmp_path):
+    """Policy is privacy-* keys; node config keys such as partition-id or data-path are refused there."""
+    from client.deploy import device_launch
+    from common.errors import ConfigError
+
+    for key in ("partition-id", "data-path"):
+        with pytest.raises(ConfigError, match="privacy-"):
+            device_launch("127.0.0.1:9092", tmp_path / "ca", tmp_path / "key", tmp_path, tmp_path / "s", 9094,
+                          policy={key: 1})
