@@ -63,7 +63,10 @@ def wait_until(deadline: float) -> None:
 
 
 def restamped(reply: Message, request: Message) -> Message:
-    """The same reply made afresh now, so its creation time and time-to-live are those of its release."""
+    """The same reply made afresh now, so its creation time and time-to-live are those of its release (every
+    other metadata field of a reply is taken from its request, so only those two change)."""
+    if reply.metadata.reply_to_message_id != request.metadata.message_id:
+        raise ValueError("a handler returned a message that is not a reply to its request")
     if reply.has_error():
         return Message(reply.error, reply_to=request)
     return Message(reply.content, reply_to=request)

@@ -99,6 +99,9 @@ OBSERVED = {
         "a deployed device holds every reply until a whole multiple of its own `privacy-reply-time-quantum` "
         "(default 1 s) after it took the request, then stamps it: one quantum whenever its work fits in one, "
         "whatever it holds"),
+    "the ClientApp's run time (the SuperNode reports it to the SuperLink)": (
+        "measured by the SuperNode from the ClientApp's pull of the request to its push of the reply, so it holds the "
+        "hold: the app's start-up, which reads no data, plus whole quanta"),
 }
 
 

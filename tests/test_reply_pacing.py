@@ -145,3 +145,14 @@ def test_a_reply_whose_work_took_more_than_half_its_quantum_is_logged_for_the_ow
     assert logged == []
     pacing.reply_pacing_mod(request(), context(**{"data-path": "/d"}), handler(fake, 0.6))
     assert len(logged) == 1 and "raise privacy-reply-time-quantum" in logged[0]
+
+
+def test_a_handler_answering_another_message_is_not_passed_off_as_this_ones_reply(fake):
+    other = request()
+    other.metadata.__dict__["_message_id"] = "another"  # as the SuperLink would have set it
+
+    def stray(msg: Message, ctx: Context) -> Message:
+        return Message(RecordDict(), reply_to=other)
+
+    with pytest.raises(ValueError, match="not a reply to its request"):
+        pacing.reply_pacing_mod(request(), context(**{"data-path": "/d"}), stray)
