@@ -13,10 +13,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 import client.reply_pacing as pacing
+from client.deploy import device_launch
 from client.device_state import load_catalogue, store_catalogue
 from client.export import export_user
 from common.catalogue_file import PublishedCatalogue, catalogue_bytes, sha256_hex
-from common.errors import DataFormatError
+from common.errors import ConfigError, DataFormatError
 from common.jsonl_format import load_jsonl
 from common.partition import device_client_data
 from server.federation import Federation
@@ -240,9 +241,6 @@ def test_devices_holding_nothing_and_hundreds_of_events_reply_at_the_same_time_t
 
 def test_a_devices_launch_takes_only_privacy_keys_as_policy(tmp_path):
     """Policy is privacy-* keys; node config keys such as partition-id or data-path are refused there."""
-    from client.deploy import device_launch
-    from common.errors import ConfigError
-
     for key in ("partition-id", "data-path"):
         with pytest.raises(ConfigError, match="privacy-"):
             device_launch("127.0.0.1:9092", tmp_path / "ca", tmp_path / "key", tmp_path, tmp_path / "s", 9094,
