@@ -31,6 +31,7 @@ from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from common.grad_sample import OnePassGradSample
 from common.secure_random import SecureStream, add_gaussian_noise
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -117,26 +118,49 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         self.noise_stream = noise_stream
 
     def clip_and_accumulate(self) -> None:
-        """Opacus' flat clipping, except that an example whose per-sample gradient is not finite
-        contributes zero: Opacus would turn it into a NaN sum, and a client failing only for some
-        data would tell the server something about that data."""
-        if len(self.grad_samples[0]):
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1)
-            finite = torch.isfinite(norms).all(dim=1)
+        """Opacus' flat clipping (each example's gradient scaled by min(1, C / (norm + 1e-6)), the scaled
+        gradients summed into ``p.summed_grad``), except that an example whose per-sample gradient is not
+        finite contributes zero: Opacus would turn it into a NaN sum, and a client failing only for some
+        data would tell the server something about that data. Every norm is computed once."""
+        params = self.params
+        grad_samples = [self._get_flat_grad_sample(p) for p in params]
+        batch = len(grad_samples[0])
+        flat = [g.reshape(batch, p.numel()) for p, g in zip(params, grad_samples)]
+        if batch == 0:
+            factor = torch.zeros(0, device=params[0].device)
+        else:
+            per_param = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
+            finite = torch.isfinite(per_param).all(dim=1)
             if not bool(finite.all()):
-                for p in self.params:
-                    keep = finite.view(-1, *([1] * (p.grad_sample.dim() - 1)))
-                    p.grad_sample = torch.where(keep, p.grad_sample, torch.zeros_like(p.grad_sample))
-        super().clip_and_accumulate()
+                flat = [torch.where(finite[:, None], f, torch.zeros_like(f)) for f in flat]
+                per_param = torch.where(finite[:, None], per_param, torch.zeros_like(per_param))
+            factor = (self.max_grad_norm / (torch.linalg.vector_norm(per_param, dim=1) + 1e-6)).clamp(max=1.0)
+        for p, f in zip(params, flat):
+            _check_processed_flag(p.grad_sample)
+            grad = (factor.to(p.dtype) @ f.to(p.dtype)).view_as(p)  # sum_i factor_i g_i
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
+        """The clipped sums plus Gaussian noise of std noise_multiplier x C per coordinate, all coordinates
+        drawn in one call (independent draws, as one call per parameter would give), into ``p.grad``."""
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        params = self.params
+        for p in params:
             _check_processed_flag(p.summed_grad)
-            summed = p.summed_grad.detach().to(torch.float64).numpy()
-            noisy = add_gaussian_noise(summed, std, self.noise_stream)
-            p.grad = torch.from_numpy(noisy).to(p.dtype).view_as(p)
+        summed = torch.cat([p.summed_grad.detach().reshape(-1) for p in params]).to(torch.float64)
+        noisy = torch.from_numpy(add_gaussian_noise(summed.numpy(), std, self.noise_stream))
+        offset = 0
+        for p in params:
+            p.grad = noisy[offset:offset + p.numel()].to(p.dtype).view_as(p)
+            offset += p.numel()
             _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide by the public expected batch size (times the accumulated steps), as Opacus' mean reduction."""
+        denominator = self.expected_batch_size * self.accumulated_iterations
+        for p in self.params:
+            p.grad /= denominator
 
 
 @dataclass
@@ -149,6 +173,14 @@ class PrivateTraining:
     schedule: PublicSchedule
     sampling_stream: SecureStream
     sensitivity: float = 1.0  # of the clipped sum, in units of the clip (see session_sensitivity)
+    one_pass: OnePassGradSample | None = None  # the per-example engine when not Opacus' hooks
+
+    def backward(self, loss_sum: torch.Tensor, batch_size: int) -> None:
+        """Per-example gradients of a batch's summed loss (``batch_size`` examples) for the optimizer's step."""
+        if self.one_pass is not None:
+            self.one_pass.backward(loss_sum, batch_size)
+        else:  # Opacus' hooks rescale the mean's backprops by the batch length
+            (loss_sum / batch_size).backward()
 
     def batches(self, num_rows: int) -> Iterator[torch.Tensor]:
         """The session's Poisson batches: each row independently with the public rate, every step."""
@@ -163,8 +195,11 @@ class PrivateTraining:
         return epsilon_of_history(history, delta, self.accountant.mechanism())
 
     def close(self) -> None:
-        """Remove Opacus' hooks from the model (always call it, also when training failed)."""
-        self.module._close()
+        """Remove the per-example hooks from the model (always call it, also when training failed)."""
+        if self.one_pass is not None:
+            self.one_pass.close()
+        else:
+            self.module._close()
 
 
 class GradientCanaries(Protocol):
@@ -181,14 +216,24 @@ class GradientCanaries(Protocol):
         ...
 
 
+GRAD_SAMPLE_MODES = ("hooks", "one-pass")
+
+
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
                  max_grad_norm: float, schedule: PublicSchedule, accountant: str,
-                 sensitivity: float = 1.0) -> PrivateTraining:
-    """Wrap ``model`` and ``optimizer`` for DP-SGD with per-sample gradients (Opacus hooks); the session's
-    epsilon is accounted at ``sensitivity`` times the clip (:func:`session_sensitivity`)."""
+                 sensitivity: float = 1.0, grad_sample_mode: str = "hooks") -> PrivateTraining:
+    """Wrap ``model`` and ``optimizer`` for DP-SGD with per-sample gradients; the session's epsilon is
+    accounted at ``sensitivity`` times the clip (:func:`session_sensitivity`). ``grad_sample_mode``:
+    "hooks" (Opacus' ``GradSampleModule``; call ``module``) or "one-pass" (:class:`OnePassGradSample`: the
+    same grad samplers from one backward pass without ordinary weight gradients; ``module`` is ``model``).
+    Either way gradients come from :meth:`PrivateTraining.backward`."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    module = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+    one_pass = OnePassGradSample(model) if grad_sample_mode == "one-pass" else None
+    module = model if one_pass is not None else wrap_model(model, grad_sample_mode="hooks", batch_first=True,
+                                                           loss_reduction="mean")
     try:
         dp_optimizer = SecureNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                                               max_grad_norm=max_grad_norm,
@@ -197,9 +242,12 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise
         acc = create_accountant(mechanism=accountant)
         dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=schedule.sample_rate))
     except Exception:
-        module._close()
+        if one_pass is not None:
+            one_pass.close()
+        else:
+            module._close()
         raise
-    return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream(), sensitivity)
+    return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream(), sensitivity, one_pass)
 
 
 def session_sensitivity(examples_per_user: int, adjacency: str) -> float:

@@ -45,6 +45,9 @@ class SequenceTrainConfig:
     sensitivity: float = 1.0  # of the clipped sum, in units of max_grad_norm
     public_size: int | None = None  # public example count of the DP schedule (None: the rows' count)
     max_steps: int | None = None
+    # DP only: how per-example gradients are computed (common.privacy.GRAD_SAMPLE_MODES); the same
+    # gradients, clipping and noise either way, "one-pass" skips the weight gradients DP-SGD never uses
+    grad_sample_mode: str = "one-pass"
 
 
 @dataclass
@@ -83,6 +86,9 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
         raise ValueError("no training rows")
     if extra and not cfg.dp:
         raise ValueError("gradient canaries need DP training (they are injected as per-example gradients)")
+    if cfg.dp and model.settings.dropout > 0:
+        raise ValueError("dropout under DP: nn.Dropout draws its masks from torch's seeded generator, tied to row "
+                         "positions (a removal would change other rows' masks); use dropout 0 with DP")
     if cfg.dp and extra_exclusions is not None:
         raise ValueError("extra_exclusions reads beyond a row's own input: not allowed under DP")
     if cfg.final_learning_rate is not None and not 0.0 <= cfg.final_learning_rate <= cfg.learning_rate:
@@ -107,7 +113,7 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
             sigma = cfg.sensitivity * noise_for_epsilon(cfg.target_epsilon, cfg.delta, schedule.sample_rate, steps,
                                                         cfg.accountant)
         private = make_private(model, optimizer, sigma, cfg.max_grad_norm, schedule, cfg.accountant,
-                               sensitivity=cfg.sensitivity)
+                               sensitivity=cfg.sensitivity, grad_sample_mode=cfg.grad_sample_mode)
         module, optimizer = private.module, private.optimizer
         batches = private.batches(n + extra)
         report.noise_multiplier, report.sample_rate = sigma, schedule.sample_rate
@@ -160,9 +166,12 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     per_row = nn.functional.cross_entropy(logits, targets[idx], reduction="none")
                     # a padding row's loss is exactly 0 even if its (unused) target is masked out (inf x 0)
                     per_row = torch.where(weights[idx] > 0, per_row, torch.zeros_like(per_row))
-                    loss = (per_row * weights[idx]).sum() / len(idx)
-                    loss.backward()
-                    report.losses.append(float(loss.detach()))
+                    loss_sum = (per_row * weights[idx]).sum()
+                    if private is not None:
+                        private.backward(loss_sum, len(idx))
+                    else:
+                        (loss_sum / len(idx)).backward()
+                    report.losses.append(float(loss_sum.detach()) / len(idx))
                 if len(canary_idx):
                     for p, made_up in zip(params, canaries.rows(canary_idx, params)):
                         p.grad_sample = torch.cat([p.grad_sample, made_up.to(p.grad_sample.dtype)])

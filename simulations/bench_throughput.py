@@ -25,6 +25,7 @@ from common.features import compute_features
 from common.io import write_json_atomic
 from common.model import Recommender
 from common.movielens import load_recbole
+from common.privacy import GRAD_SAMPLE_MODES
 from common.split import leave_one_out
 from common.training import train
 from simulations.baselines import BaselineConfig
@@ -76,9 +77,10 @@ def _record(timings: dict[str, list[float]], epsilon: float | None, out: Path | 
 
 
 def measure_sequence(examples: int = 4096, batch_size: int = 0, epochs: float = 1.0, repeats: int = 2,
-                     out: Path | None = None) -> dict:
+                     out: Path | None = None, grad_sample_mode: str = "one-pass") -> dict:
     """The same comparison for the sequence model at the run defaults (SGD, as a device session); batch
-    size 0: the published session batch (``batch-size``)."""
+    size 0: the published session batch (``batch-size``); ``grad_sample_mode``: the DP run's per-example
+    gradient engine (``common.privacy.GRAD_SAMPLE_MODES``)."""
     from common.run_config import resolve
     from common.sequence import SequenceRecommender, training_rows
     from common.sequence_runtime import item_text_vectors, sequence_settings
@@ -101,23 +103,28 @@ def measure_sequence(examples: int = 4096, batch_size: int = 0, epochs: float = 
             model = SequenceRecommender(vectors, settings)
             tcfg = SequenceTrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=cfg["learning-rate"],
                                        optimizer=cfg["local-optimizer"], seed=r, dp=(mode == "dp"),
-                                       target_epsilon=8.0, delta=1e-5, max_grad_norm=cfg["max-grad-norm"])
+                                       target_epsilon=8.0, delta=1e-5, max_grad_norm=cfg["max-grad-norm"],
+                                       grad_sample_mode=grad_sample_mode)
             rep = train_sequence(model, rows, tcfg, label=f"{mode} run {r + 1}")
             timings[mode].append(rep.examples / rep.seconds)
             if mode == "dp":
                 epsilon = rep.epsilon
     return _record(timings, epsilon, out, user_model="sequence", examples=int(len(pick)), batch_size=batch_size,
-                   epochs=epochs, repeats=repeats,
+                   epochs=epochs, repeats=repeats, grad_sample_mode=grad_sample_mode,
                    note="loop time on (history, next item) rows of 50 items of history, sequence model at the run "
                         "defaults")
 
 
 def main(examples: int = 4096, batch_size: int = 0, epochs: float = 1.0, id_residual: bool = False,
-         repeats: int = 2, user_model: str = "sequence", out: Path = Path("results/bench/throughput.json")) -> None:
+         repeats: int = 2, user_model: str = "sequence", out: Path = Path("results/bench/throughput.json"),
+         grad_sample_mode: str = "one-pass") -> None:
     """Print non-DP and DP examples/second and the DP/non-DP time ratio (target <= 1.15); batch size 0:
-    the model's usual one (the published session batch for the sequence model; 64 for the text model)."""
+    the model's usual one (the published session batch for the sequence model; 64 for the text model);
+    --grad-sample-mode (sequence model): one-pass (the default) or hooks (Opacus' GradSampleModule)."""
     if user_model == "sequence":
-        rec = measure_sequence(examples, batch_size, epochs, repeats, out)
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise typer.BadParameter(f"--grad-sample-mode {grad_sample_mode!r}: expected one of {GRAD_SAMPLE_MODES}")
+        rec = measure_sequence(examples, batch_size, epochs, repeats, out, grad_sample_mode)
     elif user_model == "text":
         rec = measure(examples, batch_size or 64, epochs, id_residual, repeats, out)
     else:
