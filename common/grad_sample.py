@@ -116,7 +116,9 @@ class OnePassGradSample:
                 per_example[key] = sample if key not in per_example else per_example[key] + sample
         assigned: set[int] = set()
         for p in self.params:
-            sample = per_example.get(id(p), torch.zeros((batch_size, *p.shape), dtype=p.dtype, device=p.device))
+            sample = per_example.get(id(p))
+            if sample is None:  # a layer never called, or whose output does not reach the loss
+                sample = torch.zeros((batch_size, *p.shape), dtype=p.dtype, device=p.device)
             if id(sample) in assigned:  # samplers may hand back the output gradient itself: one tensor per parameter
                 sample = sample.clone()
             assigned.add(id(sample))
