@@ -45,6 +45,10 @@ class Field:
                 raise ConfigError(f"run config '{key}': {value!r} is out of range (expected {bound})")
 
 
+# How many configurations the published federated defaults were chosen among, on the validation split (the list:
+# simulations/results/federated-sequence/summary.md); every result's privacy statement repeats it.
+DEFAULTS_CONFIGURATIONS_TRIED = 27
+
 FIELDS: dict[str, Field] = {
     # -- model -------------------------------------------------------------------------------------
     "user-model": Field(

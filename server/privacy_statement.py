@@ -9,8 +9,15 @@ from typing import Any
 from common.ledger import LedgerUnavailableError, PrivacyLedger
 from common.skellam import SkellamPlan, plan_epsilon, share_epsilon
 from common.privacy import client_schedule, interaction_group_size, selection_rule, session_sensitivity
+from common.run_config import DEFAULTS_CONFIGURATIONS_TRIED
 from common.wire import EVALUATE_METRICS, TRAIN_METRICS
 from server.central_dp import CentralDP
+
+
+REPLY_PACING = ("A deployed device holds every reply until the first whole multiple of its policy's "
+                "privacy-reply-time-quantum after its app took the request, so the server sees only how many quanta "
+                "the work took (a device sets the quantum above its slowest session); simulated devices are not "
+                "paced, and there that time is outside the epsilon")
 
 
 def ledgers_epsilon(folder: Path) -> tuple[float | None, int]:
@@ -113,12 +120,12 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                            "slots (left-padded), and takes the public steps: the tensors entering the model, and "
                            "so its work, have the same shape whatever the device holds; reading the device's files "
                            "and building its rows still take time in proportion to its history (measured: see the "
-                           "README), which is outside the epsilon") if cfg["user-model"] == "sequence" else
+                           "README). " + REPLY_PACING) if cfg["user-model"] == "sequence" else
                           ("every session pads its rows to examples-per-user and every text to max-length tokens, "
                            "and takes the public steps: the tensors entering the encoder, and so its work, have "
                            "the same shape whatever the device holds; reading the device's files and building "
                            "and tokenizing its example texts still take time in proportion to its history "
-                           "(measured: see the README), which is outside the epsilon")),
+                           "(measured: see the README). " + REPLY_PACING)),
                "noise": "Gaussian from a separate ChaCha20 stream, snapped to a power-of-two grid",
                "released_fields": {"train": ["arrays", *(f"metrics.{k}" for k in sorted(TRAIN_METRICS))],
                                    "evaluate": [f"metrics.{k}" for k in sorted(EVALUATE_METRICS)]},
@@ -155,4 +162,10 @@ def privacy_statement(cfg: dict[str, Any], client_epsilon: dict[str, float], cen
                    "accountant": secure["user_accountant"], "adjacency": secure["user_adjacency"],
                    "trust": secure["user_trust"]}
         out.update(secure)
+    if out["unit"] != "none":
+        out["tuning"] = (f"the published defaults were chosen on this data's validation split among "
+                         f"{DEFAULTS_CONFIGURATIONS_TRIED} configurations, the test split read once per configuration "
+                         f"(README, Results); the epsilon covers one run of fixed settings: it is the guarantee of a "
+                         f"deployment that uses the published defaults without tuning them on its own population, "
+                         f"and choosing settings by runs on the same data is outside it")
     return out

@@ -31,3 +31,12 @@ def test_no_other_installed_distribution_provides_our_top_level_packages():
     owners = packages_distributions()
     for name in ("common", "client", "server", "simulations"):
         assert set(owners.get(name, ["privrec"])) == {"privrec"}, (name, owners.get(name))
+
+
+def test_the_readme_states_how_many_configurations_the_defaults_were_chosen_among():
+    """The count every result.json repeats (privacy.tuning) is the README's."""
+    from common.run_config import DEFAULTS_CONFIGURATIONS_TRIED
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"{DEFAULTS_CONFIGURATIONS_TRIED} configurations tried" in readme
+    assert f"among {DEFAULTS_CONFIGURATIONS_TRIED}\n  configurations" in readme  # the privacy statement's bullet
