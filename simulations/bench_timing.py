@@ -20,10 +20,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from common.io import write_json_atomic
 
 
 def _devices(root: Path, user: str, cap: int) -> dict[str, Path]:
@@ -54,7 +57,8 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
          user: str = typer.Option("1", help="MovieLens user whose events the devices hold"),
          user_model: str = typer.Option("sequence", help="sequence (the default) or text"),
          paced: bool = typer.Option(False, help="through the whole ClientApp, the reply held to the device's time "
-                                                "quantum (the default policy's): what the server sees")) -> None:
+                                                "quantum (the default policy's): what the server sees"),
+         out: Optional[Path] = typer.Option(None, help="also write the figures to this JSON file")) -> None:
     """Measure and print each device's median session time and the spread."""
     import torch
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -110,6 +114,12 @@ def main(repeats: int = typer.Option(7, min=1, help="sessions per device (interl
     spread = max(medians.values()) - min(medians.values())
     console.print(f"spread of the medians: {spread * 1000:.2f} ms ({100 * spread / min(medians.values()):.2f}% of "
                   f"the fastest)")
+    if out is not None:
+        write_json_atomic(out, {"benchmark": "session-timing", "what": what, "user_model": user_model, "paced": paced,
+                                "repeats": repeats, "torch_threads": 1,
+                                "seconds": {name: {"median": round(medians[name], 5), "min": round(min(ts), 5),
+                                                   "max": round(max(ts), 5)} for name, ts in times.items()},
+                                "spread_of_medians_ms": round(1000 * spread, 2)})
 
 
 if __name__ == "__main__":
