@@ -98,7 +98,8 @@ def measure(steps: int = 70, warmup: int = 10) -> dict:
                 run["optimizer"].step()
                 t3 = time.perf_counter()
                 if step >= warmup:
-                    for key, value in zip(("forward", "backward", "step", "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    phases = {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
+                    for key, value in phases.items():
                         run["times"][key].append(value)
     finally:
         for run in runs.values():

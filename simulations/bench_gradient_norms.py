@@ -40,10 +40,11 @@ def measure() -> dict:
         engine.close()
     total = torch.stack(list(per_tensor.values()), dim=1).norm(dim=1)
     bias_share = per_tensor["item_bias.bias"] ** 2 / total ** 2
+    levels = ("5%", "25%", "50%", "75%", "95%")
     quantiles = torch.quantile(total, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
     return {"benchmark": "per-example-gradient-norms", "rows": rows, "item_bias_scale": cfg["item-bias-scale"],
             "max_grad_norm": cfg["max-grad-norm"],
-            "total_norm_quantiles": {q: round(float(v), 4) for q, v in zip(("5%", "25%", "50%", "75%", "95%"), quantiles)},
+            "total_norm_quantiles": {q: round(float(v), 4) for q, v in zip(levels, quantiles)},
             "share_of_rows_clipped": round(float((total > cfg["max-grad-norm"]).float().mean()), 4),
             "item_bias_share_of_squared_norm_median": round(float(bias_share.median()), 4),
             "median_norm_by_tensor": {name: round(float(v.median()), 4) for name, v in per_tensor.items()}}

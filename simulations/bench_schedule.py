@@ -61,7 +61,8 @@ PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
     "trim-0.05": ({"trim-fraction": 0.05}, {}, None),
     # The item bias's share of the joint clip norm (item-bias-scale, chosen for the text model and carried over):
     # at 10 the bias holds about 82% of a sequence-model example's squared gradient norm at initialisation
-    # (norm about 10 of 11; simulations/bench_gradient_norms.py), leaving the transformer and the text layers a small share of each clipped example.
+    # (norm about 10 of 11; simulations/bench_gradient_norms.py), leaving the transformer and the text layers a
+    # small share of each clipped example.
     "bias-scale-3": ({"item-bias-scale": 3.0}, {}, None),
     "bias-scale-1": ({"item-bias-scale": 1.0}, {}, None),
     "bias-scale-30": ({"item-bias-scale": 30.0}, {}, None),
