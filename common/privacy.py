@@ -31,7 +31,7 @@ from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from common.grad_sample import OnePassGradSample
+from common.grad_sample import OnePassGradSample, OuterProductRows, factored_rows
 from common.secure_random import SecureStream, add_gaussian_noise
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -121,23 +121,34 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         """Opacus' flat clipping (each example's gradient scaled by min(1, C / (norm + 1e-6)), the scaled
         gradients summed into ``p.summed_grad``), except that an example whose per-sample gradient is not
         finite contributes zero: Opacus would turn it into a NaN sum, and a client failing only for some
-        data would tell the server something about that data. Every norm is computed once."""
+        data would tell the server something about that data. Every norm is computed once; gradients the
+        one-pass engine kept factored (:class:`~common.grad_sample.OuterProductRows`) are never built."""
         params = self.params
-        grad_samples = [self._get_flat_grad_sample(p) for p in params]
-        batch = len(grad_samples[0])
-        flat = [g.reshape(batch, p.numel()) for p, g in zip(params, grad_samples)]
+        batch = len(self._get_flat_grad_sample(params[0]))
+        samples: list[torch.Tensor | OuterProductRows] = []
+        for p in params:
+            rows = factored_rows(p)
+            sample = rows if rows is not None else self._get_flat_grad_sample(p)
+            if tuple(sample.shape) != (batch, *p.shape):  # e.g. a zero-width placeholder whose factors were lost
+                raise RuntimeError(f"per-example gradients of shape {tuple(sample.shape)} for a parameter of shape "
+                                   f"{tuple(p.shape)} in a batch of {batch}")
+            samples.append(rows if rows is not None else sample.reshape(batch, p.numel()))
         if batch == 0:
             factor = torch.zeros(0, device=params[0].device)
         else:
-            per_param = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
+            per_param = torch.stack([s.norms() if isinstance(s, OuterProductRows)
+                                     else torch.linalg.vector_norm(s, dim=1) for s in samples], dim=1)
             finite = torch.isfinite(per_param).all(dim=1)
             if not bool(finite.all()):
-                flat = [torch.where(finite[:, None], f, torch.zeros_like(f)) for f in flat]
+                samples = [s.keep_rows(finite) if isinstance(s, OuterProductRows)
+                           else torch.where(finite[:, None], s, torch.zeros_like(s)) for s in samples]
                 per_param = torch.where(finite[:, None], per_param, torch.zeros_like(per_param))
             factor = (self.max_grad_norm / (torch.linalg.vector_norm(per_param, dim=1) + 1e-6)).clamp(max=1.0)
-        for p, f in zip(params, flat):
+        for p, s in zip(params, samples):
             _check_processed_flag(p.grad_sample)
-            grad = (factor.to(p.dtype) @ f.to(p.dtype)).view_as(p)  # sum_i factor_i g_i
+            weights = factor.to(p.dtype)
+            # sum_i factor_i g_i
+            grad = (s.weighted_sum(weights) if isinstance(s, OuterProductRows) else weights @ s.to(p.dtype)).view_as(p)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 

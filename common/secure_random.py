@@ -27,6 +27,7 @@ import math
 import os
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _TWO_53 = float(2**53)
@@ -82,10 +83,11 @@ class SecureStream:
     def gaussian(self, n: int) -> np.ndarray:
         """``n`` standard normal float64 draws (Box-Muller; the radius from 106-bit uniforms)."""
         half = (n + 1) // 2
-        u1, u2 = self.uniform_fine(half), self.uniform_open(half)
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = 2.0 * np.pi * u2
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+        u1, u2 = torch.from_numpy(self.uniform_fine(half)), torch.from_numpy(self.uniform_open(half))
+        # torch's vectorised float64 log, cos and sin: a few ulps from numpy's results, several times faster here
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        angle = 2.0 * math.pi * u2
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n].numpy()
 
 
 def snapping_grid(std: float) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.grad_sample import append_rows
 from common.privacy import GradientCanaries, PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
 from common.secure_random import SecureStream
@@ -172,9 +173,9 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
                     else:
                         (loss_sum / len(idx)).backward()
                     report.losses.append(float(loss_sum.detach()) / len(idx))
-                if len(canary_idx):
+                if len(canary_idx):  # after the real rows, in whichever form the engine left them
                     for p, made_up in zip(params, canaries.rows(canary_idx, params)):
-                        p.grad_sample = torch.cat([p.grad_sample, made_up.to(p.grad_sample.dtype)])
+                        append_rows(p, made_up)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()

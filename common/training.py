@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from common.features import FeatureSet
+from common.grad_sample import append_rows
 from common.model import Recommender, refresh_items
 from common.privacy import GradientCanaries, PrivateTraining, PublicSchedule, make_private, noise_for_epsilon
 from common.progress import progress_bar
@@ -222,7 +223,7 @@ def _run_steps(model: Recommender, module: nn.Module, optimizer, batches, steps:
                 loss.backward()
             if len(canary_idx):
                 for p, rows in zip(trainable, canaries.rows(canary_idx, trainable)):
-                    p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample.dtype)])
+                    append_rows(p, rows)
             optimizer.step()
             # A noiseless step on an empty batch (audits of a broken set-up only) cannot move.
             _check_adapters(adapters, before, must_change=must_move or (cfg.dp and len(idx) + len(canary_idx) > 0))

@@ -18,7 +18,7 @@ import torch
 import typer
 from torch import nn
 
-from common.grad_sample import OnePassGradSample
+from common.grad_sample import OnePassGradSample, per_example_gradient
 from common.io import write_json_atomic
 from common.sequence import SequenceRecommender
 from simulations.bench_dp_step import session_batch
@@ -35,7 +35,8 @@ def measure() -> dict:
     try:
         logits = model(batch.items, batch.ratings).masked_fill(batch.exclude, float("-inf"))
         engine.backward(nn.functional.cross_entropy(logits, batch.targets, reduction="none").sum(), rows)
-        per_tensor = {name: p.grad_sample.reshape(rows, -1).norm(dim=1) for name, p in model.named_parameters()}
+        per_tensor = {name: per_example_gradient(p).reshape(rows, -1).norm(dim=1)
+                      for name, p in model.named_parameters()}
     finally:
         engine.close()
     total = torch.stack(list(per_tensor.values()), dim=1).norm(dim=1)
