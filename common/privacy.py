@@ -132,7 +132,7 @@ class SecureNoiseDPOptimizer(DPOptimizer):
             if tuple(sample.shape) != (batch, *p.shape):  # e.g. a zero-width placeholder whose factors were lost
                 raise RuntimeError(f"per-example gradients of shape {tuple(sample.shape)} for a parameter of shape "
                                    f"{tuple(p.shape)} in a batch of {batch}")
-            samples.append(rows if rows is not None else sample.reshape(batch, p.numel()))
+            samples.append(sample if rows is not None else sample.reshape(batch, p.numel()))
         if batch == 0:
             factor = torch.zeros(0, device=params[0].device)
         else:
@@ -207,10 +207,15 @@ class PrivateTraining:
 
     def close(self) -> None:
         """Remove the per-example hooks from the model (always call it, also when training failed)."""
-        if self.one_pass is not None:
-            self.one_pass.close()
-        else:
-            self.module._close()
+        _remove_hooks(self.module, self.one_pass)
+
+
+def _remove_hooks(module: torch.nn.Module, one_pass: OnePassGradSample | None) -> None:
+    """Take the per-example machinery off the model: the one-pass engine's hooks, or Opacus' wrapper's."""
+    if one_pass is not None:
+        one_pass.close()
+    else:
+        module._close()
 
 
 class GradientCanaries(Protocol):
@@ -253,10 +258,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise
         acc = create_accountant(mechanism=accountant)
         dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=schedule.sample_rate))
     except Exception:
-        if one_pass is not None:
-            one_pass.close()
-        else:
-            module._close()
+        _remove_hooks(module, one_pass)
         raise
     return PrivateTraining(module, dp_optimizer, acc, schedule, SecureStream(), sensitivity, one_pass)
 

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from common.ledger import PrivacyLedger
-from common.run_config import ConfigError, resolve
+from common.run_config import DEFAULTS_CONFIGURATIONS_TRIED, ConfigError, resolve
 from common.secure_random import SecureStream
 from common.wire import RECORD_NAMES, REFUSAL_REASONS, STATUS_FIELDS, TRAIN_METRICS, allowed_metrics
 from server.audit.accounting import write_audit
@@ -54,8 +54,6 @@ def test_round_loop_trains_and_writes_artefacts(completed_run):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["protocol"] == "ml-100k-loo-full-v1" and result["split"] == "test"
     assert result["privacy"]["unit"] == "example" and result["privacy"]["delta"] == 1e-5
-    from common.run_config import DEFAULTS_CONFIGURATIONS_TRIED
-
     # the guarantee is for the published defaults used untuned; the choice among configurations is outside it
     assert f"among {DEFAULTS_CONFIGURATIONS_TRIED} configurations" in result["privacy"]["tuning"]
     assert "without tuning them on its own population" in result["privacy"]["tuning"]
