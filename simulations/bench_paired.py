@@ -5,9 +5,10 @@
     python -m simulations.bench_paired --table        # the summary's table from the records
 
 A SIDE is a finished sequence-model run folder (its final global model, as ``bash scripts/simulate.sh``
-writes ``runs/<run-name>``) or ``reference:NAME``, a training-free ranker (:data:`REFERENCES`). A side of
-several run folders (the seeds of one configuration) scores each user by the mean of the folders'
-per-user NDCG@10. Each run's own figure is recomputed first and the benchmark refuses a folder whose
+writes ``runs/<run-name>``), ``personal:FOLDER`` (that model with each device's personal part fitted on
+what the user holds before the target, :mod:`simulations.bench_personal` at its published settings), or
+``reference:NAME``, a training-free ranker (:data:`REFERENCES`). A side of several run folders (the seeds
+of one configuration) scores each user by the mean of the folders' per-user NDCG@10. Each run's own figure is recomputed first and the benchmark refuses a folder whose
 recomputed mean differs from its ``result.json``. Written to ``--out/NAME.json``: both sides, the split,
 and the comparison (both means, the difference with its 95% bootstrap interval over users from a
 generator seeded with 0, and the sign test), so the record is the same on every rerun. A published
@@ -26,7 +27,9 @@ from simulations.paired import compare_paired
 
 OUT = Path(__file__).parent / "results" / "paired"
 BOOTSTRAP_SEED = 0
-REFERENCES = ("popularity", "heuristic", "text-prior")
+# private-heuristic-8: the heuristic with popularity from a simulated local-DP release at interaction-level
+# epsilon 8 (simulations/private_heuristic.py: its weight chosen on validation, the mean over its draws)
+REFERENCES = ("popularity", "heuristic", "text-prior", "private-heuristic-8")
 DEFAULT_RUNS = [f"runs/default-seed{s}" for s in range(3)]  # the README's three runs of the federated default
 CURVE = "runs/privacy-utility/{label}-seed{seed}"  # python -m simulations.bench_privacy_utility --seed S
 # name -> (side a, side b): the comparisons the README's claims rest on
@@ -34,7 +37,10 @@ COMPARISONS: dict[str, tuple[list[str], list[str]]] = {
     "default-vs-heuristic": (DEFAULT_RUNS, ["reference:heuristic"]),
     "default-vs-popularity": (DEFAULT_RUNS, ["reference:popularity"]),
     "default-vs-text-prior": (DEFAULT_RUNS, ["reference:text-prior"]),
+    "personalised-vs-default": ([f"personal:{r}" for r in DEFAULT_RUNS], DEFAULT_RUNS),
+    "personalised-vs-heuristic": ([f"personal:{r}" for r in DEFAULT_RUNS], ["reference:heuristic"]),
     "heuristic-vs-popularity": (["reference:heuristic"], ["reference:popularity"]),
+    "default-vs-private-heuristic-8": (DEFAULT_RUNS, ["reference:private-heuristic-8"]),
     "epsilon-8-vs-no-dp": ([CURVE.format(label="eps8", seed=s) for s in range(3)],
                            [CURVE.format(label="no-dp", seed=s) for s in range(3)]),
     "epsilon-4-vs-epsilon-8": ([CURVE.format(label="eps4", seed=s) for s in range(3)],
@@ -43,9 +49,9 @@ COMPARISONS: dict[str, tuple[list[str], list[str]]] = {
 app = typer.Typer(add_completion=False)
 
 
-def _run_scores(folder: Path, which: str) -> tuple[object, np.ndarray, np.ndarray]:
+def _run_scores(folder: Path, which: str, personal: bool = False) -> tuple[object, np.ndarray, np.ndarray]:
     """(split, users, per-user NDCG@10 on ``which``) of a run folder's final global model, checked against
-    the figure the run recorded."""
+    the figure the run recorded; with ``personal``, of the model with each user's personal part on top."""
     from common.evaluation import rank_targets
     from common.metrics import ndcg_at_10
     from common.sequence import evaluation_rows, sequence_scores
@@ -67,6 +73,14 @@ def _run_scores(folder: Path, which: str) -> tuple[object, np.ndarray, np.ndarra
         raise typer.BadParameter(f"{folder}: recomputed {which} NDCG@10 {ndcg.mean():.6f}, the run recorded "
                                  f"{result['metrics']['NDCG@10']:.6f}; refusing to compare a model that does "
                                  "not reproduce its own figure")
+    if personal:
+        from common.personalisation import PersonalSettings
+        from simulations.bench_personal import personalised_scores
+
+        fitted_users, _, scores = personalised_scores(runtime.model, split, which, PersonalSettings())
+        if not np.array_equal(fitted_users, users):
+            raise typer.BadParameter(f"{folder}: the personalised users differ from the evaluation users")
+        ndcg = ndcg_at_10(rank_targets(scores, split, which, users))
     return split, users, ndcg
 
 
@@ -80,6 +94,13 @@ def _reference_scores(name: str, split, users: np.ndarray, which: str) -> np.nda
     from common.sequence import evaluation_rows
     from common.sequence_runtime import item_text_vectors
 
+    if name == "private-heuristic-8":
+        from simulations.private_heuristic import chosen_weight, heuristic_inputs, private_heuristic_ndcg
+
+        inputs = heuristic_inputs(split)
+        if not np.array_equal(inputs.users, users):
+            raise typer.BadParameter("the private heuristic's users differ from the comparison's")
+        return private_heuristic_ndcg(inputs, which, 8.0, chosen_weight(inputs, 8.0)[0]).mean(axis=0)
     if name == "popularity":
         scores = popularity_scores(split, users)
     else:
@@ -108,7 +129,9 @@ def side_scores(sides: list[str], which: str, split=None) -> tuple[object, np.nd
     per_run = []
     users = None
     for folder in sides:
-        run_split, run_users, ndcg = _run_scores(Path(folder), which)
+        personal = folder.startswith("personal:")
+        run_split, run_users, ndcg = _run_scores(Path(folder.split(":", 1)[1] if personal else folder), which,
+                                                 personal)
         if users is not None and not np.array_equal(run_users, users):
             raise typer.BadParameter(f"{folder}: its evaluation users differ from {sides[0]}'s (another split)")
         split, users = run_split, run_users
