@@ -88,7 +88,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     if PRIVATE_HEURISTIC.exists():  # python -m simulations.private_heuristic
         heuristic = json.loads(PRIVATE_HEURISTIC.read_text())["points"]
         ax.plot([p["epsilon"] for p in heuristic], [p["test_NDCG@10_mean"] for p in heuristic], "s--",
-                color="#b3261e", label="training-free heuristic, popularity under local DP\n(interaction-level epsilon)")
+                color="#b3261e",
+                label="training-free heuristic, popularity under local DP\n(interaction-level epsilon)")
+    else:
+        print(f"{PRIVATE_HEURISTIC} is missing: the plot leaves out the private heuristic "
+              "(python -m simulations.private_heuristic writes it)")
     for name, value, colour in REFERENCES:
         ax.axhline(value, color=colour, linestyle="--", label=name)
     ax.set_xlabel("epsilon per device (delta 1e-5): example level for the model, interaction level for the heuristic",
@@ -101,7 +105,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 PRIVATE_HEURISTIC = Path(__file__).parent / "results" / "private-heuristic" / "private-heuristic.json"
 # Reference lines (test NDCG@10 on the same split; their result files are in simulations/results/).
-REFERENCES = (("popularity (non-private)", 0.0449, "#888888"), ("training-free text heuristic (exact popularity)", 0.0548, "#b3261e"),
+REFERENCES = (("popularity (non-private)", 0.0449, "#888888"),
+              ("training-free text heuristic (exact popularity)", 0.0548, "#b3261e"),
               ("zero-shot encoder", 0.0201, "#7a7a00"))
 
 

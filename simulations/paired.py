@@ -6,6 +6,11 @@ seeds' standard deviation in the result tables covers training randomness only; 
 evaluation's own sampling error. Both rankers are scored on the same users, so the comparison is
 paired: the per-user differences are resampled (a percentile bootstrap over users, from a caller's
 generator) and their signs counted (an exact two-sided sign test over the users whose scores differ).
+
+The sign test asks whether a user is as likely to score higher under one ranker as under the other. A
+side that averages several rankers (seeds, or draws of a release) spreads its hits over more users in
+smaller amounts, which breaks that symmetry, so callers run it only when both sides average the same
+number of rankers; the bootstrap interval of the mean difference holds either way.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from scipy.stats import binomtest
 
 RESAMPLES = 10_000
 LEVEL = 0.95
+TIE = 1e-12  # differences this small are ties: averages of equal scores may differ in the last bits
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,10 @@ class PairedComparison:
     ci_high: float
     level: float
     resamples: int
-    a_higher: int  # users whose score is higher under a
+    a_higher: int  # users whose score is higher under a (by more than TIE)
     b_higher: int
-    sign_test_p: float  # exact two-sided binomial test of a_higher against a_higher + b_higher at 1/2
+    sign_test_p: float | None  # exact two-sided binomial test of a_higher of a_higher + b_higher at 1/2; None
+    # where the caller did not ask for it
 
     def as_dict(self) -> dict:
         """The comparison as plain JSON values."""
@@ -41,8 +48,9 @@ class PairedComparison:
 
 
 def compare_paired(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resamples: int = RESAMPLES,
-                   level: float = LEVEL) -> PairedComparison:
-    """Compare per-user scores ``a`` and ``b`` (the same users in the same order, finite)."""
+                   level: float = LEVEL, sign_test: bool = True) -> PairedComparison:
+    """Compare per-user scores ``a`` and ``b`` (the same users in the same order, finite); ``sign_test``
+    only where both average the same number of rankers (module docstring)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or a.size == 0:
         raise ValueError(f"paired scores must be two non-empty vectors of one length, got shapes {a.shape} "
@@ -57,9 +65,11 @@ def compare_paired(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resam
         means[k] = difference[rng.integers(0, difference.size, difference.size)].mean()
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
-    a_higher, b_higher = int((difference > 0).sum()), int((difference < 0).sum())
-    p = binomtest(a_higher, a_higher + b_higher, 0.5).pvalue if a_higher + b_higher else 1.0
+    a_higher, b_higher = int((difference > TIE).sum()), int((difference < -TIE).sum())
+    p = None
+    if sign_test:
+        p = float(binomtest(a_higher, a_higher + b_higher, 0.5).pvalue) if a_higher + b_higher else 1.0
     return PairedComparison(users=int(a.size), mean_a=float(a.mean()), mean_b=float(b.mean()),
                             difference=float(difference.mean()), ci_low=float(low), ci_high=float(high),
                             level=level, resamples=resamples, a_higher=a_higher, b_higher=b_higher,
-                            sign_test_p=float(p))
+                            sign_test_p=p)

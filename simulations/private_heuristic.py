@@ -29,6 +29,7 @@ import numpy as np
 import typer
 
 from common.io import write_json_atomic
+from common.split import Split
 
 OUT = Path(__file__).parent / "results" / "private-heuristic"
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
@@ -54,13 +55,13 @@ def noisy_counts(counts: np.ndarray, sigma: float, devices: int, rng: np.random.
 class HeuristicInputs:
     """What the heuristic needs on one split: the users, their heuristic vectors and the item texts."""
 
-    split: object
+    split: Split
     users: np.ndarray
     user_vectors: dict[str, np.ndarray]  # per evaluation split
     item_text: np.ndarray  # float64 (items, dim)
 
 
-def heuristic_inputs(split=None) -> HeuristicInputs:
+def heuristic_inputs(split: Split | None = None) -> HeuristicInputs:
     """The heuristic's user vectors for validation and test on ``split`` (default: the default dataset's
     PROTOCOL split)."""
     from common.partition import split_for
@@ -114,6 +115,8 @@ def main(draws: int = typer.Option(DRAWS, help="simulated releases per figure"),
     """Choose the weight on validation for each epsilon and write the test figures of the choices."""
     from common.metrics import ndcg_at_10
 
+    if draws < 2:
+        raise typer.BadParameter(f"--draws must be at least 2 (the record gives the sd over draws), got {draws}")
     inputs = heuristic_inputs()
     points = []
     for epsilon in EPSILONS:

@@ -58,43 +58,122 @@ def test_the_sign_test_is_the_exact_two_sided_binomial_over_users_whose_scores_d
     assert (ties.a_higher, ties.b_higher, ties.sign_test_p, ties.difference) == (0, 0, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("a, b", [([], []), ([0.1, 0.2], [0.1]), ([[0.1]], [[0.1]]), ([0.1, np.nan], [0.1, 0.2])])
-def test_bad_scores_are_refused(a, b):
-    with pytest.raises(ValueError):
-        compare_paired(np.array(a, dtype=float), np.array(b, dtype=float), np.random.default_rng(0))
+@pytest.mark.parametrize("a, b, kwargs, message", [
+    ([], [], {}, "non-empty"), ([0.1, 0.2], [0.1], {}, "one length"), ([[0.1]], [[0.1]], {}, "vectors"),
+    ([0.1, np.nan], [0.1, 0.2], {}, "finite"), ([0.1, np.inf], [0.1, 0.2], {}, "finite"),
+    ([0.1], [0.2], {"resamples": 0}, "resamples"), ([0.1], [0.2], {"level": 1.0}, "level")])
+def test_bad_scores_or_settings_are_refused(a, b, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compare_paired(np.array(a, dtype=float), np.array(b, dtype=float), np.random.default_rng(0), **kwargs)
 
 
-def test_a_side_mixing_runs_and_references_or_naming_an_unknown_reference_is_refused():
+def test_no_sign_test_when_not_asked_and_last_bit_differences_are_ties():
+    third = np.full(4, 1 / np.log2(7))
+    averaged = np.mean([third] * 3, axis=0)  # equal in exact arithmetic, may differ in the last bits
+    c = compare_paired(averaged, third, np.random.default_rng(0), resamples=10, sign_test=False)
+    assert (c.a_higher, c.b_higher, c.sign_test_p) == (0, 0, None)
+
+
+def test_a_side_mixing_kinds_naming_a_member_twice_or_an_unknown_reference_is_refused():
     from simulations.bench_paired import side_scores
 
     with pytest.raises(typer.BadParameter, match="run folders or one reference"):
         side_scores(["runs/x", "reference:heuristic"], "test")
+    with pytest.raises(typer.BadParameter, match="all personal: or all plain"):
+        side_scores(["runs/x", "personal:runs/y"], "test")
+    with pytest.raises(typer.BadParameter, match="twice"):
+        side_scores(["runs/x", "runs/x"], "test")
     with pytest.raises(typer.BadParameter, match="one of"):
         side_scores(["reference:oracle"], "test")
 
 
-def test_a_run_folder_that_does_not_reproduce_its_own_figure_is_refused(ml100k, tmp_path):
-    """The benchmark rescoring a run's final model must find the figure the run recorded, or refuse."""
+@pytest.fixture(scope="module")
+def two_runs(ml100k, tmp_path_factory):
+    """Two finished run folders of the default model (its initial state, and one with a trained-looking item
+    bias), each recording the figures its model scores, and their per-user NDCG@10 on both splits."""
+    from common.evaluation import rank_targets
     from common.io import save_tensors
+    from common.metrics import ndcg_at_10
+    from common.partition import split_for
     from common.run_config import resolve
     from common.runtimes import make_runtime
-    from simulations.bench_paired import side_scores
+    from common.sequence import evaluation_rows, sequence_scores
 
     cfg = resolve({"seed": 0})
+    split = split_for(cfg["dataset"])
+    users = split.eval_users()
     runtime = make_runtime(ml100k, cfg, seed=0)
-    names, arrays = runtime.state()
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_tensors(folder / "adapters.safetensors", dict(zip(names, arrays)))
-    def record(split: str, ndcg: float) -> None:
-        (folder / "result.json").write_text(json.dumps({"split": split, "metrics": {"NDCG@10": ndcg}}))
+    names, initial = runtime.state()
+    biased = [np.log1p(split.train_item_counts()).astype(np.float32) / cfg["item-bias-scale"]
+              if n == "item_bias" else a for n, a in zip(names, initial)]
+    folders, scores = [], []
+    for k, arrays in enumerate((initial, biased)):
+        runtime.load_state(names, arrays)
+        per_split = {w: ndcg_at_10(rank_targets(sequence_scores(runtime.model, evaluation_rows(
+            split, w, cfg["history-len"], users)), split, w, users)) for w in ("validation", "test")}
+        folder = tmp_path_factory.mktemp(f"run{k}")
+        (folder / "config.json").write_text(json.dumps(cfg))
+        save_tensors(folder / "adapters.safetensors", dict(zip(names, arrays)))
+        (folder / "metrics.jsonl").write_text(json.dumps({"round": 0, "val_NDCG@10": 0.5}) + "\n" + json.dumps(
+            {"round": 1, "val_NDCG@10": per_split["validation"].mean(), "test_NDCG@10": per_split["test"].mean()}))
+        (folder / "result.json").write_text(json.dumps({"split": "test",
+                                                        "metrics": {"NDCG@10": per_split["test"].mean()}}))
+        folders.append(folder)
+        scores.append(per_split)
+    return folders, scores
 
-    record("validation", 0.5)  # a figure for another split: nothing to check the test scores against
-    _, users, ndcg = side_scores([str(folder)], "test")
-    assert len(users) == len(ndcg) == 943
-    record("test", float(ndcg.mean()))
-    assert np.array_equal(side_scores([str(folder)], "test")[2], ndcg)
-    record("test", float(ndcg.mean()) + 1e-6)
-    with pytest.raises(typer.BadParameter, match="does not reproduce its own figure"):
-        side_scores([str(folder)], "test")
+
+def test_several_run_folders_score_each_user_by_their_mean_and_the_record_keeps_the_order(two_runs):
+    from simulations.bench_paired import compare_sides, side_scores
+
+    (first, second), scores = two_runs
+    assert not np.array_equal(scores[0]["test"], scores[1]["test"])
+    _, users, mean, members = side_scores([str(first), str(second)], "validation")
+    assert members == 2 and len(users) == 943
+    assert np.array_equal(mean, np.mean([scores[0]["validation"], scores[1]["validation"]], axis=0))
+    record = compare_sides([str(second)], [str(first)], "test")
+    c = record["comparison"]
+    assert (c["mean_a"], c["mean_b"]) == (scores[1]["test"].mean(), scores[0]["test"].mean())
+    assert c["difference"] == pytest.approx(scores[1]["test"].mean() - scores[0]["test"].mean())
+    assert record["members"] == {"a": 1, "b": 1} and c["sign_test_p"] is not None
+    unequal = compare_sides([str(first), str(second)], ["reference:popularity"], "test")
+    assert unequal["members"] == {"a": 2, "b": 1} and unequal["comparison"]["sign_test_p"] is None
+
+
+def _nudge_final_validation(text: str) -> str:
+    rows = [json.loads(line) for line in text.splitlines()]
+    rows[-1]["val_NDCG@10"] += 1e-6
+    return "\n".join(json.dumps(r) for r in rows)
+
+
+def _nudge_result(text: str) -> str:
+    result = json.loads(text)
+    result["metrics"]["NDCG@10"] += 1e-6
+    return json.dumps(result)
+
+
+@pytest.mark.parametrize("file, which, edit", [("metrics.jsonl", "validation", _nudge_final_validation),
+                                               ("result.json", "test", _nudge_result)])
+def test_a_run_folder_that_does_not_reproduce_its_own_figure_is_refused(two_runs, file, which, edit):
+    """The benchmark rescoring a run's final model must find the figures the run recorded, or refuse."""
+    from simulations.bench_paired import side_scores
+
+    folder = two_runs[0][1]
+    original = (folder / file).read_text()
+    try:
+        (folder / file).write_text(edit(original))
+        with pytest.raises(typer.BadParameter, match="does not reproduce its own figure"):
+            side_scores([str(folder)], which)
+    finally:
+        (folder / file).write_text(original)
+    side_scores([str(folder)], which)  # restored: accepted
+
+
+def test_the_table_shows_each_record_and_no_sign_test_for_unequal_sides(tmp_path):
+    from simulations.bench_paired import table
+
+    comparison = {"mean_a": 0.06, "mean_b": 0.05, "difference": 0.01, "ci_low": -0.002, "ci_high": 0.02,
+                  "a_higher": 9, "b_higher": 4, "sign_test_p": None}
+    (tmp_path / "x-test.json").write_text(json.dumps({"which": "test", "comparison": comparison}))
+    assert table(tmp_path).splitlines()[2] == ("| x-test | test | 0.0600 | 0.0500 | +0.0100 (-0.0020, +0.0200) | "
+                                               "9 / 4 | - (unequal sides) |")

@@ -27,7 +27,8 @@ def test_removing_one_rating_moves_the_count_vector_by_exactly_one_in_l2(ml100k_
     """The release's sensitivity: neighbouring devices (one rating added or removed) differ by a unit vector."""
     split = ml100k_split
     user = 7
-    neighbour = dataclasses.replace(split, train=[rows[:-1] if u == user else rows for u, rows in enumerate(split.train)])
+    shorter = [rows[:-1] if u == user else rows for u, rows in enumerate(split.train)]
+    neighbour = dataclasses.replace(split, train=shorter)
     difference = split.train_item_counts() - neighbour.train_item_counts()
     assert np.linalg.norm(difference) == 1.0
     assert difference[split.data.item[split.train[user][-1]]] == 1
@@ -63,3 +64,50 @@ def test_with_exact_counts_it_ranks_as_the_published_heuristic_and_the_text_prio
         expected = rank_targets(heuristic_scores(vectors, rows, counts, HEURISTIC_DECAY, weight), split, "test",
                                 inputs.users)
         assert np.array_equal(target_ranks(inputs, "test", counts.astype(np.float64), weight), expected)
+
+
+def test_each_draw_releases_the_true_counts_with_the_solved_noise_from_its_own_generator(ml100k_split, monkeypatch):
+    import simulations.private_heuristic as ph
+
+    inputs = ph.heuristic_inputs(ml100k_split)
+    seen = []
+
+    def recording(counts, sigma, devices, rng):
+        seen.append((counts.copy(), sigma, devices, rng.random()))
+        return counts.astype(np.float64)
+
+    monkeypatch.setattr(ph, "noisy_counts", recording)
+    ranks = ph.private_heuristic_ranks(inputs, "validation", 4.0, 0.2, draws=3)
+    assert ranks.shape == (3, len(inputs.users))
+    for counts, sigma, devices, _ in seen:
+        assert np.array_equal(counts, ml100k_split.train_item_counts())
+        assert (sigma, devices) == (ph.release_noise(4.0), 943)
+    assert len({first for *_, first in seen}) == 3  # a generator of its own per draw
+
+
+def test_negative_noisy_counts_count_as_zero(ml100k_split):
+    from simulations.private_heuristic import heuristic_inputs, target_ranks
+
+    inputs = heuristic_inputs(ml100k_split)
+    counts = ml100k_split.train_item_counts().astype(np.float64)
+    negative = counts.copy()
+    negative[::3] = -50.0
+    clipped = np.where(negative < 0, 0.0, negative)
+    assert np.array_equal(target_ranks(inputs, "test", negative, 0.2), target_ranks(inputs, "test", clipped, 0.2))
+    assert not np.array_equal(target_ranks(inputs, "test", negative, 0.2), target_ranks(inputs, "test", counts, 0.2))
+
+
+def test_the_weight_with_the_highest_mean_validation_figure_is_chosen(monkeypatch):
+    import simulations.private_heuristic as ph
+
+    figures = dict(zip(ph.WEIGHTS, (0.03, 0.05, 0.04, 0.06, 0.01)))
+    calls = []
+
+    def fake(inputs, which, epsilon, weight, draws):
+        calls.append(which)
+        return np.full((draws, 5), figures[weight])
+
+    monkeypatch.setattr(ph, "private_heuristic_ndcg", fake)
+    weight, means = ph.chosen_weight(None, 8.0)
+    assert weight == 0.3 and means == pytest.approx(figures)
+    assert set(calls) == {"validation"}
