@@ -19,7 +19,8 @@ that split its run recorded (the final row of ``metrics.jsonl``, and for test al
 private heuristic the figure of its record. Written to ``--out/NAME.json``: both sides, the split, each
 side's member count, and the comparison (both means, the difference with its 95% bootstrap interval over
 users from a generator seeded with 0, and the sign test where both sides average the same number of
-members: averaging more members spreads hits over more users and would bias the signs), so the record is
+members: averaging more members spreads hits over more users and would bias the signs; even then its p is
+indicative, as members that vary differently spread differently), so the record is
 the same on every rerun. A published comparison writes ``NAME-test.json`` and ``NAME-validation.json``.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import typer
 
 from common.io import write_json_atomic
+from common.split import Split
 from simulations.paired import compare_paired
 
 OUT = Path(__file__).parent / "results" / "paired"
@@ -63,7 +65,8 @@ app = typer.Typer(add_completion=False)
 
 
 def _recorded(folder: Path, which: str) -> float:
-    """The ``which`` NDCG@10 a run recorded for its final model (BadParameter naming the file and field)."""
+    """The ``which`` NDCG@10 a run recorded for its final model: that of the highest-round row of its
+    ``metrics.jsonl`` carrying the figure (BadParameter naming the file and field)."""
     from simulations.summary import read_metrics
 
     key = "val_NDCG@10" if which == "validation" else "test_NDCG@10"
@@ -73,10 +76,14 @@ def _recorded(folder: Path, which: str) -> float:
     rows = [r for r in read_metrics(path) if key in r]
     if not rows:
         raise typer.BadParameter(f"{path}: no row has {key!r}: nothing to check the model against")
+    for row in rows:
+        if not isinstance(row.get("round"), int) or not isinstance(row[key], (int, float)):
+            raise typer.BadParameter(f"{path}: a row with {key!r} needs an integer 'round' and a number, got "
+                                     f"round {row.get('round')!r}, {key} {row[key]!r}")
     return float(max(rows, key=lambda r: r["round"])[key])
 
 
-def _run_scores(folder: Path, which: str, personal: bool = False):
+def _run_scores(folder: Path, which: str, personal: bool = False) -> tuple[Split, np.ndarray, np.ndarray]:
     """(split, users, per-user NDCG@10 on ``which``) of a run folder's final global model, refused unless it
     reproduces the figures its run recorded; with ``personal``, of that model with each user's personal
     part on top."""
@@ -122,24 +129,29 @@ def _run_scores(folder: Path, which: str, personal: bool = False):
 def _private_heuristic_scores(name: str, split, users: np.ndarray, which: str) -> tuple[np.ndarray, int]:
     """(per-user NDCG@10 averaged over the draws, number of draws) of ``private-heuristic-E``, refused unless
     its mean is the figure of its record (``python -m simulations.private_heuristic``)."""
-    from simulations.private_heuristic import DRAWS, OUT as RECORD_DIR, chosen_weight, heuristic_inputs, \
-        private_heuristic_ndcg
+    import simulations.private_heuristic as private
 
     epsilon = float(name[len(PRIVATE):])
-    record_path = RECORD_DIR / "private-heuristic.json"
+    record_path = private.OUT / "private-heuristic.json"
     if not record_path.exists():
         raise typer.BadParameter(f"{record_path}: missing; run python -m simulations.private_heuristic first")
-    points = [p for p in json.loads(record_path.read_text())["points"] if p["epsilon"] == epsilon]
+    record = json.loads(record_path.read_text())
+    points = [p for p in record["points"] if p["epsilon"] == epsilon]
     if len(points) != 1:
         raise typer.BadParameter(f"{record_path}: no single point at epsilon {epsilon:g}")
-    inputs = heuristic_inputs(split)
+    point, draws = points[0], int(record["draws"])
+    inputs = private.heuristic_inputs(split)
     if not np.array_equal(inputs.users, users):
         raise typer.BadParameter("the private heuristic's users differ from the comparison's")
-    ndcg = private_heuristic_ndcg(inputs, which, epsilon, chosen_weight(inputs, epsilon)[0]).mean(axis=0)
-    if abs(ndcg.mean() - points[0][f"{which}_NDCG@10_mean"]) > 1e-9:
+    weight = private.chosen_weight(inputs, epsilon, draws)[0]
+    if weight != point["chosen_weight"]:
+        raise typer.BadParameter(f"{record_path}: epsilon {epsilon:g} records weight {point['chosen_weight']}, "
+                                 f"the validation choice recomputed is {weight}")
+    ndcg = private.private_heuristic_ndcg(inputs, which, epsilon, weight, draws).mean(axis=0)
+    if abs(ndcg.mean() - point[f"{which}_NDCG@10_mean"]) > 1e-9:
         raise typer.BadParameter(f"{record_path}: epsilon {epsilon:g} records {which} NDCG@10 "
-                                 f"{points[0][f'{which}_NDCG@10_mean']:.6f}, recomputed {ndcg.mean():.6f}")
-    return ndcg, DRAWS
+                                 f"{point[f'{which}_NDCG@10_mean']:.6f}, recomputed {ndcg.mean():.6f}")
+    return ndcg, draws
 
 
 def _reference_scores(name: str, split, users: np.ndarray, which: str) -> tuple[np.ndarray, int]:

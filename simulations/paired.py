@@ -10,7 +10,9 @@ generator) and their signs counted (an exact two-sided sign test over the users 
 The sign test asks whether a user is as likely to score higher under one ranker as under the other. A
 side that averages several rankers (seeds, or draws of a release) spreads its hits over more users in
 smaller amounts, which breaks that symmetry, so callers run it only when both sides average the same
-number of rankers; the bootstrap interval of the mean difference holds either way.
+number of rankers (even then its p is indicative: rankers that vary differently spread differently). The
+bootstrap interval of the mean difference holds either way; it holds the rankers fixed, so it covers
+which users the split holds, not training or release randomness.
 """
 
 from __future__ import annotations

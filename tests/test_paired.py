@@ -67,11 +67,13 @@ def test_bad_scores_or_settings_are_refused(a, b, kwargs, message):
         compare_paired(np.array(a, dtype=float), np.array(b, dtype=float), np.random.default_rng(0), **kwargs)
 
 
-def test_no_sign_test_when_not_asked_and_last_bit_differences_are_ties():
-    third = np.full(4, 1 / np.log2(7))
-    averaged = np.mean([third] * 3, axis=0)  # equal in exact arithmetic, may differ in the last bits
-    c = compare_paired(averaged, third, np.random.default_rng(0), resamples=10, sign_test=False)
-    assert (c.a_higher, c.b_higher, c.sign_test_p) == (0, 0, None)
+def test_last_bit_differences_are_ties_and_the_sign_test_runs_only_when_asked():
+    score = np.full(4, 1 / np.log2(7))
+    averaged = np.mean([score] * 20, axis=0)  # equal in exact arithmetic, not in floating point
+    assert not np.array_equal(averaged, score)
+    c = compare_paired(averaged, score, np.random.default_rng(0), resamples=10)
+    assert (c.a_higher, c.b_higher, c.sign_test_p) == (0, 0, 1.0)
+    assert compare_paired(averaged, score, np.random.default_rng(0), resamples=10, sign_test=False).sign_test_p is None
 
 
 def test_a_side_mixing_kinds_naming_a_member_twice_or_an_unknown_reference_is_refused():
@@ -177,3 +179,113 @@ def test_the_table_shows_each_record_and_no_sign_test_for_unequal_sides(tmp_path
     (tmp_path / "x-test.json").write_text(json.dumps({"which": "test", "comparison": comparison}))
     assert table(tmp_path).splitlines()[2] == ("| x-test | test | 0.0600 | 0.0500 | +0.0100 (-0.0020, +0.0200) | "
                                                "9 / 4 | - (unequal sides) |")
+
+
+def test_a_reference_on_side_a_keeps_the_order(two_runs):
+    """Runs are loaded first whatever their side, so the record must still put each side's figure in place."""
+    from simulations.bench_paired import compare_sides
+
+    (first, _), scores = two_runs
+    c = compare_sides(["reference:popularity"], [str(first)], "test")["comparison"]
+    assert c["mean_b"] == scores[0]["test"].mean()
+    assert c["difference"] == pytest.approx(c["mean_a"] - scores[0]["test"].mean())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no metrics", "metrics.jsonl: missing"), ("no figure row", "no row has 'test_NDCG@10'"),
+    ("round not an integer", "integer 'round'"), ("result without a number", "no number at metrics.NDCG@10")])
+def test_a_run_folder_without_the_figures_to_check_is_refused(two_runs, tmp_path, case, message):
+    import shutil
+
+    from simulations.bench_paired import side_scores
+
+    folder = tmp_path / "run"
+    shutil.copytree(two_runs[0][0], folder)
+    metrics, result = folder / "metrics.jsonl", folder / "result.json"
+    if case == "no metrics":
+        metrics.unlink()
+    elif case == "no figure row":
+        metrics.write_text(json.dumps({"round": 0, "val_NDCG@10": 0.5}))
+    elif case == "round not an integer":
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows[-1]["round"] = "last"
+        metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        result.write_text(json.dumps({"split": "test", "metrics": {}}))
+    with pytest.raises(typer.BadParameter, match=message):
+        side_scores([str(folder)], "test")
+
+
+@pytest.fixture
+def fake_private_heuristic(monkeypatch, tmp_path, ml100k_split):
+    """The private heuristic's record in a temporary folder, and cheap stand-ins for its scoring: every user
+    scores 0.01 x the weight (the weight chosen on validation is 0.3)."""
+    import simulations.private_heuristic as private
+
+    users = ml100k_split.eval_users()
+    monkeypatch.setattr(private, "OUT", tmp_path)
+    monkeypatch.setattr(private, "heuristic_inputs", lambda split: private.HeuristicInputs(split, users, {}, None))
+    monkeypatch.setattr(private, "chosen_weight", lambda inputs, epsilon, draws: (0.3, {}))
+    monkeypatch.setattr(private, "private_heuristic_ndcg",
+                        lambda inputs, which, epsilon, weight, draws: np.full((draws, len(users)), 0.01 * weight))
+
+    def write(**point) -> None:
+        base = {"epsilon": 8.0, "chosen_weight": 0.3, "test_NDCG@10_mean": 0.003, "validation_NDCG@10_mean": 0.003}
+        (tmp_path / "private-heuristic.json").write_text(json.dumps({"draws": 4, "points": [{**base, **point}]}))
+
+    return write
+
+
+def test_a_private_heuristic_matching_its_record_is_compared_with_the_records_draws(fake_private_heuristic,
+                                                                                   ml100k_split):
+    from simulations.bench_paired import side_scores
+
+    fake_private_heuristic()
+    _, users, ndcg, members = side_scores(["reference:private-heuristic-8"], "test", ml100k_split)
+    assert members == 4 and np.allclose(ndcg, 0.003) and len(ndcg) == len(users)
+
+
+@pytest.mark.parametrize("point, message", [({"test_NDCG@10_mean": 0.004}, "records test NDCG@10"),
+                                            ({"chosen_weight": 0.2}, "records weight 0.2"),
+                                            ({"epsilon": 4.0}, "no single point at epsilon 8")])
+def test_a_private_heuristic_that_differs_from_its_record_is_refused(fake_private_heuristic, ml100k_split, point,
+                                                                     message):
+    from simulations.bench_paired import side_scores
+
+    fake_private_heuristic(**point)
+    with pytest.raises(typer.BadParameter, match=message):
+        side_scores(["reference:private-heuristic-8"], "test", ml100k_split)
+
+
+def test_a_missing_private_heuristic_record_is_refused(monkeypatch, tmp_path, ml100k_split):
+    import simulations.private_heuristic as private
+    from simulations.bench_paired import side_scores
+
+    monkeypatch.setattr(private, "OUT", tmp_path)
+    with pytest.raises(typer.BadParameter, match="run python -m simulations.private_heuristic first"):
+        side_scores(["reference:private-heuristic-8"], "test", ml100k_split)
+
+
+def test_the_command_line_refuses_which_for_a_published_comparison_and_too_few_draws():
+    from typer.testing import CliRunner
+
+    from simulations import bench_paired, private_heuristic
+
+    def words(output: str) -> str:  # the message as words, whatever box and line breaks the terminal drew
+        return " ".join(output.replace("│", " ").split())
+
+    refused = CliRunner().invoke(bench_paired.app, ["default-vs-heuristic", "--which", "test"])
+    assert refused.exit_code == 2 and "without --which" in words(refused.output)
+    app = typer.Typer()
+    app.command()(private_heuristic.main)
+    refused = CliRunner().invoke(app, ["--draws", "1"])
+    assert refused.exit_code == 2 and "at least 2" in words(refused.output)
+
+
+def test_the_table_prints_a_sign_test_where_there_is_one(tmp_path):
+    from simulations.bench_paired import table
+
+    comparison = {"mean_a": 0.06, "mean_b": 0.05, "difference": 0.01, "ci_low": -0.002, "ci_high": 0.02,
+                  "a_higher": 9, "b_higher": 4, "sign_test_p": 0.2668}
+    (tmp_path / "y-validation.json").write_text(json.dumps({"which": "validation", "comparison": comparison}))
+    assert table(tmp_path).splitlines()[2].endswith("| 9 / 4 | 0.27 |")
