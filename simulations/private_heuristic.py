@@ -10,9 +10,8 @@ server sums them (noise std sigma * sqrt(N) per item; negative sums count as 0).
 rating changes one count by 1, so one release is the Gaussian mechanism with L2 sensitivity 1 and
 sigma is set for an interaction-level epsilon of at most the target at delta 1e-5 (Opacus' RDP
 accountant, one full release; trust: nobody; the users' text vectors are computed on their devices from
-public item text). This is a
-benchmark of the mechanism's expected quality, not a product feature: the noise is drawn from seeded
-generators (one per draw) and each figure is the mean over the draws.
+public item text). This is a benchmark of the mechanism's expected quality, not a product feature: the
+noise is drawn from seeded generators (one per draw) and each figure is the mean over the draws.
 
 The popularity weight is chosen for each epsilon on the validation split among :data:`WEIGHTS` (decay
 fixed at the published heuristic's 0.8); test is computed for the chosen weight only.
