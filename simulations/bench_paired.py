@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from common.io import write_json_atomic
+from common.io import read_json, read_jsonl, write_json_atomic
 from common.split import Split
 from simulations.paired import compare_paired
 
@@ -67,13 +67,11 @@ app = typer.Typer(add_completion=False)
 def _recorded(folder: Path, which: str) -> float:
     """The ``which`` NDCG@10 a run recorded for its final model: that of the highest-round row of its
     ``metrics.jsonl`` carrying the figure (BadParameter naming the file and field)."""
-    from simulations.summary import read_metrics
-
     key = "val_NDCG@10" if which == "validation" else "test_NDCG@10"
     path = folder / "metrics.jsonl"
     if not path.exists():
         raise typer.BadParameter(f"{path}: missing (is {folder} a finished run folder?)")
-    rows = [r for r in read_metrics(path) if key in r]
+    rows = [r for r in read_jsonl(path) if key in r]
     if not rows:
         raise typer.BadParameter(f"{path}: no row has {key!r}: nothing to check the model against")
     for row in rows:
@@ -96,15 +94,26 @@ def _run_scores(folder: Path, which: str, personal: bool = False) -> tuple[Split
     for path in (config_path, result_path):
         if not path.exists():
             raise typer.BadParameter(f"{path}: missing (is {folder} a finished run folder?)")
-    seed = json.loads(config_path.read_text()).get("seed")
+    seed = read_json(config_path).get("seed")
     if not isinstance(seed, int):
         raise typer.BadParameter(f"{config_path}: no integer 'seed'")
     split, runtime, _ = load_run(folder, seed)
     users = split.eval_users()
-    rows = evaluation_rows(split, which, runtime.model.settings.history_len, users)
-    ndcg = ndcg_at_10(rank_targets(sequence_scores(runtime.model, rows), split, which, users))
+    personal_scores = None
+    if personal:  # the global scores come with the personalised ones
+        from common.personalisation import PersonalSettings
+        from simulations.bench_personal import personalised_scores
+
+        fitted_users, global_scores, personal_scores = personalised_scores(runtime.model, split, which,
+                                                                           PersonalSettings())
+        if not np.array_equal(fitted_users, users):
+            raise typer.BadParameter(f"{folder}: the personalised users differ from the evaluation users")
+    else:
+        rows = evaluation_rows(split, which, runtime.model.settings.history_len, users)
+        global_scores = sequence_scores(runtime.model, rows)
+    ndcg = ndcg_at_10(rank_targets(global_scores, split, which, users))
     recorded = {f"{folder / 'metrics.jsonl'}": _recorded(folder, which)}
-    result = json.loads(result_path.read_text())
+    result = read_json(result_path)
     if result.get("split") == which:
         figure = result.get("metrics", {}).get("NDCG@10")
         if not isinstance(figure, (int, float)):
@@ -115,14 +124,8 @@ def _run_scores(folder: Path, which: str, personal: bool = False) -> tuple[Split
             raise typer.BadParameter(f"{folder}: recomputed {which} NDCG@10 {ndcg.mean():.6f}, {source} recorded "
                                      f"{figure:.6f}; refusing to compare a model that does not reproduce its own "
                                      "figure")
-    if personal:
-        from common.personalisation import PersonalSettings
-        from simulations.bench_personal import personalised_scores
-
-        fitted_users, _, scores = personalised_scores(runtime.model, split, which, PersonalSettings())
-        if not np.array_equal(fitted_users, users):
-            raise typer.BadParameter(f"{folder}: the personalised users differ from the evaluation users")
-        ndcg = ndcg_at_10(rank_targets(scores, split, which, users))
+    if personal_scores is not None:
+        ndcg = ndcg_at_10(rank_targets(personal_scores, split, which, users))
     return split, users, ndcg
 
 
@@ -135,11 +138,16 @@ def _private_heuristic_scores(name: str, split, users: np.ndarray, which: str) -
     record_path = private.OUT / "private-heuristic.json"
     if not record_path.exists():
         raise typer.BadParameter(f"{record_path}: missing; run python -m simulations.private_heuristic first")
-    record = json.loads(record_path.read_text())
-    points = [p for p in record["points"] if p["epsilon"] == epsilon]
+    record = read_json(record_path)
+    if not isinstance(record.get("points"), list) or not isinstance(record.get("draws"), int):
+        raise typer.BadParameter(f"{record_path}: needs a list 'points' and an integer 'draws'")
+    points = [p for p in record["points"] if p.get("epsilon") == epsilon]
     if len(points) != 1:
         raise typer.BadParameter(f"{record_path}: no single point at epsilon {epsilon:g}")
-    point, draws = points[0], int(record["draws"])
+    point, draws = points[0], record["draws"]
+    for field in ("chosen_weight", f"{which}_NDCG@10_mean"):
+        if not isinstance(point.get(field), (int, float)):
+            raise typer.BadParameter(f"{record_path}: the point at epsilon {epsilon:g} has no number {field!r}")
     inputs = private.heuristic_inputs(split)
     if not np.array_equal(inputs.users, users):
         raise typer.BadParameter("the private heuristic's users differ from the comparison's")
@@ -234,7 +242,7 @@ def table(folder: Path = OUT) -> str:
     lines = ["| comparison | split | a | b | a - b (95% interval) | users a higher / b higher | sign test p |",
              "|---|---|---|---|---|---|---|"]
     for path in sorted(folder.glob("*.json")):
-        record = json.loads(path.read_text())
+        record = read_json(path)
         c = record["comparison"]
         p = "- (unequal sides)" if c["sign_test_p"] is None else f"{c['sign_test_p']:.2g}"
         lines.append(f"| {path.stem} | {record['which']} | {c['mean_a']:.4f} | {c['mean_b']:.4f} | "
