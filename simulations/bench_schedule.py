@@ -7,7 +7,9 @@ Each probe is one run of the product's server and ClientApp functions for all 94
 process (:func:`simulations.bench_privacy_utility.run_point`), the published defaults plus the
 probe's overrides (:data:`PROBES`). A probe with ``epsilon`` solves the noise so that a device's
 whole schedule costs that epsilon (its budget allows exactly that); ``no-dp`` probes turn local DP
-off on devices whose policy allows it (no guarantee: they show the schedule's ceiling). Printed and
+off on devices whose policy allows it (no guarantee: they show the schedule's ceiling). The
+``oracle-popularity-*`` names (:data:`ORACLES`) run the default from a non-private starting point, an
+item bias set from exact training counts: diagnostics, never product settings. Printed and
 written to ``--out/NAME-seedS.json``: the validation NDCG@10 at each evaluation, the test figures
 of the last round (read after any choice) and the epsilon the ledgers hold.
 """
@@ -16,8 +18,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
+import torch
 import typer
 
 from common.io import write_json_atomic
@@ -66,13 +72,74 @@ PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
     "bias-scale-3": ({"item-bias-scale": 3.0}, {}, None),
     "bias-scale-1": ({"item-bias-scale": 1.0}, {}, None),
     "bias-scale-30": ({"item-bias-scale": 30.0}, {}, None),
+    # FedAdam's rate falling linearly to 0 over the default's single pass (server-lr-final-factor=0), from its
+    # rate and from twice it: the learning rate falling to 0 lifted the central model
+    # (simulations/results/sequence/).
+    "lr-decay": ({"server-lr-final-factor": 0.0}, {}, None),
+    "lr-0.02-decay": ({"server-learning-rate": 0.02, "server-lr-final-factor": 0.0}, {}, None),
+    # Both fell below the default, the higher start less: a constant rate above the default's 0.01.
+    "lr-0.015": ({"server-learning-rate": 0.015}, {}, None),
+    "lr-0.02": ({"server-learning-rate": 0.02}, {}, None),
+}
+
+# Non-private oracles (diagnostics, never a product setting): the default with its first global model's item
+# bias set to alpha x log(1 + the item's exact training count), trained on or held fixed ("frozen": no longer
+# trained or exchanged). They bound what a DP release of item counts could give training as a starting point.
+# name -> (alpha, frozen)
+ORACLES: dict[str, tuple[float, bool]] = {
+    "oracle-popularity-0.5": (0.5, False), "oracle-popularity-1": (1.0, False),
+    "oracle-popularity-0.5-frozen": (0.5, True), "oracle-popularity-1-frozen": (1.0, True),
+    "oracle-popularity-1.5-frozen": (1.5, True), "oracle-popularity-2-frozen": (2.0, True),
 }
 
 
+@contextmanager
+def oracle_item_bias(alpha: float, frozen: bool) -> Iterator[None]:
+    """While active, every sequence runtime built in this process starts its item bias at alpha x log(1 +
+    exact training count) (and, when ``frozen``, stops training and exchanging it). Every runtime of an
+    in-process run (server and devices) is patched alike, so the exchanged state keeps one shape."""
+    import client.app as client_app
+    import common.sequence_runtime as runtime_module
+    from common.movielens import load_recbole
+    from common.split import leave_one_out
+
+    counts = torch.from_numpy(leave_one_out(load_recbole()).train_item_counts().astype(np.float32))
+    original = runtime_module.SequenceRuntime.__init__
+
+    def patched(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        bias = self.model.item_bias
+        with torch.no_grad():
+            bias.bias.copy_(alpha * torch.log1p(counts) / bias.scale)
+        if frozen:
+            bias.bias.requires_grad_(False)
+            self.names, self.parameters = runtime_module.exchanged_parameters(self.model)
+
+    # The ClientApp keeps one runtime per process, keyed on settings an oracle does not change: none built
+    # outside the patch may serve inside it, and none built inside may outlive it.
+    client_app._RUNTIMES.clear()
+    client_app._DEVICE_RUNTIMES.clear()
+    runtime_module.SequenceRuntime.__init__ = patched
+    try:
+        yield
+    finally:
+        runtime_module.SequenceRuntime.__init__ = original
+        client_app._RUNTIMES.clear()
+        client_app._DEVICE_RUNTIMES.clear()
+
+
+def probe_context(name: str) -> AbstractContextManager:
+    """What a probe runs inside: an oracle's patched starting point, or nothing."""
+    return oracle_item_bias(*ORACLES[name]) if name in ORACLES else nullcontext()
+
+
 def probe_config(name: str) -> tuple[dict, dict]:
-    """(run-config overrides, node config) of probe ``name``, the noise solved where it asks."""
+    """(run-config overrides, node config) of probe ``name``, the noise solved where it asks (an oracle runs
+    the default's)."""
+    if name in ORACLES:
+        return {}, {}
     if name not in PROBES:
-        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted(PROBES)}")
+        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted(PROBES) + sorted(ORACLES)}")
     overrides, node_config, budget = PROBES[name]
     overrides = dict(overrides)
     if budget is not None:
@@ -84,7 +151,7 @@ def probe_config(name: str) -> tuple[dict, dict]:
     return overrides, node_config
 
 
-def main(name: str = typer.Argument(..., help=f"one of {', '.join(PROBES)}"), seed: int = typer.Option(0),
+def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORACLES])}"), seed: int = typer.Option(0),
          out: Path = typer.Option(OUT), work: Path = typer.Option(Path("runs") / "schedule",
                                                                   help="run folders (not kept)")) -> None:
     """Run one probe and write its record."""
@@ -92,12 +159,17 @@ def main(name: str = typer.Argument(..., help=f"one of {', '.join(PROBES)}"), se
 
     overrides, node_config = probe_config(name)
     t0 = time.perf_counter()
-    result = run_point(name, overrides, node_config, seed, work)
+    with probe_context(name):
+        result = run_point(name, overrides, node_config, seed, work)
     rows = read_metrics(work / f"{name}-seed{seed}" / "metrics.jsonl")
     record = {"probe": name, "seed": seed, "overrides": overrides, "node_config": node_config,
               "validation_NDCG@10": validation_curve(rows),
               "test": result["metrics"], "epsilon": result["privacy"].get("epsilon"),
               "seconds": round(time.perf_counter() - t0, 1)}
+    if name in ORACLES:  # not the default: a non-private starting point, whatever its ledgers say
+        alpha, frozen = ORACLES[name]
+        record["oracle"] = {"item_bias_start": f"{alpha:g} x log(1 + exact training count)", "frozen": frozen,
+                            "non_private": True}
     write_json_atomic(out / f"{name}-seed{seed}.json", record)
     print(json.dumps(record))
 
