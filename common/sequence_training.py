@@ -31,6 +31,9 @@ class SequenceTrainConfig:
 
     epochs: float = 10.0
     batch_size: int = 256
+    # non-private only: each batch holds every row of this many users (an epoch's users in a random order),
+    # the shape of a federated round, instead of batch_size random rows (0)
+    user_batches: int = 0
     learning_rate: float = 1e-3
     # linear decay from learning_rate to this over the run's steps (None: constant)
     final_learning_rate: float | None = None
@@ -68,6 +71,21 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
+def _user_groups(users: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each user's rows, users in ascending id."""
+    order = np.argsort(users, kind="stable")
+    _, starts = np.unique(users[order], return_index=True)
+    return np.split(order, starts[1:])
+
+
+def _user_batches(groups: list[np.ndarray], users_per_batch: int, generator: torch.Generator):
+    """Batches of every row of ``users_per_batch`` users, the users of each pass in a random order."""
+    while True:
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        for start in range(0, len(order), users_per_batch):
+            yield torch.from_numpy(np.concatenate([groups[u] for u in order[start:start + users_per_batch]]))
+
+
 def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: SequenceTrainConfig,
                    row_weights: np.ndarray | None = None, label: str | None = None,
                    on_start: Callable[[], None] | None = None,
@@ -90,6 +108,9 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
     if cfg.dp and model.settings.dropout > 0:
         raise ValueError("dropout under DP: nn.Dropout draws its masks from torch's seeded generator, tied to row "
                          "positions (a removal would change other rows' masks); use dropout 0 with DP")
+    if cfg.user_batches < 0 or (cfg.dp and cfg.user_batches):
+        raise ValueError(f"user_batches must be 0, or positive without DP (DP batches are Poisson samples of "
+                         f"rows), got {cfg.user_batches}")
     if cfg.dp and extra_exclusions is not None:
         raise ValueError("extra_exclusions reads beyond a row's own input: not allowed under DP")
     if cfg.final_learning_rate is not None and not 0.0 <= cfg.final_learning_rate <= cfg.learning_rate:
@@ -119,6 +140,10 @@ def train_sequence(model: SequenceRecommender, rows: SequenceRows, cfg: Sequence
         batches = private.batches(n + extra)
         report.noise_multiplier, report.sample_rate = sigma, schedule.sample_rate
         report.expected_batch_size = schedule.expected_batch_size
+    elif cfg.user_batches:
+        groups = _user_groups(rows.users)
+        steps = max(1, int(np.ceil(cfg.epochs * np.ceil(len(groups) / cfg.user_batches))))
+        batches = _user_batches(groups, cfg.user_batches, generator)
     else:
         steps = max(1, int(np.ceil(cfg.epochs * n / cfg.batch_size)))
         batches = _batches(n, cfg.batch_size, generator)

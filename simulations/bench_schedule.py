@@ -9,7 +9,8 @@ probe's overrides (:data:`PROBES`). A probe with ``epsilon`` solves the noise so
 whole schedule costs that epsilon (its budget allows exactly that); ``no-dp`` probes turn local DP
 off on devices whose policy allows it (no guarantee: they show the schedule's ceiling). The
 ``oracle-popularity-*`` names (:data:`ORACLES`) run the default from a non-private starting point, an
-item bias set from exact training counts: diagnostics, never product settings. Printed and
+item bias set from exact training counts: diagnostics, never product settings. The :data:`SERVER_TAU`
+names run another probe with FedAdam's tau changed for the run (the product keeps Flower's 1e-3). Printed and
 written to ``--out/NAME-seedS.json``: the validation NDCG@10 at each evaluation, the test figures
 of the last round (read after any choice) and the epsilon the ledgers hold.
 """
@@ -80,6 +81,8 @@ PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
     # Both fell below the default, the higher start less: a constant rate above the default's 0.01.
     "lr-0.015": ({"server-learning-rate": 0.015}, {}, None),
     "lr-0.02": ({"server-learning-rate": 0.02}, {}, None),
+    "default-now": ({}, {}, None),  # the published default as it is (what the tau probe changes one thing of)
+    "no-dp-now": (NO_DP[0], NO_DP[1], None),  # the same without DP: the privacy-utility curve's no-DP point
 }
 
 # Non-private oracles (diagnostics, never a product setting): the default with its first global model's item
@@ -91,6 +94,35 @@ ORACLES: dict[str, tuple[float, bool]] = {
     "oracle-popularity-0.5-frozen": (0.5, True), "oracle-popularity-1-frozen": (1.0, True),
     "oracle-popularity-1.5-frozen": (1.5, True), "oracle-popularity-2-frozen": (2.0, True),
 }
+
+
+# FedAdam's tau (Flower's default 1e-3, in the denominator of every coordinate's step: sqrt(v) + tau) against a
+# tau that leaves the step Adam's (1e-8): without DP over four passes, at the default, and at the default
+# without DP. name -> (probe whose config it runs, tau).
+SERVER_TAU: dict[str, tuple[str, float]] = {
+    "no-dp-sessions-4-mean-tau-1e-8": ("no-dp-sessions-4-mean", 1e-8),
+    "tau-1e-8": ("default-now", 1e-8),
+    "no-dp-tau-1e-8": ("no-dp-now", 1e-8),
+}
+
+
+@contextmanager
+def server_tau(tau: float) -> Iterator[None]:
+    """While active, the server's FedAdam step uses ``tau`` (the product's is fixed at 1e-3)."""
+    import server.aggregation as aggregation
+
+    original = aggregation.STRATEGIES["fedadam"]
+
+    def with_tau(eta: float):
+        step = original(eta)  # the product's step, every other argument kept
+        step.tau = tau
+        return step
+
+    aggregation.STRATEGIES["fedadam"] = with_tau
+    try:
+        yield
+    finally:
+        aggregation.STRATEGIES["fedadam"] = original
 
 
 @contextmanager
@@ -128,9 +160,29 @@ def oracle_item_bias(alpha: float, frozen: bool) -> Iterator[None]:
         client_app._DEVICE_RUNTIMES.clear()
 
 
+def fedadam_second_moments(folder: Path) -> dict | None:
+    """Summary of sqrt(v), FedAdam's second moment, over every coordinate in the last checkpoint of the run in
+    ``folder`` (None without one): its median, 90th percentile and the share of coordinates under 1e-3."""
+    from safetensors.numpy import load_file
+
+    checkpoints = sorted((folder / "checkpoint").glob("round-*.safetensors"))
+    if not checkpoints:
+        return None
+    tensors = load_file(checkpoints[-1])
+    root = np.sqrt(np.concatenate([a.ravel().astype(np.float64) for k, a in sorted(tensors.items())
+                                   if k.startswith("optimizer.v_t.")]))
+    return {"checkpoint": checkpoints[-1].name, "coordinates": int(root.size),
+            "median": float(np.median(root)), "p90": float(np.percentile(root, 90)),
+            "share_below_1e-3": float((root < 1e-3).mean())}
+
+
 def probe_context(name: str) -> AbstractContextManager:
-    """What a probe runs inside: an oracle's patched starting point, or nothing."""
-    return oracle_item_bias(*ORACLES[name]) if name in ORACLES else nullcontext()
+    """What a probe runs inside: an oracle's patched starting point, another FedAdam tau, or nothing."""
+    if name in ORACLES:
+        return oracle_item_bias(*ORACLES[name])
+    if name in SERVER_TAU:
+        return server_tau(SERVER_TAU[name][1])
+    return nullcontext()
 
 
 def probe_config(name: str) -> tuple[dict, dict]:
@@ -138,8 +190,10 @@ def probe_config(name: str) -> tuple[dict, dict]:
     the default's)."""
     if name in ORACLES:
         return {}, {}
+    if name in SERVER_TAU:
+        return probe_config(SERVER_TAU[name][0])
     if name not in PROBES:
-        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted(PROBES) + sorted(ORACLES)}")
+        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted([*PROBES, *ORACLES, *SERVER_TAU])}")
     overrides, node_config, budget = PROBES[name]
     overrides = dict(overrides)
     if budget is not None:
@@ -151,8 +205,8 @@ def probe_config(name: str) -> tuple[dict, dict]:
     return overrides, node_config
 
 
-def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORACLES])}"), seed: int = typer.Option(0),
-         out: Path = typer.Option(OUT), work: Path = typer.Option(Path("runs") / "schedule",
+def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORACLES, *SERVER_TAU])}"),
+         seed: int = typer.Option(0), out: Path = typer.Option(OUT), work: Path = typer.Option(Path("runs") / "schedule",
                                                                   help="run folders (not kept)")) -> None:
     """Run one probe and write its record."""
     from simulations.bench_privacy_utility import run_point
@@ -166,6 +220,9 @@ def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORA
               "validation_NDCG@10": validation_curve(rows),
               "test": result["metrics"], "epsilon": result["privacy"].get("epsilon"),
               "seconds": round(time.perf_counter() - t0, 1)}
+    record["fedadam_sqrt_v"] = fedadam_second_moments(work / f"{name}-seed{seed}")
+    if name in SERVER_TAU:
+        record["server_tau"] = SERVER_TAU[name][1]
     if name in ORACLES:  # not the default: a non-private starting point, whatever its ledgers say
         alpha, frozen = ORACLES[name]
         record["oracle"] = {"item_bias_start": f"{alpha:g} x log(1 + exact training count)", "frozen": frozen,

@@ -65,3 +65,37 @@ def test_every_oracle_runs_the_default_config_inside_its_patch_and_a_probe_runs_
             assert SequenceRuntime.__init__ is not original
         assert SequenceRuntime.__init__ is original
     assert isinstance(probe_context("lr-0.02"), contextlib.nullcontext)
+
+
+def test_a_tau_probe_runs_its_base_probe_with_another_fedadam_tau_and_restores_the_products():
+    from server.aggregation import make_server_step
+    from simulations.bench_schedule import SERVER_TAU, server_tau
+
+    assert make_server_step("fedadam", 0.01).tau == 1e-3  # the product's
+    for name, (base, tau) in SERVER_TAU.items():
+        assert base in PROBES and probe_config(name) == probe_config(base)
+        with probe_context(name):
+            assert make_server_step("fedadam", 0.01).tau == tau
+        assert make_server_step("fedadam", 0.01).tau == 1e-3
+    with pytest.raises(RuntimeError, match="run failed"):
+        with server_tau(1e-8):
+            raise RuntimeError("run failed")
+    assert make_server_step("fedadam", 0.01).tau == 1e-3
+
+
+def test_the_second_moment_summary_reads_the_last_checkpoints_fedadam_v(tmp_path):
+    from safetensors.numpy import save_file
+
+    from simulations.bench_schedule import fedadam_second_moments
+
+    assert fedadam_second_moments(tmp_path) is None  # a run without checkpoints
+    (tmp_path / "checkpoint").mkdir()
+    v = {"optimizer.v_t.a": np.array([1e-8, 4e-6, 1e-4], dtype=np.float32),  # sqrt: 1e-4, 2e-3, 1e-2
+         "optimizer.v_t.b": np.array([[2.5e-7]], dtype=np.float32),  # sqrt: 5e-4
+         "optimizer.m_t.a": np.array([9.0, 9.0, 9.0], dtype=np.float32), "a": np.zeros(3, dtype=np.float32)}
+    save_file({k: np.full_like(a, 1.0) for k, a in v.items()}, str(tmp_path / "checkpoint" / "round-0001.safetensors"))
+    save_file(v, str(tmp_path / "checkpoint" / "round-0002.safetensors"))
+    summary = fedadam_second_moments(tmp_path)
+    assert summary["checkpoint"] == "round-0002.safetensors" and summary["coordinates"] == 4
+    assert summary["median"] == pytest.approx((5e-4 + 2e-3) / 2, rel=1e-5)
+    assert summary["share_below_1e-3"] == 0.5

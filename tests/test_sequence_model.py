@@ -644,15 +644,38 @@ def test_a_trained_run_does_not_overwrite_the_published_rows(out, monkeypatch):
 def test_the_central_dp_defaults_are_those_of_the_published_tuned_runs():
     """The documented command (no --set) must reproduce the configuration of results/sequence/dp-tuned. How
     per-example gradients are computed (grad_sample_mode, recorded since the one-pass engine; the runs used
-    Opacus' hooks) is not part of the configuration: the gradients, clipping and noise are the same."""
+    Opacus' hooks) is not part of the configuration: the gradients, clipping and noise are the same; nor is
+    user_batches (added later, non-private only: 0 under DP)."""
     import json
     from dataclasses import asdict
 
     from simulations.bench_sequence import DP_SETTINGS, DP_TRAIN, RESULTS
 
-    ignored = {"seed", "grad_sample_mode"}
+    assert DP_TRAIN.user_batches == 0
+    ignored = {"seed", "grad_sample_mode", "user_batches"}
     for seed in (0, 1, 2):
         config = json.loads((RESULTS / "dp-tuned" / f"sequence-dp-seed{seed}-test.json").read_text())["config"]
         assert config["settings"] == asdict(DP_SETTINGS)
         assert {k: v for k, v in config["train"].items() if k not in ignored} == \
                {k: v for k, v in asdict(DP_TRAIN).items() if k not in ignored}
+
+
+def test_user_batches_hold_whole_users_each_once_per_pass_and_are_refused_under_dp():
+    from common.sequence_training import _user_batches, _user_groups
+
+    rows = _rows(10)
+    rows.users[:] = np.array([3, 1, 3, 2, 1, 3, 0, 2, 1, 3])  # four users, 1 to 4 rows each
+    groups = _user_groups(rows.users)
+    assert [sorted(rows.users[g].tolist()) for g in groups] == [[0], [1, 1, 1], [2, 2], [3, 3, 3, 3]]
+    batches = _user_batches(groups, 3, torch.Generator().manual_seed(0))
+    for _ in range(3):  # three passes: batches of 3 users then 1, every user's rows once per pass
+        first, second = next(batches), next(batches)
+        users = [set(rows.users[b.numpy()].tolist()) for b in (first, second)]
+        assert [len(u) for u in users] == [3, 1] and users[0] | users[1] == {0, 1, 2, 3}
+        assert sorted(torch.cat([first, second]).tolist()) == list(range(10))
+    report = train_sequence(_model(), rows, SequenceTrainConfig(epochs=2.0, user_batches=3, optimizer="sgd"))
+    assert report.steps == 4 and report.examples == 20
+    for bad in (SequenceTrainConfig(dp=True, epochs=1.0, batch_size=4, noise_multiplier=1.0, user_batches=2),
+                SequenceTrainConfig(epochs=1.0, user_batches=-1)):
+        with pytest.raises(ValueError, match="user_batches"):
+            train_sequence(_model(), rows, bad)
