@@ -21,15 +21,18 @@ import json
 import math
 import statistics
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import typer
 
-from common.io import write_bytes_atomic, write_json_atomic
+from common.errors import DataFormatError
+from common.io import read_json, write_bytes_atomic, write_json_atomic
 from common.privacy import client_schedule, noise_for_epsilon, session_sensitivity
 from common.device_policy import DevicePolicy
 from common.run_config import parse_overrides, resolve
+from simulations.private_heuristic import OUT as PRIVATE_HEURISTIC_OUT
 
 RESULTS = Path(__file__).parent / "results" / "privacy-utility"
 app = typer.Typer(add_completion=False)
@@ -86,13 +89,13 @@ def _plot(rows: list[dict], path: Path) -> None:
         if p["epsilon"] is None:
             ax.axhline(p["ndcg"], color="#3569b5", linestyle=":", label="same, without DP (no guarantee)")
     if PRIVATE_HEURISTIC.exists():  # python -m simulations.private_heuristic
-        heuristic = json.loads(PRIVATE_HEURISTIC.read_text())["points"]
+        heuristic = _private_heuristic_points(PRIVATE_HEURISTIC)
         ax.plot([p["epsilon"] for p in heuristic], [p["test_NDCG@10_mean"] for p in heuristic], "s--",
                 color="#b3261e",
                 label="training-free heuristic, popularity under local DP\n(interaction-level epsilon)")
     else:
         print(f"{PRIVATE_HEURISTIC} is missing: the plot leaves out the private heuristic "
-              "(python -m simulations.private_heuristic writes it)")
+              "(python -m simulations.private_heuristic writes it)", file=sys.stderr)
     for name, value, colour in REFERENCES:
         ax.axhline(value, color=colour, linestyle="--", label=name)
     ax.set_xlabel("epsilon per device (delta 1e-5): example level for the model, interaction level for the heuristic",
@@ -103,7 +106,19 @@ def _plot(rows: list[dict], path: Path) -> None:
     write_bytes_atomic(path, png_bytes(fig))
 
 
-PRIVATE_HEURISTIC = Path(__file__).parent / "results" / "private-heuristic" / "private-heuristic.json"
+PRIVATE_HEURISTIC = PRIVATE_HEURISTIC_OUT / "private-heuristic.json"
+
+
+def _private_heuristic_points(path: Path) -> list[dict]:
+    """The private heuristic's points (epsilon, mean test NDCG@10) from its record; a DataFormatError names the
+    file when a point lacks them."""
+    record = read_json(path)
+    points = record.get("points") if isinstance(record, dict) else None
+    if not isinstance(points, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("epsilon"), (int, float))
+            and isinstance(p.get("test_NDCG@10_mean"), (int, float)) for p in points):
+        raise DataFormatError(path, "expected 'points', each with a numeric epsilon and test_NDCG@10_mean")
+    return points
 # Reference lines (test NDCG@10 on the same split; their result files are in simulations/results/).
 REFERENCES = (("popularity (non-private)", 0.0449, "#888888"),
               ("training-free text heuristic (exact popularity)", 0.0548, "#b3261e"),

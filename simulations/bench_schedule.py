@@ -132,10 +132,9 @@ def oracle_item_bias(alpha: float, frozen: bool) -> Iterator[None]:
     in-process run (server and devices) is patched alike, so the exchanged state keeps one shape."""
     import client.app as client_app
     import common.sequence_runtime as runtime_module
-    from common.movielens import load_recbole
-    from common.split import leave_one_out
+    from common.partition import split_for
 
-    counts = torch.from_numpy(leave_one_out(load_recbole()).train_item_counts().astype(np.float32))
+    counts = torch.from_numpy(split_for(resolve({})["dataset"]).train_item_counts().astype(np.float32))
     original = runtime_module.SequenceRuntime.__init__
 
     def patched(self, *args, **kwargs) -> None:
@@ -161,17 +160,20 @@ def oracle_item_bias(alpha: float, frozen: bool) -> Iterator[None]:
 
 
 def fedadam_second_moments(folder: Path) -> dict | None:
-    """Summary of sqrt(v), FedAdam's second moment, over every coordinate in the last checkpoint of the run in
+    """Summary of sqrt(v), FedAdam's second moment, over every coordinate in the latest checkpoint of the run in
     ``folder`` (None without one): its median, 90th percentile and the share of coordinates under 1e-3."""
-    from safetensors.numpy import load_file
+    from common.errors import DataFormatError
+    from server.checkpoint import LATEST, load_checkpoint
 
-    checkpoints = sorted((folder / "checkpoint").glob("round-*.safetensors"))
-    if not checkpoints:
+    checkpoints = folder / "checkpoint"
+    if not (checkpoints / LATEST).exists():
         return None
-    tensors = load_file(checkpoints[-1])
-    root = np.sqrt(np.concatenate([a.ravel().astype(np.float64) for k, a in sorted(tensors.items())
-                                   if k.startswith("optimizer.v_t.")]))
-    return {"checkpoint": checkpoints[-1].name, "coordinates": int(root.size),
+    meta, _, optimizer = load_checkpoint(checkpoints)
+    moments = [v.ravel().astype(np.float64) for k, v in sorted(optimizer.items()) if k.startswith("v_t.")]
+    if not moments:
+        raise DataFormatError(checkpoints / meta["weights"], "no FedAdam second moment (v_t) in the checkpoint")
+    root = np.sqrt(np.concatenate(moments))
+    return {"checkpoint": meta["weights"], "coordinates": int(root.size),
             "median": float(np.median(root)), "p90": float(np.percentile(root, 90)),
             "share_below_1e-3": float((root < 1e-3).mean())}
 
@@ -189,7 +191,7 @@ def probe_config(name: str) -> tuple[dict, dict]:
     """(run-config overrides, node config) of probe ``name``, the noise solved where it asks (an oracle runs
     the default's)."""
     if name in ORACLES:
-        return {}, {}
+        return probe_config("default-now")
     if name in SERVER_TAU:
         return probe_config(SERVER_TAU[name][0])
     if name not in PROBES:

@@ -83,19 +83,22 @@ def test_a_tau_probe_runs_its_base_probe_with_another_fedadam_tau_and_restores_t
     assert make_server_step("fedadam", 0.01).tau == 1e-3
 
 
-def test_the_second_moment_summary_reads_the_last_checkpoints_fedadam_v(tmp_path):
-    from safetensors.numpy import save_file
-
+def test_the_second_moment_summary_reads_the_latest_checkpoints_fedadam_v(tmp_path):
+    from common.errors import DataFormatError
+    from server.checkpoint import save_checkpoint
     from simulations.bench_schedule import fedadam_second_moments
 
     assert fedadam_second_moments(tmp_path) is None  # a run without checkpoints
-    (tmp_path / "checkpoint").mkdir()
-    v = {"optimizer.v_t.a": np.array([1e-8, 4e-6, 1e-4], dtype=np.float32),  # sqrt: 1e-4, 2e-3, 1e-2
-         "optimizer.v_t.b": np.array([[2.5e-7]], dtype=np.float32),  # sqrt: 5e-4
-         "optimizer.m_t.a": np.array([9.0, 9.0, 9.0], dtype=np.float32), "a": np.zeros(3, dtype=np.float32)}
-    save_file({k: np.full_like(a, 1.0) for k, a in v.items()}, str(tmp_path / "checkpoint" / "round-0001.safetensors"))
-    save_file(v, str(tmp_path / "checkpoint" / "round-0002.safetensors"))
+    names, arrays = ["a", "b"], [np.zeros(3, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
+    v = {"v_t.a": np.array([1e-8, 4e-6, 1e-4], dtype=np.float32),  # sqrt: 1e-4, 2e-3, 1e-2
+         "v_t.b": np.array([[2.5e-7]], dtype=np.float32),  # sqrt: 5e-4
+         "m_t.a": np.full(3, 9.0, dtype=np.float32), "m_t.b": np.full((1, 1), 9.0, dtype=np.float32)}
+    save_checkpoint(tmp_path / "checkpoint", 1, names, arrays, {k: np.ones_like(a) for k, a in v.items()}, {})
+    save_checkpoint(tmp_path / "checkpoint", 2, names, arrays, v, {})
     summary = fedadam_second_moments(tmp_path)
     assert summary["checkpoint"] == "round-0002.safetensors" and summary["coordinates"] == 4
     assert summary["median"] == pytest.approx((5e-4 + 2e-3) / 2, rel=1e-5)
     assert summary["share_below_1e-3"] == 0.5
+    save_checkpoint(tmp_path / "checkpoint", 3, names, arrays, {}, {})  # FedAvg: no moments to summarise
+    with pytest.raises(DataFormatError, match="round-0003.safetensors"):
+        fedadam_second_moments(tmp_path)

@@ -170,4 +170,3 @@ def test_a_kept_run_keeps_its_validation_curve_where_it_is_committed(tmp_path):
     assert json.loads((kept / "validation.json").read_text()) == {"validation_NDCG@10": [[0, 0.02], [12, 0.05]]}
     (kept / "metrics.jsonl").unlink()  # a clean clone has no raw metrics: the committed curve answers
     assert _validation_ndcg(kept) == 0.05
-

@@ -111,3 +111,21 @@ def test_the_weight_with_the_highest_mean_validation_figure_is_chosen(monkeypatc
     weight, means = ph.chosen_weight(None, 8.0)
     assert weight == 0.3 and means == pytest.approx(figures)
     assert set(calls) == {"validation"}
+
+
+def test_the_privacy_utility_plot_refuses_a_private_heuristic_record_without_its_points(tmp_path):
+    import json
+
+    import pytest
+
+    from common.errors import DataFormatError
+    from simulations.bench_privacy_utility import _private_heuristic_points
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"points": [{"epsilon": 8.0, "test_NDCG@10_mean": 0.05}]}))
+    assert _private_heuristic_points(good) == [{"epsilon": 8.0, "test_NDCG@10_mean": 0.05}]
+    for bad in ({"points": [{"epsilon": 8.0}]}, {"points": ["x"]}, {"curve": []}, [1, 2]):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataFormatError, match="bad.json"):
+            _private_heuristic_points(path)
