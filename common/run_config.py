@@ -47,7 +47,7 @@ class Field:
 
 # How many configurations the published federated defaults were chosen among, on the validation split (the list:
 # simulations/results/federated-sequence/summary.md); every result's privacy statement repeats it.
-DEFAULTS_CONFIGURATIONS_TRIED = 32
+DEFAULTS_CONFIGURATIONS_TRIED = 38
 
 FIELDS: dict[str, Field] = {
     # -- model -------------------------------------------------------------------------------------

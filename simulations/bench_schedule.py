@@ -10,7 +10,9 @@ whole schedule costs that epsilon (its budget allows exactly that); ``no-dp`` pr
 off on devices whose policy allows it (no guarantee: they show the schedule's ceiling). The
 ``oracle-popularity-*`` names (:data:`ORACLES`) run the default from a non-private starting point, an
 item bias set from exact training counts: diagnostics, never product settings. The :data:`SERVER_TAU`
-names run another probe with FedAdam's tau changed for the run (the product keeps Flower's 1e-3). Printed and
+names run another probe with FedAdam's tau changed for the run (the product keeps Flower's 1e-3). The
+:data:`AVERAGED` names run another probe and also evaluate averages of the server's global models over its rounds
+(post-processing of what the server holds anyway: no privacy cost). Printed and
 written to ``--out/NAME-seedS.json``: the validation NDCG@10 at each evaluation, the test figures
 of the last round (read after any choice) and the epsilon the ledgers hold.
 """
@@ -83,6 +85,11 @@ PROBES: dict[str, tuple[dict, dict, tuple[float, int] | None]] = {
     "lr-0.02": ({"server-learning-rate": 0.02}, {}, None),
     "default-now": ({}, {}, None),  # the published default as it is (what the tau probe changes one thing of)
     "no-dp-now": (NO_DP[0], NO_DP[1], None),  # the same without DP: the privacy-utility curve's no-DP point
+    # Fewer exchanged values under the same noise: no transformer block (the user vector is then the query's alone,
+    # the text prior carrying the history) and half the width. Both were above the first sequence defaults of
+    # their time (0.0431 and 0.0460 against 0.0418, seed 0) and never tried at the present ones.
+    "layers-0": ({"sequence-layers": 0}, {}, None),
+    "dim-16": ({"sequence-dim": 16}, {}, None),
 }
 
 # Non-private oracles (diagnostics, never a product setting): the default with its first global model's item
@@ -104,6 +111,70 @@ SERVER_TAU: dict[str, tuple[str, float]] = {
     "tau-1e-8": ("default-now", 1e-8),
     "no-dp-tau-1e-8": ("no-dp-now", 1e-8),
 }
+
+
+# Averages of the server's iterates, evaluated beside the run's own last global model (the same training, so the
+# comparison is paired): exponential moving averages with each decay (started at the first round's model) and
+# the uniform mean of the last TAIL_ROUNDS global models. name -> the probe whose config it runs.
+AVERAGED: dict[str, str] = {"default-now-averaged": "default-now"}
+EMA_DECAYS = (0.8, 0.9, 0.95)
+TAIL_ROUNDS = 16
+
+
+class IterateAverages:
+    """Averages of a run's successive global models: an exponential moving average for each decay in
+    :data:`EMA_DECAYS` (started at the first model it is given) and the uniform mean of the last
+    :data:`TAIL_ROUNDS`."""
+
+    def __init__(self) -> None:
+        self.ema: dict[float, list[np.ndarray]] = {}
+        self.tail: list[list[np.ndarray]] = []
+
+    def update(self, arrays: list[np.ndarray]) -> None:
+        """Take the next global model into every average."""
+        for decay in EMA_DECAYS:
+            old = self.ema.get(decay)
+            self.ema[decay] = [a.copy() for a in arrays] if old is None else \
+                [(decay * o + (1.0 - decay) * a).astype(a.dtype) for o, a in zip(old, arrays)]
+        self.tail = (self.tail + [[a.copy() for a in arrays]])[-TAIL_ROUNDS:]
+
+    def models(self) -> dict[str, list[np.ndarray]]:
+        """label -> the averaged model, in the run's tensor order."""
+        out = {f"ema-{d:g}": arrays for d, arrays in self.ema.items()}
+        if self.tail:
+            out[f"tail-{TAIL_ROUNDS}"] = [np.mean(np.stack(group), axis=0).astype(group[0].dtype)
+                                          for group in zip(*self.tail)]
+        return out
+
+
+@contextmanager
+def iterate_averages(sink: dict) -> Iterator[None]:
+    """While active, a run's server keeps :class:`IterateAverages` of the global models its rounds make and,
+    before finishing, writes each average's validation and test figures into ``sink``."""
+    from server.federation import Federation
+
+    apply, finish = Federation._apply, Federation._finish
+
+    def averaging_apply(self, rnd, mean):
+        changed = apply(self, rnd, mean)
+        self.__dict__.setdefault("_averages", IterateAverages()).update(self.arrays)
+        return changed
+
+    def averaging_finish(self):
+        averages = self.__dict__.get("_averages")
+        if averages is not None:
+            for label, arrays in averages.models().items():
+                figures = self.evaluator.evaluate(self.names, arrays)
+                sink[label] = {"validation_NDCG@10": figures["validation"]["NDCG@10"],
+                               "test_NDCG@10": figures["test"]["NDCG@10"], "test_HR@10": figures["test"]["HR@10"]}
+            self.evaluator.evaluate(self.names, self.arrays)  # leave the runtime holding the run's own model
+        return finish(self)
+
+    Federation._apply, Federation._finish = averaging_apply, averaging_finish
+    try:
+        yield
+    finally:
+        Federation._apply, Federation._finish = apply, finish
 
 
 @contextmanager
@@ -178,8 +249,11 @@ def fedadam_second_moments(folder: Path) -> dict | None:
             "share_below_1e-3": float((root < 1e-3).mean())}
 
 
-def probe_context(name: str) -> AbstractContextManager:
-    """What a probe runs inside: an oracle's patched starting point, another FedAdam tau, or nothing."""
+def probe_context(name: str, sink: dict) -> AbstractContextManager:
+    """What a probe runs inside: an oracle's patched starting point, another FedAdam tau, the iterate averages
+    (written into ``sink``), or nothing."""
+    if name in AVERAGED:
+        return iterate_averages(sink)
     if name in ORACLES:
         return oracle_item_bias(*ORACLES[name])
     if name in SERVER_TAU:
@@ -194,8 +268,11 @@ def probe_config(name: str) -> tuple[dict, dict]:
         return probe_config("default-now")
     if name in SERVER_TAU:
         return probe_config(SERVER_TAU[name][0])
+    if name in AVERAGED:
+        return probe_config(AVERAGED[name])
     if name not in PROBES:
-        raise typer.BadParameter(f"probe {name!r}: expected one of {sorted([*PROBES, *ORACLES, *SERVER_TAU])}")
+        raise typer.BadParameter(f"probe {name!r}: expected one of "
+                                 f"{sorted([*PROBES, *ORACLES, *SERVER_TAU, *AVERAGED])}")
     overrides, node_config, budget = PROBES[name]
     overrides = dict(overrides)
     if budget is not None:
@@ -207,7 +284,7 @@ def probe_config(name: str) -> tuple[dict, dict]:
     return overrides, node_config
 
 
-def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORACLES, *SERVER_TAU])}"),
+def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORACLES, *SERVER_TAU, *AVERAGED])}"),
          seed: int = typer.Option(0), out: Path = typer.Option(OUT), work: Path = typer.Option(Path("runs") / "schedule",
                                                                   help="run folders (not kept)")) -> None:
     """Run one probe and write its record."""
@@ -215,7 +292,8 @@ def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORA
 
     overrides, node_config = probe_config(name)
     t0 = time.perf_counter()
-    with probe_context(name):
+    averages: dict = {}
+    with probe_context(name, averages):
         result = run_point(name, overrides, node_config, seed, work)
     rows = read_metrics(work / f"{name}-seed{seed}" / "metrics.jsonl")
     record = {"probe": name, "seed": seed, "overrides": overrides, "node_config": node_config,
@@ -225,6 +303,8 @@ def main(name: str = typer.Argument(..., help=f"one of {', '.join([*PROBES, *ORA
     record["fedadam_sqrt_v"] = fedadam_second_moments(work / f"{name}-seed{seed}")
     if name in SERVER_TAU:
         record["server_tau"] = SERVER_TAU[name][1]
+    if name in AVERAGED:
+        record["iterate_averages"] = averages
     if name in ORACLES:  # not the default: a non-private starting point, whatever its ledgers say
         alpha, frozen = ORACLES[name]
         record["oracle"] = {"item_bias_start": f"{alpha:g} x log(1 + exact training count)", "frozen": frozen,

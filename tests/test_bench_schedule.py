@@ -1,4 +1,5 @@
-"""The schedule benchmark's non-private oracles: a patched starting point that stays inside its run."""
+"""The schedule benchmark's patched probes: non-private oracles (a patched starting point), another FedAdam tau and
+the iterate averages, each staying inside its run."""
 
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ def test_every_oracle_runs_the_default_config_inside_its_patch_and_a_probe_runs_
     assert not set(ORACLES) & set(PROBES)
     for name in ORACLES:
         assert probe_config(name) == ({}, {})  # the default's run config, nothing else
-        context = probe_context(name)
+        context = probe_context(name, {})
         assert not isinstance(context, contextlib.nullcontext)
         original = SequenceRuntime.__init__
         with context:
             assert SequenceRuntime.__init__ is not original
         assert SequenceRuntime.__init__ is original
-    assert isinstance(probe_context("lr-0.02"), contextlib.nullcontext)
+    assert isinstance(probe_context("lr-0.02", {}), contextlib.nullcontext)
 
 
 def test_a_tau_probe_runs_its_base_probe_with_another_fedadam_tau_and_restores_the_products():
@@ -74,7 +75,7 @@ def test_a_tau_probe_runs_its_base_probe_with_another_fedadam_tau_and_restores_t
     assert make_server_step("fedadam", 0.01).tau == 1e-3  # the product's
     for name, (base, tau) in SERVER_TAU.items():
         assert base in PROBES and probe_config(name) == probe_config(base)
-        with probe_context(name):
+        with probe_context(name, {}):
             assert make_server_step("fedadam", 0.01).tau == tau
         assert make_server_step("fedadam", 0.01).tau == 1e-3
     with pytest.raises(RuntimeError, match="run failed"):
@@ -102,3 +103,44 @@ def test_the_second_moment_summary_reads_the_latest_checkpoints_fedadam_v(tmp_pa
     save_checkpoint(tmp_path / "checkpoint", 3, names, arrays, {}, {})  # FedAvg: no moments to summarise
     with pytest.raises(DataFormatError, match="round-0003.safetensors"):
         fedadam_second_moments(tmp_path)
+
+
+def test_the_iterate_averages_are_moving_averages_and_a_tail_mean_of_the_models_given(monkeypatch):
+    import simulations.bench_schedule as bench
+
+    monkeypatch.setattr(bench, "EMA_DECAYS", (0.5, 0.9))
+    monkeypatch.setattr(bench, "TAIL_ROUNDS", 2)
+    averages = bench.IterateAverages()
+    assert averages.models() == {}
+    for value in (1.0, 2.0, 4.0):
+        averages.update([np.full(3, value, dtype=np.float32), np.full((2, 2), -value, dtype=np.float32)])
+    models = averages.models()
+    assert sorted(models) == ["ema-0.5", "ema-0.9", "tail-2"]
+    # ema: 1, then d * previous + (1 - d) * new
+    for label, expected in (("ema-0.5", 0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 4), ("ema-0.9", 0.9 * (0.9 + 0.2) + 0.4),
+                            ("tail-2", 3.0)):
+        first, second = models[label]
+        assert first.dtype == np.float32 and second.shape == (2, 2)
+        np.testing.assert_allclose(first, expected, rtol=1e-6)
+        np.testing.assert_allclose(second, -expected, rtol=1e-6)
+    given = [np.zeros(3, dtype=np.float32), np.zeros((2, 2), dtype=np.float32)]
+    averages.update(given)
+    given[0][:] = 99.0  # the averages keep copies, not the caller's arrays
+    np.testing.assert_allclose(averages.models()["tail-2"][0], 2.0)
+    np.testing.assert_allclose(averages.models()["ema-0.5"][0], 0.5 * (0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 4))
+
+
+def test_an_averaged_probe_runs_its_base_probes_config_and_leaves_the_server_unpatched():
+    from server.federation import Federation
+    from simulations.bench_schedule import AVERAGED, iterate_averages
+
+    apply, finish = Federation._apply, Federation._finish
+    for name, base in AVERAGED.items():
+        assert base in PROBES and probe_config(name) == probe_config(base)
+        with probe_context(name, {}):
+            assert Federation._apply is not apply and Federation._finish is not finish
+        assert Federation._apply is apply and Federation._finish is finish
+    with pytest.raises(RuntimeError, match="run failed"):
+        with iterate_averages({}):
+            raise RuntimeError("run failed")
+    assert Federation._apply is apply and Federation._finish is finish
