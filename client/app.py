@@ -28,6 +28,7 @@ from client.reply_pacing import reply_pacing_mod
 from client.secure_checks import SecureCheckError, check_before_training, check_before_unmask, stored_state
 from client.secure_session import run_secure_session
 from client.session import SessionResult, refusal, run_session
+from common.array_codec import decode_array
 from common.catalogue_file import PublishedCatalogue
 from common.dataset import Dataset
 from common.device_policy import DevicePolicy
@@ -143,7 +144,7 @@ def _use_state(runtime: Runtime, names: list[str], arrays: list[np.ndarray],
 def _global_state(msg: Message) -> tuple[list[str], list[np.ndarray]]:
     record = msg.content["arrays"]
     names = list(record.keys())
-    return names, [record[k].numpy() for k in names]
+    return names, [decode_array(record[k], k) for k in names]  # one plain .npy each, as declared
 
 
 def _reply(msg: Message, result: SessionResult) -> Message:
@@ -193,7 +194,10 @@ def _state_size(msg: Message) -> int:
     if "arrays" not in msg.content.array_records:
         raise SecureCheckError("the training message carries no global state")
     record = msg.content["arrays"]
-    return sum(int(record[k].numpy().size) for k in record.keys())
+    try:
+        return sum(decode_array(record[k], k).size for k in record.keys())
+    except ValueError as exc:
+        raise SecureCheckError(f"the training message's global state: {exc}") from None
 
 
 class SecureRefusal(RuntimeError):

@@ -65,8 +65,10 @@ def run_evaluation(runtime: Runtime, data: ClientData | ClientSequences, cfg: di
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
             if ledger.accountant != cfg["accountant"] or \
-                    policy.lengthens_unit(cfg, [s.history_len for s in ledger.sessions]):
+                    policy.lengthens_unit(cfg, ledger.recorded_history_lens()):
                 return refusal("privacy-policy")
+            if ledger.uncovered_user_releases():  # as a training session (client.session)
+                return refusal("privacy-budget")
             # Both metrics lie in [0, 1]: any two pairs, whatever the adjacency or which event is held
             # out, differ by at most sqrt(2), the clip recorded here, so the sensitivity is 1 clip.
             release = Session(z, 1.0, 1, SENSITIVITY, ledger.delta, run_id=run_id, round=server_round,

@@ -47,7 +47,8 @@ def record_feedback(state_dir: str | Path, item_id: str, rating: float) -> dict:
     if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating) \
             or not RATING_MIN <= rating <= RATING_MAX:
         raise ValueError(f"rating must be a number from {RATING_MIN:g} to {RATING_MAX:g}, got {rating!r}")
-    data_path = Path(read_device_info(Path(state_dir))["data-path"])
+    info = read_device_info(Path(state_dir))
+    data_path = Path(info["data-path"])
     events = data_path / "events.jsonl"
     if not events.is_file():
         raise DataFormatError(events, "missing: feedback is recorded in the JSONL user format (events.jsonl + "
@@ -58,10 +59,12 @@ def record_feedback(state_dir: str | Path, item_id: str, rating: float) -> dict:
         if str(item_id) not in data.item_index:
             raise DataFormatError(data_path / "catalogue.jsonl", f"unknown item id {item_id!r}: feedback must "
                                                                  f"name a catalogue item")
-        if data.num_users != 1:
+        if data.num_users > 1:
             raise DataFormatError(events, f"expected the events of exactly one user, found {data.num_users}")
+        # A device with no events yet takes its user id from its device file (the id never leaves it).
+        user = data.user_ids[0] if data.num_users else info["client-id"]
         # Never earlier than the newest event, so the chronological order keeps the feedback last.
-        stamp = max(float(int(time.time())), float(data.timestamp.max()))
-        event = {"user": data.user_ids[0], "item": str(item_id), "timestamp": stamp, "rating": float(rating)}
+        stamp = max([float(int(time.time())), *([float(data.timestamp.max())] if data.num_interactions else [])])
+        event = {"user": user, "item": str(item_id), "timestamp": stamp, "rating": float(rating)}
         _append(events, json.dumps(event) + "\n")
     return event

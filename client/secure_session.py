@@ -57,12 +57,16 @@ def run_secure_session(runtime: Runtime, data: ClientSequences, cfg: dict[str, A
             release = UserRelease(plan.dim, plan.clip, plan.noise_multiplier, plan.min_survivors, plan.max_devices,
                                   run_id=run_id, round=server_round, node_id=node_id, history_len=cfg["history-len"])
             if ledger.accountant != cfg["accountant"] or \
-                    policy.lengthens_unit(cfg, [s.history_len for s in ledger.sessions]) or \
+                    policy.lengthens_unit(cfg, ledger.recorded_history_lens()) or \
                     (ledger.user_delta is not None and ledger.user_delta != cfg["user-delta"]):
                 # another accountant, a longer unit than recorded, or another user delta than recorded
                 return refusal("privacy-policy")
             budget = min(cfg["user-epsilon-budget"], policy.user_epsilon_budget)
             if user_epsilon([*ledger.user_releases, release], cfg["user-delta"]) > budget:
+                return refusal("privacy-budget")
+            if ledger.uncovered_sessions():
+                # plain runs released its data outside any user-level release: no user-level epsilon can
+                # state what the device has given away, so it takes no user-level part (common.ledger)
                 return refusal("privacy-budget")
             session, steps, sensitivity = _example_level_session(ledger, cfg, policy, run_id, server_round, node_id)
             if cfg["local-dp"] and session is None:

@@ -96,9 +96,13 @@ def run_session(runtime: Runtime, data: ClientData | ClientSequences, cfg: dict[
         with PrivacyLedger.session(ledger_dir, client_id, min(cfg["client-epsilon-budget"], policy.epsilon_budget),
                                    policy.delta, cfg["accountant"], policy.to_json()) as ledger:
             if ledger.accountant != cfg["accountant"] or \
-                    policy.lengthens_unit(cfg, [s.history_len for s in ledger.sessions]):
+                    policy.lengthens_unit(cfg, ledger.recorded_history_lens()):
                 # its ledger composes with the other accountant, or the run would lengthen its unit
                 return refusal("privacy-policy")
+            if ledger.uncovered_user_releases():
+                # its secure rounds without local DP released its data outside the example-level epsilon: a
+                # ledger keeps one unit per device's data (common.ledger), so it spends no more at this one
+                return refusal("privacy-budget")
             planned = Session(tcfg.noise_multiplier, schedule.sample_rate, schedule.steps, tcfg.max_grad_norm,
                               ledger.delta, run_id=run_id, round=server_round, node_id=node_id, kind="dp-sgd",
                               adjacency=policy.adjacency,

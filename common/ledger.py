@@ -196,7 +196,16 @@ def _enrol(marker: Path, client_id: str) -> None:
 
 @dataclass
 class PrivacyLedger:
-    """What one client has released, under which mechanisms, against which budget and policy."""
+    """What one client has released, under which mechanisms, against which budget and policy.
+
+    Two units: example-level sessions (:attr:`epsilon`) and user-level releases into secure sums
+    (:meth:`user_epsilon`). A secure round with local DP records both, for the same data, and each figure
+    holds at its unit. A secure round without local DP releases the data at every unit, outside
+    :attr:`epsilon`; a plain run releases it outside every user-level release. Neither figure can state
+    such a mix, so a device keeps to one: after a secure release without local DP it makes no more
+    example-level releases, and after a plain run's release it joins no secure round (both refused as
+    ``privacy-budget``; :meth:`uncovered_user_releases`, :meth:`uncovered_sessions`).
+    """
 
     path: Path
     client_id: str
@@ -282,6 +291,23 @@ class PrivacyLedger:
         """The session this ledger recorded for (run, round, kind), if any (the latest)."""
         matches = [s for s in self.sessions if s.run_id == run_id and s.round == server_round and s.kind == kind]
         return matches[-1] if matches else None
+
+    def uncovered_user_releases(self) -> list[UserRelease]:
+        """User-level releases with no DP-SGD session of the same run and round (a secure round without
+        local DP): they release the device's data at the example level too, outside :attr:`epsilon`."""
+        covered = {(s.run_id, s.round) for s in self.sessions if s.kind == "dp-sgd"}
+        return [r for r in self.user_releases if (r.run_id, r.round) not in covered]
+
+    def uncovered_sessions(self) -> list[Session]:
+        """Example-level releases (training sessions, evaluations) outside every user-level release (plain
+        runs): no user-level epsilon bounds them, so :meth:`user_epsilon` does not cover the device's data."""
+        covered = {(r.run_id, r.round) for r in self.user_releases}
+        return [s for s in self.sessions if (s.run_id, s.round) not in covered]
+
+    def recorded_history_lens(self) -> list[int | None]:
+        """The history length of every release this device made, sessions and user-level releases alike
+        (what :meth:`common.device_policy.DevicePolicy.lengthens_unit` compares a run against)."""
+        return [s.history_len for s in self.sessions] + [r.history_len for r in self.user_releases]
 
     def recomputed_epsilon(self) -> float:
         """Epsilon composed from the recorded history (what ``epsilon`` must equal)."""

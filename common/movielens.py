@@ -134,8 +134,9 @@ def _build(
     return Dataset(items=ordered, user_ids=users, user=user, item=item, rating=rating, timestamp=ts)
 
 
-def load_grouplens(folder: str | Path) -> Dataset:
-    """Load the GroupLens ``ml-100k/`` folder (``u.data``, ``u.item``, optional ``u.user``)."""
+def load_grouplens(folder: str | Path, allow_empty: bool = False) -> Dataset:
+    """Load the GroupLens ``ml-100k/`` folder (``u.data``, ``u.item``, optional ``u.user``); an empty
+    ``u.data`` is an error unless ``allow_empty`` (a device that holds no events yet: its catalogue only)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataFormatError(folder, "expected a GroupLens ml-100k folder holding u.data and u.item")
@@ -189,6 +190,10 @@ def load_grouplens(folder: str | Path) -> Dataset:
         if i not in items:
             raise DataFormatError(data_path, f"unknown item id {i} (not in {item_path.name})", no)
         rows.append((u, i, _rating(data_path, no, parts[2]), _float(data_path, no, parts[3], "timestamp")))
+    if not rows and allow_empty:
+        empty = np.zeros(0, dtype=np.int64)
+        return Dataset(items=[items[i] for i in sort_ids(list(items))], user_ids=[], user=empty, item=empty,
+                       rating=np.zeros(0), timestamp=np.zeros(0))
     return _build(items, rows, data_path, user_ids, first_line=1, user_file="u.user")
 
 

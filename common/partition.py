@@ -144,4 +144,4 @@ def device_dataset(data_path: str | Path) -> Dataset:
             return Dataset(items=load_catalogue(folder / "catalogue.jsonl"), user_ids=[], user=empty, item=empty,
                            rating=np.zeros(0), timestamp=np.zeros(0))
         return load_jsonl(folder / "events.jsonl", folder / "catalogue.jsonl")
-    return load_grouplens(folder)
+    return load_grouplens(folder, allow_empty=True)  # no events yet: it takes part like any other device

@@ -60,6 +60,7 @@ REFUSAL_REASONS: dict[str, str] = {
 }
 
 RECORD_NAMES = {"arrays", "metrics", "status"}
+EVALUATE_RECORD_NAMES = {"metrics", "status"}  # an evaluation reply carries no tensors
 
 # A secure-aggregation round (Flower SecAgg+): what a reply may carry in each stage, record by record
 # (record name -> the allowed keys; array records must arrive empty: secaggplus_mod clears them).

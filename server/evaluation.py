@@ -22,6 +22,7 @@ from common.runtimes import Runtime
 from common.sequence import evaluation_rows, sequence_scores
 from common.sequence_runtime import SequenceRuntime
 from common.split import Split
+from common.wire import EVALUATE_RECORD_NAMES
 from server.validation import printable, validate_metrics
 
 
@@ -79,6 +80,12 @@ def federated_evaluation(replies: Iterable[Message], sent: list[Message],
             continue
         answered.add(node)
         try:
+            extra = set(reply.content.keys()) - EVALUATE_RECORD_NAMES
+            if extra:
+                rejected += 1
+                log(WARNING, "evaluation reply of node %d rejected: unexpected record(s) %s", node,
+                    printable(sorted(extra)[:5]))
+                continue
             if "status" in reply.content.config_records:
                 refused += 1
                 continue

@@ -9,7 +9,6 @@ the aggregation arithmetic (:mod:`server.aggregation`).
 
 from __future__ import annotations
 
-import math
 import time
 from importlib.metadata import version
 from logging import INFO, WARNING
@@ -40,11 +39,11 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.deploy import completion_line
 from server.evaluation import ServerEvaluator, federated_evaluation
 from server.privacy_statement import ledgers_epsilon, ledgers_user_epsilon, privacy_statement, secure_statement
-from server.resume import check_resume, restored_central, restored_spend
+from server.resume import check_resume, restored_central, restored_releases, restored_spend
 from server.run_folder import RunFolder
 from server.sampling import sample_clients
 from server.secure_aggregation import run_secure_round
-from server.validation import adapter_specs, describe_reply, judge_train_reply, update_norm_bound
+from server.validation import adapter_specs, describe_reply, judge_train_reply, printable, update_norm_bound
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, settle: float = 5.0) -> list[int]:
@@ -113,11 +112,15 @@ class Federation:
             raise ConfigError(f"{self.folder.checkpoints}: checkpoint tensors do not match this model")
         self.arrays = arrays
         load_optimizer_state(self.step, optimizer, self.names, self.arrays, self.folder.checkpoints / meta["weights"])
+        if int(meta["round"]) > self.cfg["num-server-rounds"]:
+            # no round would run, and the result would pair the checkpoint's state with an older evaluation
+            raise ConfigError(f"resume: num-server-rounds {self.cfg['num-server-rounds']} is below the checkpoint's "
+                              f"round {meta['round']}; set it to at least {meta['round']}")
         self.start_round = int(meta["round"]) + 1
         self.folder.keep_rounds_up_to(int(meta["round"]))
         # The per-node spend and the central-DP accountant as of the last record (see server.resume).
         self.client_epsilon = restored_spend(self.folder, meta)
-        self.user_releases = {k: int(v) for k, v in self.folder.read_node_numbers(self.folder.user_releases).items()}
+        self.user_releases = restored_releases(self.folder, meta)
         self.reported_user_epsilon = {k: float(v) for k, v in
                                       self.folder.read_node_numbers(self.folder.user_spend).items()}
         if self.central is not None:
@@ -274,12 +277,19 @@ class Federation:
         secure_seconds = time.perf_counter() - t0  # the protocol and the devices' work, before the server step
         if outcome.wire:
             self.folder.append(self.folder.wire, *({"round": rnd, **w} for w in outcome.wire))
-        for node, metrics in outcome.metrics.items():  # the spends the survivors report, checked to be numbers
-            for key, spend in (("epsilon", self.client_epsilon), ("user-epsilon", self.reported_user_epsilon)):
+        for node, metrics in outcome.metrics.items():  # the spends the survivors report, within what is possible
+            for key, spend, budget in (("epsilon", self.client_epsilon,
+                                        cfg["client-epsilon-budget"] if cfg["local-dp"] else None),
+                                       ("user-epsilon", self.reported_user_epsilon, cfg["user-epsilon-budget"])):
                 value = metrics.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                        and value >= 0:
+                if value is None:
+                    continue
+                if budget is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and 0 <= value <= budget * (1 + 1e-6):
                     spend[str(node)] = max(spend.get(str(node), 0.0), float(value))
+                else:  # an honest device refuses a session past its budget, and reports no epsilon without local DP
+                    log(WARNING, "round %d: node %d reported %s %s, outside what an honest device reports; ignored",
+                        rnd, node, key, printable(value, 40))
         write_json_atomic(self.folder.spend, self.client_epsilon, strict=True)
         write_json_atomic(self.folder.user_spend, self.reported_user_epsilon, strict=True)
         aggregated, signal = False, {}
@@ -298,14 +308,21 @@ class Federation:
             aggregated = self._apply(rnd, mean)
         refused = sorted(n for n in outcome.refused if n not in outcome.survivors)
         failed = [n for n in sampled if n not in outcome.survivors and n not in refused]
-        record = {"round": rnd, "sampled": sampled, "trained": outcome.survivors, "refused": refused,
-                  "refused_reasons": [outcome.refused[n] for n in refused], "rejected": [], "failed": failed,
-                  "rejected_reasons": [], "secure_released": outcome.total is not None,
+        # A sum unmasked and then discarded (beyond what honest shares give) cannot say whose share broke it:
+        # every survivor counts as rejected, so the health check stops a run that would otherwise spend its
+        # honest devices' budgets on rounds that change nothing.
+        discarded = outcome.unmasked and outcome.total is None
+        rejected = list(outcome.survivors) if discarded else []
+        record = {"round": rnd, "sampled": sampled, "trained": [] if discarded else outcome.survivors,
+                  "refused": refused, "refused_reasons": [outcome.refused[n] for n in refused],
+                  "rejected": rejected, "failed": failed,
+                  "rejected_reasons": [printable(outcome.reason)] if discarded else [],
+                  "secure_released": outcome.total is not None, "secure_unmasked": outcome.unmasked,
                   "failed_reasons": [f"{len(failed)} dropped out (not in the secure sum)"] if failed else [],
                   "secure_abort": outcome.reason}
         row = {"clients_sampled": len(sampled), "clients_replied": len(outcome.survivors) + len(refused),
                "clients_accepted": len(outcome.survivors) if outcome.total is not None else 0,
-               "clients_rejected": 0, "clients_refused": len(refused), "clients_failed": len(failed),
+               "clients_rejected": len(rejected), "clients_refused": len(refused), "clients_failed": len(failed),
                "bytes_sent": outcome.bytes_down, "bytes_received": outcome.bytes_up, "aggregated": aggregated,
                "secure_round_seconds": round(secure_seconds, 3), **signal}
         return row, record
@@ -411,7 +428,8 @@ class Federation:
 
     def _checkpoint(self, rnd: int) -> None:
         state = {"run_id": self.run_id, "client_epsilon": self.client_epsilon,
-                 "central_dp": self.central.to_json() if self.central else None}
+                 "central_dp": self.central.to_json() if self.central else None,
+                 "user_releases": self.user_releases}
         save_checkpoint(self.folder.checkpoints, rnd, self.names, self.arrays, optimizer_state(self.step), state)
 
     def _finish(self) -> Path:

@@ -74,6 +74,23 @@ def restored_spend(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) ->
     return out
 
 
+def restored_releases(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, int]:
+    """A secure run's count of each node's shares in unmasked sums: the larger of the checkpoint's and
+    ``user_releases.json``'s (a missing file cannot lower it)."""
+    out: dict[str, int] = {}
+    sources = [((checkpoint_meta or {}).get("user_releases") or {}, folder.checkpoints / "latest.json"),
+               (folder.read_node_numbers(folder.user_releases), folder.user_releases)]
+    for record, path in sources:
+        if not isinstance(record, dict):
+            raise DataFormatError(path, "expected a JSON object of node id -> release count")
+        for node, count in record.items():
+            if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < math.inf \
+                    or count != int(count):
+                raise DataFormatError(path, f"node {node}: {count!r} releases, expected an integer >= 0")
+            out[str(node)] = max(out.get(str(node), 0), int(count))
+    return out
+
+
 def restored_central(folder: RunFolder, checkpoint_meta: dict[str, Any] | None, fresh: CentralDP) -> CentralDP:
     """The central-DP accountant as of the last release (the record with the most rounds), with the
     mechanism of the run config (a stored one that differs is refused) and the sampling rate of the
@@ -97,9 +114,15 @@ def restored_central(folder: RunFolder, checkpoint_meta: dict[str, Any] | None, 
                                         f"{central.delta}; the run config says {fresh.noise_multiplier}, "
                                         f"{fresh.clip}, {fresh.delta}")
         accountants.append(central)
+    checkpointed = int((checkpoint_meta or {}).get("round", 0))
+    restored = max(accountants, key=lambda c: c.rounds) if accountants else fresh
+    if restored.rounds < checkpointed:
+        # every checkpointed round of a central-DP run released one noisy aggregate: an accountant that
+        # covers fewer (missing, or an older copy) would under-report the user-level epsilon
+        raise DataFormatError(folder.central_dp, f"the central-DP accountant covers {restored.rounds} round(s), the "
+                                                 f"checkpoint {checkpointed}; refusing to continue with fewer")
     if not accountants:
         return fresh
-    restored = max(accountants, key=lambda c: c.rounds)
     if restored.population != fresh.population:
         log(WARNING, "resume: %d clients instead of %d; central-DP sampling rate re-derived as %.4g",
             fresh.population, restored.population, fresh.sample_rate)

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from common.secagg_params import neighbourhood, reconstruction_threshold, share_count
 from common.skellam import SkellamPlan, from_flower_mean
 from common.wire import REFUSAL_REASONS
+from server.validation import printable
 
 
 @dataclass
@@ -72,8 +73,10 @@ def refusal_code(reason: str) -> str | None:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of a message's tensors and of the bytes and strings in its config records."""
-    total = sum(int(rec[k].numpy().nbytes) for rec in content.array_records.values() for k in rec.keys())
+    """Bytes of a message's tensors (their raw size, from the metadata: nothing is decoded) and of the bytes
+    and strings in its config records."""
+    total = sum(int(np.prod(rec[k].shape, dtype=np.int64)) * np.dtype(rec[k].dtype).itemsize
+                for rec in content.array_records.values() for k in rec.keys())
     for rec in content.config_records.values():
         for value in rec.values():
             for item in value if isinstance(value, list) else [value]:
@@ -133,6 +136,8 @@ class _ObservedGrid:
 def reply_problem(stage: str, content: RecordDict, plan: SkellamPlan) -> str:
     """Why a non-error reply cannot be used in ``stage`` ("" when it can)."""
     try:
+        if any(len(record) for record in content.array_records.values()):
+            return "a tensor in a reply that must carry none (secaggplus_mod clears them)"
         configs = content.config_records[RECORD_KEY_CONFIGS]
         if stage == "setup":  # two distinct, loadable public keys (a bad one would fail every neighbour)
             keys = [configs[k] for k in ("pk1", "pk2")]
@@ -262,11 +267,12 @@ def run_secure_round(grid: Grid, nodes: list[int], content: Callable[[], RecordD
         context.state.array_records["parameters"] = ArrayRecord()  # the content carries the state
         workflow(grid, context)
     except Exception as exc:  # noqa: BLE001 - a round that fails in the protocol is aborted, never the run
+        # The text may quote what a device sent: printable and bounded, so it can forge no log line.
         log(WARNING, "round %d: secure aggregation failed (%s: %s); nothing released", server_round,
-            type(exc).__name__, exc)
+            type(exc).__name__, printable(exc, 300))
         out.survivors = workflow.survivors if workflow is not None else []
         out.unmasked = False
-        out.reason = f"the protocol failed ({type(exc).__name__}: {exc})"[:300]
+        out.reason = printable(f"the protocol failed ({type(exc).__name__}: {exc})", 300)
         return out
     out.survivors = workflow.survivors
     out.unmasked = strategy.results is not None

@@ -19,7 +19,8 @@ Both listeners use the same TLS certificate. Nothing here is cryptography: TLS i
 standard library's ``ssl``), node authentication is Flower's, and the split is a path allowlist
 per listening socket.
 
-    python -m server.superlink_gate --control-port 9093 -- <flower-superlink arguments>
+    python -m server.superlink_gate --control-port 9093 -- <flower-superlink arguments, with TLS and
+                                                           --enable-supernode-auth>
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ async def _serve_both(control, fleet) -> None:
     await asyncio.gather(control.serve(), fleet.serve(), watch())
 
 
+def check_public_config(config: Any) -> None:
+    """Refuse a configuration that would serve the Fleet API publicly without TLS or without SuperNode
+    authentication: the public allowlist includes node registration, which only Flower's node
+    authentication (registered public keys) restricts to the operator's devices."""
+    if config.certificates is None:
+        raise SystemExit("the SuperLink gate needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+    if not getattr(config, "enable_supernode_auth", False):
+        raise SystemExit("the SuperLink gate needs SuperNode authentication (--enable-supernode-auth): without it "
+                         "anyone who reaches the public port can register a node")
+
+
 def serve(public_host: str, public_port: int, control_port: int, flower_args: list[str]) -> None:
     """Run the SuperLink: the Fleet API on ``public_host:public_port``, everything on loopback
     ``control_port``. ``flower_args`` are ``flower-superlink`` arguments without ``--host``/``--port``."""
@@ -102,8 +114,7 @@ def serve(public_host: str, public_port: int, control_port: int, flower_args: li
     if legacy:  # these start Flower's gRPC Control/Fleet servers on addresses of their own, around the split
         raise SystemExit(f"unset {', '.join(legacy)}: the SuperLink gate serves the Control API on loopback only")
     config = _flower_config([*flower_args, "--host", LOOPBACK, "--port", str(control_port)])
-    if config.certificates is None:
-        raise SystemExit("the SuperLink gate needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+    check_public_config(config)
     app = create_app(config, SuperLinkLifespan)
     common = dict(ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1,
                   log_config=get_uvicorn_log_config(console_handler.level), access_log=True)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common.array_codec import decode_array
 from common.privacy import client_schedule
 from common.wire import RECORD_NAMES, REFUSAL_REASONS, allowed_metrics
 
@@ -235,6 +236,26 @@ def _loggable(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+WIRE_LOG_NAME_LIMIT = 100  # characters of a record name, key or dtype kept in the wire log
+WIRE_LOG_SHAPE_LIMIT = 8  # dimensions of a shape kept in the wire log
+
+
+def _bounded(text: object) -> str:
+    """A name, key or dtype from a reply as the wire log keeps it: printable and at most
+    :data:`WIRE_LOG_NAME_LIMIT` characters (with its full length noted when cut)."""
+    text = str(text)
+    kept = printable(text, WIRE_LOG_NAME_LIMIT)
+    return kept if len(text) <= WIRE_LOG_NAME_LIMIT else f"{kept}...<{len(text)} chars>"
+
+
+def _bounded_shape(shape: object) -> list:
+    """A declared shape as the wire log keeps it: at most :data:`WIRE_LOG_SHAPE_LIMIT` integer dimensions."""
+    dims = list(shape) if isinstance(shape, (list, tuple)) else []
+    kept = [int(d) if isinstance(d, int) and not isinstance(d, bool) and abs(d) < 2 ** 63 else _bounded(d)
+            for d in dims[:WIRE_LOG_SHAPE_LIMIT]]
+    return kept if len(dims) <= WIRE_LOG_SHAPE_LIMIT else [*kept, f"...<{len(dims)} dimensions>"]
+
+
 def describe_reply(reply) -> dict:
     """What a reply carried, for the wire log: each record's kind, tensor names with dtype and
     shape (never their values), and each metric and config value (bounded, see ``_loggable``)."""
@@ -244,12 +265,15 @@ def describe_reply(reply) -> dict:
         content = reply.content
         out: dict = {"arrays": {}, "metrics": {}, "configs": {}}
         for name, record in list(content.array_records.items())[:WIRE_LOG_LIMIT]:
-            out["arrays"][name] = {k: [str(record[k].dtype), list(record[k].shape)]
-                                   for k in list(record.keys())[:WIRE_LOG_LIMIT]}
+            out["arrays"][_bounded(name)] = {
+                _bounded(k): [_bounded(record[k].dtype), _bounded_shape(record[k].shape)]
+                for k in list(record.keys())[:WIRE_LOG_LIMIT]}
         for name, record in list(content.metric_records.items())[:WIRE_LOG_LIMIT]:
-            out["metrics"][name] = {k: _loggable(record[k]) for k in list(record.keys())[:WIRE_LOG_LIMIT]}
+            out["metrics"][_bounded(name)] = {_bounded(k): _loggable(record[k])
+                                              for k in list(record.keys())[:WIRE_LOG_LIMIT]}
         for name, record in list(content.config_records.items())[:WIRE_LOG_LIMIT]:
-            out["configs"][name] = {k: _loggable(v) for k, v in list(record.items())[:WIRE_LOG_LIMIT]}
+            out["configs"][_bounded(name)] = {_bounded(k): _loggable(v)
+                                              for k, v in list(record.items())[:WIRE_LOG_LIMIT]}
     except Exception as exc:  # noqa: BLE001 - the log must never stop the round
         return {"unreadable": type(exc).__name__}
     return out
@@ -284,10 +308,12 @@ def judge_train_reply(reply, cfg: Mapping[str, Any], specs: list[TensorSpec], gl
         layout = check_layout(names, [record[k] for k in names], specs)
         if not layout.accepted:
             return "rejected", [], printable(layout.reason), epsilon
-        arrays = [record[k].numpy() for k in names]
+        arrays = [decode_array(record[k], k) for k in names]  # one plain .npy each, as declared
+        verdict = validate_reply(names, arrays, specs, global_arrays, max_update_norm)
+    except ValueError as exc:  # a tensor whose bytes are not what its metadata declares
+        return "rejected", [], printable(exc), epsilon
     except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the round
         return "rejected", [], f"unreadable reply ({type(exc).__name__})", epsilon
-    verdict = validate_reply(names, arrays, specs, global_arrays, max_update_norm)
     if not verdict.accepted:
         return "rejected", [], printable(verdict.reason), epsilon
     return "trained", arrays, "", epsilon

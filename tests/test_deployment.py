@@ -446,3 +446,17 @@ def test_device_and_server_files_are_private(cluster, first_run):
                cluster.state("node0") / "device.json", cluster.data("node0") / "events.jsonl"]
     for path in private:
         assert (path.stat().st_mode & 0o777) == 0o600, path
+
+
+def test_the_gate_refuses_to_serve_without_tls_or_without_supernode_authentication(tmp_path):
+    """The public allowlist includes node registration: only Flower's node authentication restricts it."""
+    from server.superlink_gate import _flower_config, check_public_config
+
+    certs = make_certificates(tmp_path / "certs", ["localhost"])
+    tls = ["--ssl-ca-certfile", str(certs["ca_cert"]), "--ssl-certfile", str(certs["cert"]),
+           "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", "9"]
+    with pytest.raises(SystemExit, match="needs TLS"):
+        check_public_config(_flower_config(["--host", "127.0.0.1", "--port", "9", "--insecure"]))
+    with pytest.raises(SystemExit, match="needs SuperNode authentication"):
+        check_public_config(_flower_config(tls))
+    check_public_config(_flower_config([*tls, "--enable-supernode-auth"]))  # what privrec deploy superlink runs

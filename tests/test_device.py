@@ -122,11 +122,20 @@ def test_a_grouplens_slice_of_one_user_is_device_data(ml100k, tmp_path):
     assert len(data.train_targets) == int(keep.sum()) - 1 and data.eval_target is not None
 
 
-def test_a_device_with_no_events_yet_trains_like_any_other(ml100k, global_state, tmp_path):
-    """An empty history must not make the device refuse: the refusal would tell the server it is empty."""
+@pytest.mark.parametrize("layout", ["jsonl", "grouplens"])
+def test_a_device_with_no_events_yet_trains_like_any_other(ml100k, small_ml100k, global_state, tmp_path, layout):
+    """An empty history must not make the device refuse, in either data layout: the refusal would tell the
+    server it is empty."""
+    import shutil
+
     data = tmp_path / "data"
-    export_user(ml100k, "7", data)
-    (data / "events.jsonl").write_text("")
+    if layout == "jsonl":
+        export_user(ml100k, "7", data)
+        (data / "events.jsonl").write_text("")
+    else:  # a GroupLens slice: the full catalogue, no ratings yet
+        data.mkdir()
+        shutil.copy(small_ml100k / "u.item", data / "u.item")
+        (data / "u.data").write_text("")
     assert len(device_client_data(data, 5, 50).train_targets) == 0
     ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
                   node_config={"data-path": str(data), "state-dir": str(tmp_path / "state")})

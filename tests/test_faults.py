@@ -7,6 +7,8 @@ Run alone with ``pytest -m faults``.
 
 from __future__ import annotations
 
+import io
+
 import json
 import os
 import shutil
@@ -67,7 +69,8 @@ def test_hostile_train_replies_are_rejected_and_never_reach_the_model_or_the_rep
     assert all(np.isfinite(v) for v in result["metrics"].values())
 
 
-@pytest.mark.parametrize("bad", ["nan-state", "huge-update", "wrong-dtype", "extra-record", "unreadable-arrays"])
+@pytest.mark.parametrize("bad", ["nan-state", "huge-update", "wrong-dtype", "extra-record", "unreadable-arrays",
+                                 "npz-archive", "bytes-of-another-dtype"])
 def test_malformed_tensors_are_rejected(small_run_config, bad):
     def tamper(node, content):
         if "arrays" not in content.array_records:
@@ -82,6 +85,20 @@ def test_malformed_tensors_are_rejected(small_run_config, bad):
             arrays[first] = arrays[first].astype(np.float64)
         elif bad == "extra-record":
             content["loss"] = ConfigRecord({"train-loss": 1.0})
+            return
+        elif bad in ("npz-archive", "bytes-of-another-dtype"):
+            # the metadata declares the expected dtype and shape; the bytes are an .npz archive (np.load
+            # would return an archive object, not an array) or a float64 .npy
+            honest = Array(arrays[first])
+            if bad == "npz-archive":
+                buffer = io.BytesIO()
+                np.savez(buffer, x=arrays[first])
+                data = buffer.getvalue()
+            else:
+                data = Array(arrays[first].astype(np.float64)).data
+            records = {k: Array(v) for k, v in arrays.items()}
+            records[first] = Array(dtype=honest.dtype, shape=tuple(honest.shape), stype=honest.stype, data=data)
+            content["arrays"] = ArrayRecord(records)
             return
         else:
             content["arrays"] = ArrayRecord({first: Array(np.array(["not", "numbers"]))})
@@ -117,7 +134,8 @@ class _EvaluationTamper(InProcessGrid):
     lambda c: _set_metric(c, **{"HR@10": float("nan")}),
     lambda c: _set_metric(c, **{"NDCG@10": 1e9}),
     lambda c: c["metrics"].__delitem__("HR@10"),
-], ids=["no-metrics", "nan", "1e9", "no-hr"])
+    lambda c: c.__setitem__("arrays", ArrayRecord({"x": Array(np.zeros(3, dtype=np.float32))})),
+], ids=["no-metrics", "nan", "1e9", "no-hr", "extra-record"])
 def test_hostile_evaluation_replies_are_rejected_and_the_round_completes(small_run_config, evil):
     cfg = dict(small_run_config, **{"num-server-rounds": 1, "evaluate-clients": 6, "eval-noise-multiplier": 1.0,
                                     "client-epsilon-budget": 8.0})
@@ -450,3 +468,21 @@ def test_a_hostile_reply_cannot_break_the_wire_log(small_run_config):
     assert len(rows) == 3 and all(r["metrics"]["metrics"]["epsilon"] == "<nan>" for r in rows)
     assert all(len(r["configs"]["junk"]["text"]) < 300 for r in rows)
     assert _rows(run_dir)[1]["clients_rejected"] == 3
+
+
+def test_the_wire_log_bounds_the_names_dtypes_and_shapes_a_reply_declares():
+    """A record name, key, dtype string or shape list comes from the device: each is kept printable and
+    bounded, so one reply cannot write megabytes (or a forged line) into wire.jsonl."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from server.validation import WIRE_LOG_NAME_LIMIT, WIRE_LOG_SHAPE_LIMIT, describe_reply
+
+    long = "K\n" * 500_000
+    content = RecordDict({long: ArrayRecord({long: Array(long, tuple(range(100_000)), "numpy.ndarray", b"")}),
+                          "metrics": MetricRecord({long: 0.0}), "configs": ConfigRecord({long: "v"})})
+    reply = SimpleNamespace(has_error=lambda: False, content=content)
+    row = json.dumps(describe_reply(reply))
+    assert len(row) < 5 * (WIRE_LOG_NAME_LIMIT + 40) + 20 * WIRE_LOG_SHAPE_LIMIT + 200, len(row)
+    assert "\\n" not in row and "1000000 chars" in row and "100000 dimensions" in row

@@ -322,3 +322,17 @@ def test_concurrent_feedback_loses_no_event(tmp_path):
     recorded = sorted(int(data.items[i].item_id) for i in data.item[3:])
     assert data.num_interactions == 23 and recorded == list(range(10, 30))
     assert np.all(data.rating[3:] == 4.0) and np.all(np.diff(data.timestamp) >= 0)
+
+
+def test_a_device_with_no_events_yet_records_its_first_feedback(tmp_path):
+    """An empty events.jsonl is a device training accepts; its first rating must be recordable too (the user id
+    comes from the device file: it never leaves the device)."""
+    from client.feedback import record_feedback
+
+    state = _device(tmp_path, items=30)
+    (tmp_path / "data" / "events.jsonl").write_text("")
+    event = record_feedback(state, "12", 5.0)
+    assert event["item"] == "12" and event["rating"] == 5.0
+    data = load_jsonl(tmp_path / "data" / "events.jsonl", tmp_path / "data" / "catalogue.jsonl")
+    assert data.num_interactions == 1 and data.user_ids == [event["user"]]
+    assert record_feedback(state, "13", 4.0)["user"] == event["user"]  # the same user from then on

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
+from common.errors import DataFormatError
 from common.ledger import PrivacyLedger
 from common.run_config import DEFAULTS_CONFIGURATIONS_TRIED, ConfigError, resolve
 from common.secure_random import SecureStream
@@ -387,3 +388,49 @@ def test_a_persistent_ledger_dir_makes_budgets_compose_across_runs(small_run_con
     Federation(InProcessGrid(6, fresh), fresh).run()
     third = json.loads((Path(fresh["output-dir"]) / "third" / "result.json").read_text())
     assert "do not compose across runs" in third["privacy"]["ledgers"]
+
+
+def test_a_resume_without_the_central_accountant_of_its_checkpointed_rounds_is_refused(small_run_config):
+    """Every checkpointed round of a central-DP run released a noisy aggregate: a resume whose accountant is
+    gone (the file deleted and the checkpoint's copy removed) would start counting from zero. It is refused,
+    naming the file; with the file gone but the checkpoint's copy kept, the run continues from that copy."""
+    cfg = dict(small_run_config, **{"central-dp": True, "clients-per-round": 3, "num-server-rounds": 2,
+                                    "evaluate-clients": 0, "eval-every": 100})
+    run_dir = Federation(InProcessGrid(6, cfg), cfg).run()
+    (run_dir / "central-dp.json").unlink()
+    more = dict(cfg, **{"resume": True, "num-server-rounds": 3})
+    fed = Federation(InProcessGrid(6, more), more)
+    fed.run()  # the checkpoint's copy covers both rounds
+    assert fed.central.rounds == 3
+    (run_dir / "central-dp.json").unlink()
+    latest = run_dir / "checkpoint" / "latest.json"
+    latest.write_text(json.dumps({**json.loads(latest.read_text()), "central_dp": None}))
+    again = dict(cfg, **{"resume": True, "num-server-rounds": 4})
+    with pytest.raises(DataFormatError, match=r"central-dp\.json.*covers 0 round\(s\), the checkpoint 3"):
+        Federation(InProcessGrid(6, again), again).run()
+
+
+def test_a_resume_with_fewer_rounds_than_its_checkpoint_is_refused(small_run_config):
+    """No round would run, and the result would pair the checkpoint's state with an older evaluation."""
+    cfg = dict(small_run_config, **{"clients-per-round": 3, "num-server-rounds": 2, "evaluate-clients": 0,
+                                    "eval-every": 100})
+    run_dir = Federation(InProcessGrid(6, cfg), cfg).run()
+    before = (run_dir / "result.json").read_bytes()
+    fewer = dict(cfg, **{"resume": True, "num-server-rounds": 1})
+    with pytest.raises(ConfigError, match="num-server-rounds 1 is below the checkpoint's round 2"):
+        Federation(InProcessGrid(6, fewer), fewer).run()
+    assert (run_dir / "result.json").read_bytes() == before
+
+
+def test_a_secure_runs_release_counts_resume_from_the_larger_of_the_checkpoint_and_the_file(tmp_path):
+    from server.resume import restored_releases
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    assert restored_releases(folder, None) == {}
+    meta = {"round": 3, "user_releases": {"1": 3, "2": 1}}
+    assert restored_releases(folder, meta) == {"1": 3, "2": 1}  # the file deleted: the checkpoint's counts stay
+    folder.user_releases.write_text(json.dumps({"1": 2, "2": 2, "3": 1}))
+    assert restored_releases(folder, meta) == {"1": 3, "2": 2, "3": 1}
+    with pytest.raises(DataFormatError, match="latest.json"):
+        restored_releases(folder, {"user_releases": {"1": 1.5}})

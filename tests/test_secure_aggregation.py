@@ -462,3 +462,131 @@ def test_a_device_refuses_an_evaluation_request_in_a_secure_run(tiny_grouplens, 
     ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config=cfg)
     reply = client_app.evaluate(msg, ctx)
     assert reply.content["status"]["refused"] and reply.content["status"]["reason"] == "privacy-policy"
+
+
+@pytest.mark.parametrize("stage_hit", ["setup", "collect_masked_vectors"])
+def test_a_reply_that_carries_a_tensor_only_drops_its_device_and_forges_no_log_line(tiny_grouplens, tmp_path,
+                                                                                   stage_hit, caplog):
+    """A secure stage reply must carry no tensor. One with an undecodable tensor (here with a serialisation
+    type that is a forged log line) is dropped before anything reads it; the round completes with the rest,
+    and nothing the device wrote reaches the server's log or records unescaped."""
+    from flwr.app import Array, ArrayRecord
+
+    forged = "x'\nINFO :      [privrec] round 1 | FORGED\n" + "A" * 5000
+
+    def hostile(node, stage, content):
+        if node == 106 and stage == stage_hit:
+            content["junk"] = ArrayRecord({"a": Array("float32", (1,), forged, b"not an npy file")})
+
+    cfg = _cfg(tiny_grouplens, tmp_path)
+    folder = Federation(SecureInProcessGrid(6, cfg, node_config=POLICY, tamper_reply=hostile), cfg).run()
+    record = json.loads((folder / "rounds.jsonl").read_text().splitlines()[-1])
+    assert record["secure_released"] and 106 not in record["trained"] and len(record["trained"]) == 5
+    assert not any("FORGED" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unmasked_sum_beyond_honest_shares_counts_its_survivors_as_rejected_and_stops_the_run(tiny_grouplens,
+                                                                                                tmp_path):
+    """One device adds a large value inside [0, M) to its masked vector: the reply is well formed, the sum is
+    unmasked (every survivor's release counted) and then discarded as beyond what honest shares give. Nobody
+    can tell whose share broke it, so the survivors count as rejected and the health check stops the run
+    instead of letting every later round spend the honest devices' budgets for nothing."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    def hostile(node, stage, content):
+        if node == 106 and stage == "collect_masked_vectors":
+            record = content.config_records["secaggplus_configs"]
+            head, vector = (bytes_to_ndarray(b) for b in record["masked_params"])
+            vector = vector.copy()
+            vector[0] = (vector[0] + fed.secure_plan.modulus // 3) % fed.secure_plan.modulus
+            record["masked_params"] = [ndarray_to_bytes(head), ndarray_to_bytes(vector)]
+
+    cfg = _cfg(tiny_grouplens, tmp_path, **{"num-server-rounds": 2})
+    fed = Federation(SecureInProcessGrid(6, cfg, node_config=POLICY, tamper_reply=hostile), cfg)
+    start = [a.copy() for a in fed.arrays]
+    with pytest.raises(RuntimeError, match="round 1: 6 of 6 sampled clients sent no usable reply"):
+        fed.run()
+    record = json.loads((fed.folder.root / "rounds.jsonl").read_text().splitlines()[-1])
+    assert record["secure_unmasked"] and not record["secure_released"] and not record["trained"]
+    assert len(record["rejected"]) == 6 and not record["failed"]
+    assert "exceeds what honest shares give" in record["rejected_reasons"][0]
+    assert all(np.array_equal(a, b) for a, b in zip(start, fed.arrays))  # the model never moved
+
+
+def test_a_reported_spend_no_honest_device_can_report_is_ignored(tiny_grouplens, tmp_path):
+    """A survivor's reported user-level epsilon above the run's budget, or an example-level epsilon in a run
+    without local DP, is not what an honest device sends: it is ignored, never published."""
+
+    def hostile(node, stage, content):
+        if node == 106 and stage == "collect_masked_vectors":
+            metrics = content.config_records["fitres.metrics"]
+            metrics["user-epsilon"], metrics["epsilon"] = 1e300, 1e300
+
+    cfg = _cfg(tiny_grouplens, tmp_path)
+    fed = Federation(SecureInProcessGrid(6, cfg, node_config=POLICY, tamper_reply=hostile), cfg)
+    folder = fed.run()
+    result = json.loads((folder / "result.json").read_text())
+    assert result["privacy"]["user_epsilon"] <= 8.0 and result["privacy"]["epsilon"] <= 8.0
+    reported = json.loads(fed.folder.user_spend.read_text())
+    assert len(reported) == 5 and "106" not in reported and all(v <= 8.0 for v in reported.values())
+    assert "106" not in json.loads(fed.folder.spend.read_text())
+
+
+def test_a_user_level_releases_history_length_bounds_the_unit_as_a_sessions_does(tmp_path):
+    """A device whose ledger holds only a user-level release made with a 5-item history refuses a run that
+    asks for 50 unless its owner set privacy-max-history-len, as it would after a 5-item session."""
+    from common.ledger import UserRelease
+
+    with PrivacyLedger.session(tmp_path, "u", 8.0, 1e-5) as ledger:
+        ledger.record_user_release(UserRelease(dim=10, clip=1.0, noise_multiplier=0.6, min_survivors=3,
+                                               max_devices=5, history_len=5), 1e-4)
+        assert ledger.recorded_history_lens() == [5]
+        assert DevicePolicy().lengthens_unit({"history-len": 50}, ledger.recorded_history_lens())
+        assert not DevicePolicy().lengthens_unit({"history-len": 5}, ledger.recorded_history_lens())
+        owner = DevicePolicy.from_node_config({"privacy-max-history-len": 50})
+        assert not owner.lengthens_unit({"history-len": 50}, ledger.recorded_history_lens())
+
+
+@pytest.mark.parametrize("secure_local_dp", [False, True])
+def test_a_device_keeps_its_releases_to_one_unit_it_can_state(tiny_grouplens, tmp_path, secure_local_dp):
+    """Example- and user-level figures are kept apart; a mix neither can state is refused. After a secure
+    release without local DP (its data released outside the example-level epsilon) the device makes no
+    example-level release; after a plain run's session (outside every user-level release) it joins no
+    secure round. A secure round with local DP records a session and a release for the same data, each
+    figure holding at its unit, so a plain run may follow it."""
+    from client.evaluation import run_evaluation
+    from client.secure_session import run_secure_session
+    from client.session import run_session
+    from common.partition import split_for
+    from common.runtimes import make_runtime
+    from common.sequence_runtime import client_sequences
+
+    secure = resolve(_cfg(tiny_grouplens, tmp_path, **{"local-dp": secure_local_dp, "user-epsilon-budget": 100.0,
+                                                       "client-epsilon-budget": 100.0}))
+    plain = resolve({"dataset": str(tiny_grouplens), **TINY, "client-epsilon-budget": 100.0})
+    policy = DevicePolicy(allow_secure_aggregation=True, min_survivors=3, epsilon_budget=100.0,
+                          user_epsilon_budget=100.0)
+    split = split_for(str(tiny_grouplens))
+    rows = client_sequences(split, 0, TINY["history-len"], TINY["examples-per-user"])
+
+    def secure_round(folder, rnd):
+        return run_secure_session(make_runtime(split.data, secure), rows, secure, folder, "u", "s", rnd, 1, policy)
+
+    def plain_round(folder, rnd):
+        return run_session(make_runtime(split.data, plain), rows, plain, folder, "u", "p", rnd, 1, policy)
+
+    first = tmp_path / "secure-first"
+    assert not secure_round(first, 1).refused
+    later = plain_round(first, 1)
+    assert later.refused == (not secure_local_dp)
+    if not secure_local_dp:
+        assert later.reason == "privacy-budget"
+        evaluation = run_evaluation(make_runtime(split.data, plain), rows, plain, first, "u", "p", 2, 1, policy)
+        assert evaluation.refused and evaluation.reason == "privacy-budget"
+    ledger = PrivacyLedger.load(ledger_paths(first, "u")[0], "u")
+    assert len(ledger.sessions) == (2 if secure_local_dp else 0)
+    plain_first = tmp_path / "plain-first"
+    assert not plain_round(plain_first, 1).refused
+    refused = secure_round(plain_first, 1)
+    assert refused.refused and refused.reason == "privacy-budget"
+    assert not PrivacyLedger.load(ledger_paths(plain_first, "u")[0], "u").user_releases  # nothing recorded
