@@ -64,18 +64,17 @@ def run_secure_session(runtime: Runtime, data: ClientSequences, cfg: dict[str, A
             budget = min(cfg["user-epsilon-budget"], policy.user_epsilon_budget)
             if user_epsilon([*ledger.user_releases, release], cfg["user-delta"]) > budget:
                 return refusal("privacy-budget")
-            if ledger.uncovered_sessions():
-                # plain runs released its data outside any user-level release: no user-level epsilon can
-                # state what the device has given away, so it takes no user-level part (common.ledger)
+            if ledger.uncovered_sessions() or (cfg["local-dp"] and ledger.uncovered_user_releases()):
+                # plain runs released its data outside any user-level release (no user-level epsilon can state
+                # what the device has given away), or, for a round with local DP, secure rounds without it released
+                # the data outside the example-level epsilon this round would report (common.ledger)
                 return refusal("privacy-budget")
             session, steps, sensitivity = _example_level_session(ledger, cfg, policy, run_id, server_round, node_id)
             if cfg["local-dp"] and session is None:
                 return refusal("privacy-budget")
 
             def record() -> None:  # before the first step: whatever happens next can only over-report
-                if session is not None:
-                    ledger.record(session)
-                ledger.record_user_release(release, cfg["user-delta"])
+                ledger.record_user_release(release, cfg["user-delta"], session)  # one write, the pair tokened
 
             train_locally(runtime, data, cfg, steps=steps, sensitivity=sensitivity, on_start=record)
             _, trained = runtime.state()

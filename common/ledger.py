@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from common.io import exclusive_lock, write_bytes_atomic
 from common.privacy import epsilon_of_history
 from common.skellam import SkellamPlan, skellam_epsilon
 
-LEDGER_VERSION = 5
+LEDGER_VERSION = 6
 ADJACENCIES = ("add-remove", "replace-one")
 KINDS = ("dp-sgd", "evaluation")
 MAX_DELTA = 1e-2  # a delta above this is no privacy guarantee worth stating
@@ -73,6 +74,9 @@ class Session:
     # token limit. None in sessions recorded before ledger version 4.
     history_len: int | None = None
     max_length: int | None = None
+    # A token the device draws for a secure round with local DP, stored on that round's session and its
+    # user-level release (never sent): what pairs them, not the server's run and round labels (version 6).
+    secure_release: str = ""
 
     @property
     def accounted_sensitivity(self) -> float:
@@ -102,6 +106,7 @@ class UserRelease:
     node_id: int | None = None
     recorded_at: float = 0.0
     history_len: int | None = None
+    secure_release: str = ""  # the token of its round's DP-SGD session, with local DP (see Session)
 
     @property
     def plan(self) -> SkellamPlan:
@@ -129,6 +134,8 @@ def user_release_from_json(raw: dict[str, Any]) -> UserRelease:
     if unknown:
         raise ValueError(f"unknown user release field(s) {unknown}")
     release = UserRelease(**raw)
+    if not isinstance(release.secure_release, str):
+        raise ValueError(f"user release field secure_release: {release.secure_release!r}, expected a string")
     release.plan  # noqa: B018 - raises ValueError on an invalid plan
     return release
 
@@ -161,6 +168,8 @@ def validate_session(s: Session) -> None:
             bad.append(name)
     if s.kind not in KINDS:
         bad.append("kind")
+    if not isinstance(s.secure_release, str):
+        bad.append("secure_release")
     if s.adjacency not in ADJACENCIES:
         bad.append("adjacency")
     if bad:
@@ -293,16 +302,17 @@ class PrivacyLedger:
         return matches[-1] if matches else None
 
     def uncovered_user_releases(self) -> list[UserRelease]:
-        """User-level releases with no DP-SGD session of the same run and round (a secure round without
-        local DP): they release the device's data at the example level too, outside :attr:`epsilon`."""
-        covered = {(s.run_id, s.round) for s in self.sessions if s.kind == "dp-sgd"}
-        return [r for r in self.user_releases if (r.run_id, r.round) not in covered]
+        """User-level releases without a paired DP-SGD session (a secure round without local DP): they
+        release the device's data at the example level too, outside :attr:`epsilon`."""
+        paired = {s.secure_release for s in self.sessions if s.secure_release and s.kind == "dp-sgd"}
+        return [r for r in self.user_releases if not (r.secure_release and r.secure_release in paired)]
 
     def uncovered_sessions(self) -> list[Session]:
-        """Example-level releases (training sessions, evaluations) outside every user-level release (plain
-        runs): no user-level epsilon bounds them, so :meth:`user_epsilon` does not cover the device's data."""
-        covered = {(r.run_id, r.round) for r in self.user_releases}
-        return [s for s in self.sessions if (s.run_id, s.round) not in covered]
+        """Example-level releases (training sessions, evaluations) without a paired user-level release (plain
+        runs): no user-level epsilon bounds them, so :meth:`user_epsilon` does not cover the device's data.
+        Pairs are the device's own tokens, never the run and round labels a server chooses."""
+        paired = {r.secure_release for r in self.user_releases if r.secure_release}
+        return [s for s in self.sessions if not (s.secure_release and s.secure_release in paired)]
 
     def recorded_history_lens(self) -> list[int | None]:
         """The history length of every release this device made, sessions and user-level releases alike
@@ -332,29 +342,39 @@ class PrivacyLedger:
 
     def record(self, session: Session) -> float:
         """Append ``session``, recompute the total and persist durably; returns the new epsilon."""
+        self.sessions.append(self._stamped(session))
+        self.epsilon = self.recomputed_epsilon()
+        self._write()
+        return self.epsilon
+
+    def _stamped(self, session: Session) -> Session:
         if session.delta != self.delta:
             raise ValueError(f"session delta {session.delta} differs from the ledger's {self.delta}")
         stamped = Session(**{**asdict(session), "recorded_at": session.recorded_at or time.time()})
         validate_session(stamped)
-        self.sessions.append(stamped)
-        self.epsilon = self.recomputed_epsilon()
-        self._write()
-        return self.epsilon
+        return stamped
 
     def user_epsilon(self, extra: UserRelease | None = None) -> float:
         """User-level epsilon of the recorded releases (and ``extra``) at the ledger's user delta."""
         releases = [*self.user_releases, *([extra] if extra else [])]
         return user_epsilon(releases, self.user_delta) if releases else 0.0
 
-    def record_user_release(self, release: UserRelease, delta: float) -> float:
-        """Append a user-level release and persist durably (before its share may leave the device);
-        returns the new user-level epsilon. Every release of a ledger is accounted at one delta."""
+    def record_user_release(self, release: UserRelease, delta: float, session: Session | None = None) -> float:
+        """Append a user-level release (and, for a secure round with local DP, its DP-SGD ``session``, paired by
+        a fresh token) and persist both in one write, before the share may leave the device; returns the new
+        user-level epsilon. Every release of a ledger is accounted at one delta."""
         if self.user_delta is not None and delta != self.user_delta:
             raise ValueError(f"user delta {delta} differs from the ledger's {self.user_delta}")
         if not 0 < delta <= MAX_DELTA:
             raise ValueError(f"user delta must be in (0, {MAX_DELTA:g}], got {delta}")
-        stamped = UserRelease(**{**asdict(release), "recorded_at": release.recorded_at or time.time()})
+        token = secrets.token_hex(16) if session is not None else ""
+        stamped = UserRelease(**{**asdict(release), "recorded_at": release.recorded_at or time.time(),
+                                 "secure_release": token})
         stamped.plan  # noqa: B018 - raises ValueError on an invalid plan
+        if session is not None:
+            paired = self._stamped(replace(session, secure_release=token))
+            self.sessions.append(paired)
+            self.epsilon = self.recomputed_epsilon()
         self.user_delta = delta
         self.user_releases.append(stamped)
         self._write()

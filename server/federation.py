@@ -264,8 +264,11 @@ class Federation:
         summed shares only; their mean over the public round size is the update, or nothing on abort."""
         cfg, plan = self.cfg, self.secure_plan
         t0 = time.perf_counter()
+        counted: list[int] = []  # the survivors whose releases were counted (the unmask stage began)
+
         def count_releases(survivors: list[int]) -> None:
             """Before the unmask requests go out: each survivor's share is about to be in an unmasked sum."""
+            counted.extend(survivors)
             for node in survivors:
                 self.user_releases[str(node)] = self.user_releases.get(str(node), 0) + 1
             write_json_atomic(self.folder.user_releases, self.user_releases, strict=True)
@@ -308,15 +311,16 @@ class Federation:
             aggregated = self._apply(rnd, mean)
         refused = sorted(n for n in outcome.refused if n not in outcome.survivors)
         failed = [n for n in sampled if n not in outcome.survivors and n not in refused]
-        # A sum unmasked and then discarded (beyond what honest shares give) cannot say whose share broke it:
-        # every survivor counts as rejected, so the health check stops a run that would otherwise spend its
-        # honest devices' budgets on rounds that change nothing.
-        discarded = outcome.unmasked and outcome.total is None
-        rejected = list(outcome.survivors) if discarded else []
+        # Releases counted but no sum applied (the unmasking failed, or the sum was beyond what honest shares
+        # give): nobody can say whose reply broke it, so every counted survivor is rejected and the health check
+        # stops a run that would otherwise spend its honest devices' budgets on rounds that change nothing.
+        discarded = bool(counted) and outcome.total is None
+        rejected = sorted(counted) if discarded else []
         record = {"round": rnd, "sampled": sampled, "trained": [] if discarded else outcome.survivors,
                   "refused": refused, "refused_reasons": [outcome.refused[n] for n in refused],
                   "rejected": rejected, "failed": failed,
-                  "rejected_reasons": [printable(outcome.reason)] if discarded else [],
+                  "rejected_reasons": [printable(outcome.reason or "no sum after the releases were counted")]
+                  if discarded else [],
                   "secure_released": outcome.total is not None, "secure_unmasked": outcome.unmasked,
                   "failed_reasons": [f"{len(failed)} dropped out (not in the secure sum)"] if failed else [],
                   "secure_abort": outcome.reason}

@@ -155,8 +155,8 @@ def reply_problem(stage: str, content: RecordDict, plan: SkellamPlan) -> str:
             ok = ok and content.metric_records["fitres.num_examples"]["num_examples"] == 1
         else:
             nids, shares = list(configs["nids"]), list(configs["shares"])
-            ok = len(nids) == len(shares) and all(isinstance(n, int) for n in nids) and \
-                all(isinstance(b, bytes) for b in shares)
+            ok = len(nids) == len(shares) and len(set(nids)) == len(nids) and \
+                all(isinstance(n, int) for n in nids) and all(isinstance(b, bytes) for b in shares)
     except Exception as exc:  # noqa: BLE001 - whatever a hostile reply holds
         return f"unreadable ({type(exc).__name__})"
     return "" if ok else "fields of the wrong type, length, shape or range"

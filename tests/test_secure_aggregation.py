@@ -590,3 +590,81 @@ def test_a_device_keeps_its_releases_to_one_unit_it_can_state(tiny_grouplens, tm
     refused = secure_round(plain_first, 1)
     assert refused.refused and refused.reason == "privacy-budget"
     assert not PrivacyLedger.load(ledger_paths(plain_first, "u")[0], "u").user_releases  # nothing recorded
+
+
+def test_a_round_whose_unmasking_fails_after_the_releases_were_counted_stops_the_run(tiny_grouplens, tmp_path):
+    """A survivor's unmask reply naming a node that is not in the round makes Flower's unmasking fail after
+    every survivor's release was counted: as with a sum beyond the honest bound, the survivors count as rejected
+    and the health check stops the run instead of letting later rounds spend for nothing."""
+
+    def hostile(node, stage, content):
+        if node == 106 and stage == "unmask":
+            record = content.config_records["secaggplus_configs"]
+            record["nids"], record["shares"] = [999999], [b"garbage"]
+
+    cfg = _cfg(tiny_grouplens, tmp_path, **{"num-server-rounds": 2})
+    fed = Federation(SecureInProcessGrid(6, cfg, node_config=POLICY, tamper_reply=hostile), cfg)
+    with pytest.raises(RuntimeError, match="round 1: 6 of 6 sampled clients sent no usable reply"):
+        fed.run()
+    record = json.loads((fed.folder.root / "rounds.jsonl").read_text().splitlines()[-1])
+    assert not record["secure_released"] and not record["trained"] and len(record["rejected"]) == 6
+    assert json.loads(fed.folder.user_releases.read_text()) == {str(n): 1 for n in record["rejected"]}
+
+
+def test_a_sessions_pairing_with_a_user_release_is_the_devices_token_never_the_servers_labels(tmp_path):
+    """A plain run reusing a secure round's run id and round number does not pass for that round's session."""
+    from common.ledger import Session, UserRelease
+
+    release = UserRelease(dim=10, clip=1.0, noise_multiplier=0.6, min_survivors=3, max_devices=5, run_id="s",
+                          round=1, history_len=3)
+    with PrivacyLedger.session(tmp_path, "u", 100.0, 1e-5) as ledger:
+        secure_session = Session(1.0, 1.0, 1, 1.0, 1e-5, run_id="s", round=1, sensitivity=2.0, history_len=3)
+        ledger.record_user_release(release, 1e-4, secure_session)
+        assert ledger.uncovered_sessions() == [] and ledger.uncovered_user_releases() == []
+        plain = Session(1.0, 1.0, 1, 1.0, 1e-5, run_id="s", round=1, sensitivity=2.0, history_len=3)
+        ledger.record(plain)
+        assert len(ledger.uncovered_sessions()) == 1 and ledger.uncovered_user_releases() == []
+        ledger.record_user_release(release, 1e-4)  # a secure round without local DP, labelled like the first
+        assert len(ledger.uncovered_user_releases()) == 1
+    stored = PrivacyLedger.load(ledger_paths(tmp_path, "u")[0], "u")  # the tokens persist
+    assert stored.sessions[0].secure_release == stored.user_releases[0].secure_release != ""
+    assert len(stored.uncovered_sessions()) == 1 and len(stored.uncovered_user_releases()) == 1
+
+
+def test_a_secure_round_with_local_dp_is_refused_after_one_without_it(tiny_grouplens, tmp_path):
+    """Its example-level epsilon would leave out the earlier round's example-level release."""
+    from client.secure_session import run_secure_session
+    from common.partition import split_for
+    from common.runtimes import make_runtime
+    from common.sequence_runtime import client_sequences
+
+    policy = DevicePolicy(allow_secure_aggregation=True, min_survivors=3, epsilon_budget=100.0,
+                          user_epsilon_budget=100.0)
+    split = split_for(str(tiny_grouplens))
+    rows = client_sequences(split, 0, TINY["history-len"], TINY["examples-per-user"])
+    results = []
+    for rnd, local_dp in ((1, False), (2, True)):
+        cfg = resolve(_cfg(tiny_grouplens, tmp_path, **{"local-dp": local_dp, "user-epsilon-budget": 100.0,
+                                                        "client-epsilon-budget": 100.0}))
+        results.append(run_secure_session(make_runtime(split.data, cfg), rows, cfg, tmp_path, "u", "s", rnd, 1,
+                                          policy))
+    assert not results[0].refused and results[1].refused and results[1].reason == "privacy-budget"
+
+
+def test_every_release_path_reads_the_unit_from_sessions_and_user_releases_alike(tiny_grouplens, tmp_path):
+    """A device whose only release is a user-level one with a 3-item history refuses a plain 5-item session
+    for the unit (privacy-policy), before any budget rule."""
+    from client.session import run_session
+    from common.ledger import UserRelease
+    from common.partition import split_for
+    from common.runtimes import make_runtime
+    from common.sequence_runtime import client_sequences
+
+    with PrivacyLedger.session(tmp_path, "u", 100.0, 1e-5) as ledger:
+        ledger.record_user_release(UserRelease(dim=10, clip=1.0, noise_multiplier=0.6, min_survivors=3,
+                                               max_devices=5, history_len=3), 1e-4)
+    cfg = resolve({"dataset": str(tiny_grouplens), **TINY, "history-len": 5, "client-epsilon-budget": 100.0})
+    split = split_for(str(tiny_grouplens))
+    refused = run_session(make_runtime(split.data, cfg), client_sequences(split, 0, 5, 4), cfg, tmp_path, "u", "p",
+                          1, 1, DevicePolicy(epsilon_budget=100.0))
+    assert refused.refused and refused.reason == "privacy-policy"

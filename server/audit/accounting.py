@@ -26,7 +26,7 @@ from common.skellam import plan_epsilon, secure_plan
 from common.privacy import interaction_group_size
 from server.audit.checks import CHECKS, Check
 from server.central_dp import CentralDP
-from server.resume import restored_spend
+from server.resume import restored_releases, restored_spend
 from server.run_folder import RunFolder
 
 NO_DP_STATEMENT = ("This run used no differential privacy: neither local DP-SGD on the clients nor central DP "
@@ -112,7 +112,8 @@ class RunAudit:
         self.central_on = bool(self.cfg["central-dp"])
         self.central = self._central() if self.central_on else None
         self.secure_on = bool(self.cfg.get("secure-aggregation", False))
-        self.server_user_releases = {k: int(v) for k, v in self.folder.read_node_numbers(self.folder.user_releases).items()}
+        # the larger of the checkpoint's and the file's count of each node's unmasked shares (server.resume)
+        self.server_user_releases = restored_releases(self.folder, self.checkpoint)
         self.reported_user_epsilon = self.folder.read_node_numbers(self.folder.user_spend)
         # what the server recorded of each node's spend: the larger of the checkpoint's and the record
         # written as each round's replies were judged (it can be a round ahead after a crash)
