@@ -138,4 +138,4 @@ def test_published_configurations_measured_with_the_full_softmax_rerun_with_it()
                                                               "aggregator-mean", "trim-0.05", "bias-scale-1",
                                                               "bias-scale-3", "bias-scale-30", "lr-decay",
                                                               "lr-0.02-decay", "lr-0.015", "lr-0.02", "default-now",
-                                                              "no-dp-now"}
+                                                              "no-dp-now", "layers-0", "dim-16"}
