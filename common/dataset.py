@@ -52,6 +52,12 @@ class Dataset:
     def __post_init__(self) -> None:
         self.item_index = {it.item_id: i for i, it in enumerate(self.items)}
 
+    @classmethod
+    def without_events(cls, items: list[Item]) -> "Dataset":
+        """The catalogue and no interactions: a device that holds no events yet."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(items=items, user_ids=[], user=empty, item=empty, rating=np.zeros(0), timestamp=np.zeros(0))
+
     @property
     def num_users(self) -> int:
         return len(self.user_ids)

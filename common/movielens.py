@@ -191,9 +191,7 @@ def load_grouplens(folder: str | Path, allow_empty: bool = False) -> Dataset:
             raise DataFormatError(data_path, f"unknown item id {i} (not in {item_path.name})", no)
         rows.append((u, i, _rating(data_path, no, parts[2]), _float(data_path, no, parts[3], "timestamp")))
     if not rows and allow_empty:
-        empty = np.zeros(0, dtype=np.int64)
-        return Dataset(items=[items[i] for i in sort_ids(list(items))], user_ids=[], user=empty, item=empty,
-                       rating=np.zeros(0), timestamp=np.zeros(0))
+        return Dataset.without_events([items[i] for i in sort_ids(list(items))])
     return _build(items, rows, data_path, user_ids, first_line=1, user_file="u.user")
 
 

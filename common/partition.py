@@ -140,8 +140,6 @@ def device_dataset(data_path: str | Path) -> Dataset:
             # No events yet: the device still takes part, so that its replies do not tell it apart.
             from common.jsonl_format import load_catalogue
 
-            empty = np.zeros(0, dtype=np.int64)
-            return Dataset(items=load_catalogue(folder / "catalogue.jsonl"), user_ids=[], user=empty, item=empty,
-                           rating=np.zeros(0), timestamp=np.zeros(0))
+            return Dataset.without_events(load_catalogue(folder / "catalogue.jsonl"))
         return load_jsonl(folder / "events.jsonl", folder / "catalogue.jsonl")
     return load_grouplens(folder, allow_empty=True)  # no events yet: it takes part like any other device

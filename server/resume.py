@@ -10,7 +10,9 @@ the checkpoint; they win, so a resumed run can only over-report.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.common.logger import log
@@ -59,36 +61,35 @@ def check_resume(folder: RunFolder, cfg: dict[str, Any]) -> None:
                           f"simulated ledgers go with it) and run it again, or choose another run-name")
 
 
-def restored_spend(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, float]:
-    """Each node's reported epsilon: the larger of the checkpoint's and ``client-epsilon.json``'s."""
-    out: dict[str, float] = {}
-    sources = [((checkpoint_meta or {}).get("client_epsilon") or {}, folder.checkpoints / "latest.json"),
-               (folder.read_spend() or {}, folder.spend)]
+def _larger_of(sources: list[tuple[Any, Path]], valid: Callable[[Any], bool], expected: str) -> dict[str, Any]:
+    """Per node, the larger value of several copies of one record (``(record, path)`` pairs): a copy that is
+    missing or behind can only raise nothing; a malformed one is a DataFormatError naming its file."""
+    out: dict[str, Any] = {}
     for record, path in sources:
         if not isinstance(record, dict):
-            raise DataFormatError(path, "expected a JSON object of node id -> epsilon")
-        for node, eps in record.items():
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-                raise DataFormatError(path, f"node {node}: epsilon {eps!r}, expected a finite number >= 0")
-            out[str(node)] = max(out.get(str(node), 0.0), float(eps))
+            raise DataFormatError(path, f"expected a JSON object of node id -> {expected}")
+        for node, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+                raise DataFormatError(path, f"node {node}: {value!r}, expected {expected}")
+            out[str(node)] = max(out.get(str(node), value), value)
     return out
+
+
+def restored_spend(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, float]:
+    """Each node's reported epsilon: the larger of the checkpoint's and ``client-epsilon.json``'s."""
+    spend = _larger_of([((checkpoint_meta or {}).get("client_epsilon") or {}, folder.checkpoints / "latest.json"),
+                        (folder.read_spend() or {}, folder.spend)],
+                       lambda eps: 0 <= eps < math.inf, "an epsilon (a finite number >= 0)")
+    return {node: float(eps) for node, eps in spend.items()}
 
 
 def restored_releases(folder: RunFolder, checkpoint_meta: dict[str, Any] | None) -> dict[str, int]:
     """A secure run's count of each node's shares in unmasked sums: the larger of the checkpoint's and
     ``user_releases.json``'s (a missing file cannot lower it)."""
-    out: dict[str, int] = {}
-    sources = [((checkpoint_meta or {}).get("user_releases") or {}, folder.checkpoints / "latest.json"),
-               (folder.read_node_numbers(folder.user_releases), folder.user_releases)]
-    for record, path in sources:
-        if not isinstance(record, dict):
-            raise DataFormatError(path, "expected a JSON object of node id -> release count")
-        for node, count in record.items():
-            if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < math.inf \
-                    or count != int(count):
-                raise DataFormatError(path, f"node {node}: {count!r} releases, expected an integer >= 0")
-            out[str(node)] = max(out.get(str(node), 0), int(count))
-    return out
+    counts = _larger_of([((checkpoint_meta or {}).get("user_releases") or {}, folder.checkpoints / "latest.json"),
+                         (folder.read_node_numbers(folder.user_releases), folder.user_releases)],
+                        lambda n: 0 <= n < math.inf and n == int(n), "a release count (an integer >= 0)")
+    return {node: int(n) for node, n in counts.items()}
 
 
 def restored_central(folder: RunFolder, checkpoint_meta: dict[str, Any] | None, fresh: CentralDP) -> CentralDP:
